@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs the Python environment,
+# Redis and the Kubernetes test-cluster tools (all cached outside the checkout),
+# then runs pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source hack/env.sh
+hack/install-redis.sh
+if [ -x hack/cluster-tools.sh ]; then hack/cluster-tools.sh; fi
+exec python -m pytest "$@"

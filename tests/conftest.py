@@ -1,0 +1,1 @@
+"""Shared pytest set-up. Fixtures for real servers live in their own modules."""
