@@ -1,0 +1,81 @@
+"""A trial: one configuration of the search space, run once, and what came of it."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class TrialState(str, enum.Enum):
+    PENDING = "Pending"      # asked for, not started yet
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"  # finished with an objective value
+    FAILED = "Failed"        # crashed, timed out, or reported no usable objective
+    PRUNED = "Pruned"        # stopped early by the scheduler
+    KILLED = "Killed"        # stopped from outside (Ctrl-C, experiment ended)
+
+    @property
+    def finished(self) -> bool:
+        return self in (TrialState.SUCCEEDED, TrialState.FAILED, TrialState.PRUNED, TrialState.KILLED)
+
+    @property
+    def active(self) -> bool:
+        return self in (TrialState.PENDING, TrialState.RUNNING)
+
+
+@dataclass
+class Trial:
+    number: int
+    params: dict[str, Any]
+    state: TrialState = TrialState.PENDING
+    value: float | None = None  # the objective, once known
+    # The objective's intermediate values, [step, value] in report order.
+    intermediate: list[list[float]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # latest value of each metric
+    reason: str = ""
+    attempt: int = 1
+    started_at: float | None = None
+    finished_at: float | None = None
+    name: str = ""
+
+    @property
+    def last_step(self) -> float | None:
+        return self.intermediate[-1][0] if self.intermediate else None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trial":
+        d = dict(d)
+        d["state"] = TrialState(d["state"])
+        return cls(**d)
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a scheduler answers to a reported metric; `report()` hands it to the trial."""
+
+    action: str = "continue"  # continue | stop | exploit
+    reason: str = ""
+    # exploit (PBT): continue from the donor trial's checkpoint with new parameters.
+    donor: int | None = None
+    params: dict[str, Any] | None = None
+
+    @property
+    def stop(self) -> bool:
+        return self.action == "stop"
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+
+
+CONTINUE = Decision()

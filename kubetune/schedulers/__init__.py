@@ -1,0 +1,27 @@
+"""Early stopping and multi-fidelity scheduling (`earlyStopping` in the spec).
+
+A scheduler is pure logic fed with reported metrics; it answers each report
+with a Decision (go on, stop, or PBT's exploit).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ..api.validation import Problem, suggestion
+
+SCHEDULERS: dict[str, type] = {}
+
+
+def check_early_stopping(early_stopping: Mapping[str, Any], spec: Mapping[str, Any], path: str) -> list[Problem]:
+    name = early_stopping["name"]
+    if name not in SCHEDULERS:
+        known = sorted(SCHEDULERS)
+        listed = ", ".join(known) if known else "none in this version"
+        return [Problem(f"{path}.name", f"unknown early-stopping method {name!r}; {suggestion(name, known) if known else ''} (known: {listed})")]
+    return SCHEDULERS[name].check(early_stopping.get("settings"), spec, path)
+
+
+def make_scheduler(early_stopping: Mapping[str, Any], *, goal: str, space, seed: int):
+    cls = SCHEDULERS[early_stopping["name"]]
+    return cls(goal=goal, space=space, seed=seed, settings=early_stopping.get("settings"))

@@ -1,0 +1,172 @@
+"""The ask/tell Study: the one way to drive kubetune's algorithms.
+
+It takes exactly what the Experiment spec takes (parameters, algorithm,
+earlyStopping) and is what the engine uses too, so a search behaves the same
+from YAML and from Python:
+
+    study = Study(parameters=[{"name": "x", "type": "double", "min": -5, "max": 5}],
+                  algorithm={"name": "sobol", "settings": {"seed": 0}}, goal="minimize")
+    t = study.ask()
+    study.tell(t, (t.params["x"] - 1) ** 2)
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any, Iterable, Mapping, Sequence
+
+from .api import schema
+from .api.space import SearchSpace
+from .api.trial import CONTINUE, Decision, Trial, TrialState, finite
+from .api.validation import Problem, SpecError, check_parameters, check_structure
+from .suggestion import SearchExhausted, check_algorithm, make_sampler
+
+DEFAULT_ALGORITHM = {"name": "random"}
+
+
+class Study:
+    def __init__(
+        self,
+        parameters: Sequence[Mapping[str, Any]],
+        algorithm: Mapping[str, Any] | None = None,
+        goal: str = "minimize",
+        early_stopping: Mapping[str, Any] | None = None,
+        prior: Iterable[Trial | Mapping[str, Any]] = (),
+        trials: Iterable[Trial] = (),
+        seed: int | None = None,
+    ):
+        """
+        prior: finished trials of earlier experiments (Trial objects or
+            {"params": ..., "value": ...} mappings), used by model-based samplers
+            to warm-start.
+        trials: this study's own trials, when rebuilding it after a restart.
+        seed: used when the algorithm's settings name none; if neither does,
+            one is drawn and kept in `self.seed`.
+        """
+        algorithm = dict(algorithm or DEFAULT_ALGORITHM)
+        parameters = [dict(p) for p in parameters]
+        _raise_problems(_check_study(parameters, algorithm, goal, early_stopping))
+        settings = dict(algorithm.get("settings") or {})
+        given = settings.pop("seed", None)
+        if given is None:
+            given = seed if seed is not None else secrets.randbelow(2**31)
+        self.seed = int(given)
+        self.goal = goal
+        self.algorithm = algorithm["name"]
+        self.space = SearchSpace.from_spec(parameters)
+        self.trials: list[Trial] = list(trials)
+        self.prior = [_as_trial(p, i) for i, p in enumerate(prior)]
+        self.sampler = make_sampler(
+            self.algorithm, self.space, seed=self.seed, goal=goal, settings=settings, prior=self.prior
+        )
+        self.scheduler = None
+        if early_stopping:
+            from .schedulers import make_scheduler
+
+            self.scheduler = make_scheduler(early_stopping, goal=goal, space=self.space, seed=self.seed)
+
+    # -- ask / report / tell -------------------------------------------------
+
+    def ask(self) -> Trial:
+        """A new trial with the sampler's next configuration; raises SearchExhausted."""
+        params = self.space.canonical(self.sampler.ask(self.trials))
+        trial = Trial(number=len(self.trials), params=params)
+        self.trials.append(trial)
+        return trial
+
+    def report(self, trial: Trial | int, step: float, value: float, **metrics: float) -> Decision:
+        """Records an intermediate objective value; returns what the trial should do next."""
+        trial = self._trial(trial)
+        if trial.state == TrialState.PENDING:
+            trial.state = TrialState.RUNNING
+        trial.intermediate.append([step, float(value)])
+        trial.metrics.update({k: float(v) for k, v in metrics.items()})
+        if self.scheduler is None or not finite(value):
+            return CONTINUE
+        decision = self.scheduler.on_report(trial, step, float(value), self.trials)
+        if decision.stop:
+            trial.state = TrialState.PRUNED
+            trial.reason = decision.reason
+        elif decision.action == "exploit" and decision.params is not None:
+            trial.params = self.space.canonical(decision.params)
+        return decision
+
+    def tell(self, trial: Trial | int, value: float | None = None, state: TrialState | str | None = None,
+             reason: str = "") -> Trial:
+        """Finishes a trial: with a finite value it succeeds (or stays Pruned), without one it fails."""
+        trial = self._trial(trial)
+        if state is not None:
+            trial.state = TrialState(state)
+        elif trial.state != TrialState.PRUNED:
+            trial.state = TrialState.SUCCEEDED if finite(value) else TrialState.FAILED
+        if value is not None:
+            trial.value = float(value)
+        if trial.state == TrialState.FAILED and not reason and not trial.reason:
+            reason = "no objective value" if value is None else f"objective value is {value}"
+        trial.reason = reason or trial.reason
+        if self.scheduler is not None:
+            self.scheduler.on_complete(trial, self.trials)
+        return trial
+
+    # -- what came of it -----------------------------------------------------
+
+    @property
+    def best_trial(self) -> Trial | None:
+        done = [t for t in self.trials if t.state == TrialState.SUCCEEDED and finite(t.value)]
+        if not done:
+            return None
+        sign = -1.0 if self.goal == "maximize" else 1.0
+        return min(done, key=lambda t: (sign * t.value, t.number))
+
+    @property
+    def best_value(self) -> float | None:
+        best = self.best_trial
+        return None if best is None else best.value
+
+    def _trial(self, trial: Trial | int) -> Trial:
+        number = trial if isinstance(trial, int) else trial.number
+        if not 0 <= number < len(self.trials):
+            raise KeyError(f"no trial number {number} in this study")
+        return self.trials[number]
+
+
+def _check_study(parameters, algorithm, goal, early_stopping) -> list[Problem]:
+    props = schema.SPEC["properties"]
+    problems = check_structure(parameters, props["parameters"], "parameters")
+    problems += check_structure(algorithm, props["algorithm"], "algorithm")
+    if goal not in schema.GOALS:
+        problems.append(Problem("goal", f"must be one of {', '.join(schema.GOALS)}; got {goal!r}"))
+    if not problems:
+        problems = check_parameters(parameters, "parameters")
+    if not problems:
+        problems = check_algorithm(algorithm, parameters, "algorithm")
+    if not problems and early_stopping:
+        problems = check_structure(early_stopping, props["earlyStopping"], "early_stopping")
+        if not problems:
+            from .schedulers import check_early_stopping
+
+            spec = {"parameters": parameters, "objective": {"goal": goal}, "algorithm": algorithm}
+            problems = check_early_stopping(early_stopping, spec, "early_stopping")
+    return problems
+
+
+def _raise_problems(problems: list[Problem]) -> None:
+    if problems:
+        raise SpecError(problems)
+
+
+def _as_trial(item: Trial | Mapping[str, Any], number: int) -> Trial:
+    if isinstance(item, Trial):
+        return item
+    value = item.get("value")
+    ok = value is not None and math.isfinite(float(value))
+    return Trial(
+        number=number,
+        params=dict(item["params"]),
+        value=float(value) if value is not None else None,
+        state=TrialState.SUCCEEDED if ok else TrialState.FAILED,
+    )
+
+
+__all__ = ["Study", "SearchExhausted"]
