@@ -15,9 +15,10 @@ if [ ! -x "$_kt_venv/bin/python" ] || [ ! -f "$_kt_venv/.ready-$_kt_extras" ]; t
     "$_kt_venv/bin/python" -m pip install -q -e "$_kt_root[$_kt_extras]"
     touch "$_kt_venv/.ready-$_kt_extras"
 fi
-# The checkout may be a fresh clone: point the editable install at it.
-"$_kt_venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$_kt_root" >"$_kt_cache/editable.log" 2>&1 \
-    || { cat "$_kt_cache/editable.log" >&2; echo "hack/env.sh: installing the checkout failed" >&2; }
+# Several checkouts (CI's fresh clone, worktrees) share one environment: the
+# checkout that sourced this file comes first on the import path, here and in
+# every process it starts.
+export PYTHONPATH="$_kt_root${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$_kt_venv/bin:$PATH"
 export VIRTUAL_ENV="$_kt_venv"
 unset _kt_root _kt_cache _kt_key _kt_venv _kt_extras

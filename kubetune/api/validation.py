@@ -291,6 +291,7 @@ def check_spec(spec: dict) -> list[Problem]:
                 problems.append(Problem(f"spec.budget.{field}", str(e)))
     if "parallelTrials" in budget and "maxTrials" in budget and budget["parallelTrials"] > budget["maxTrials"]:
         problems.append(Problem("spec.budget.parallelTrials", f"greater than maxTrials ({budget['parallelTrials']} > {budget['maxTrials']})"))
+    problems += _check_placeholders(spec)
     fmt = spec.get("metricsCollector", {}).get("format")
     if fmt is not None:
         problems += _check_format(fmt, "spec.metricsCollector.format")
@@ -298,6 +299,19 @@ def check_spec(spec: dict) -> list[Problem]:
         problems += check_algorithm(spec.get("algorithm"), spec["parameters"], "spec.algorithm")
         if "earlyStopping" in spec:
             problems += check_early_stopping(spec["earlyStopping"], spec, "spec.earlyStopping")
+    return problems
+
+
+def _check_placeholders(spec: dict) -> list[Problem]:
+    from .template import BUILTINS, PLACEHOLDER
+
+    known = [p["name"] for p in spec["parameters"]] + list(BUILTINS)
+    problems = []
+    for i, arg in enumerate(spec["trialTemplate"]["command"]):
+        for m in PLACEHOLDER.finditer(arg):
+            if m.group(1) not in known:
+                problems.append(Problem(f"spec.trialTemplate.command[{i}]",
+                                        f"${{{m.group(1)}}} names no parameter ({suggestion(m.group(1), known)})"))
     return problems
 
 

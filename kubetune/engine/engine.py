@@ -1,0 +1,272 @@
+"""The engine: the control loop of an experiment, with no I/O of its own.
+
+It asks the Study for configurations, keeps at most `parallelTrials` running,
+turns what runtimes report (started, metrics, exited) into trial states, and
+decides when the experiment is over. A driver (the local runner, the operator)
+feeds it events and carries out the actions it returns; tests drive it with a
+fake clock and a fake runtime.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+from ..api.durations import format_duration
+from ..api.spec import ExperimentSpec
+from ..api.trial import CONTINUE, Decision, Trial, TrialState, finite
+from ..study import SearchExhausted, Study
+
+# Why an experiment ended (Katib's condition reasons, where it has one).
+GOAL_REACHED = "GoalReached"
+MAX_TRIALS = "MaxTrialsReached"
+EXHAUSTED = "SearchSpaceExhausted"
+MAX_FAILED = "MaxFailedTrialsReached"
+TIMEOUT = "Timeout"
+INTERRUPTED = "Interrupted"
+FAILED_REASONS = (MAX_FAILED,)
+INTERRUPTED_REASON = "interrupted"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Start this trial (its params are final)."""
+
+    trial: Trial
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop this trial's process; it will be recorded with `state` and `reason` once it exits."""
+
+    number: int
+    state: TrialState
+    reason: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    reason: str
+    message: str
+
+    @property
+    def succeeded(self) -> bool:
+        return self.reason not in FAILED_REASONS and self.reason != INTERRUPTED
+
+
+class Engine:
+    def __init__(self, spec: ExperimentSpec, study: Study, now: float, elapsed_before: float = 0.0):
+        self.spec = spec
+        self.study = study
+        self.budget = spec.budget
+        self.objective = spec.objective
+        self._clock_start = now - elapsed_before
+        self.completion: Completion | None = None
+        self._exhausted = False
+        # Trials we asked to stop, and how to record them once their process exits.
+        self._stopping: dict[int, tuple[TrialState, str]] = {}
+        self.changed: set[int] = set()  # trials whose record changed since the driver last looked
+        self._requeue_unfinished()
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def trials(self) -> list[Trial]:
+        return self.study.trials
+
+    def elapsed(self, now: float) -> float:
+        return now - self._clock_start
+
+    def count(self, *states: TrialState) -> int:
+        return sum(1 for t in self.trials if t.state in states)
+
+    @property
+    def running(self) -> list[Trial]:
+        return [t for t in self.trials if t.state == TrialState.RUNNING]
+
+    @property
+    def done(self) -> bool:
+        """Over, and every trial process has exited."""
+        return self.completion is not None and not any(t.state.active for t in self.trials)
+
+    def take_changed(self) -> list[Trial]:
+        changed, self.changed = sorted(self.changed), set()
+        return [self.trials[n] for n in changed]
+
+    # -- events from the runtime ----------------------------------------------
+
+    def on_started(self, number: int, now: float) -> None:
+        trial = self.trials[number]
+        trial.state = TrialState.RUNNING
+        trial.started_at = now
+        self.changed.add(number)
+
+    def on_report(self, number: int, metrics: Mapping[str, float], step: float | None = None) -> Decision:
+        """A trial reported metrics; returns what it should do next."""
+        trial = self.trials[number]
+        if trial.state != TrialState.RUNNING or number in self._stopping:
+            return Decision("stop", self._stopping.get(number, (None, "trial is not running"))[1])
+        metric = self.objective.metric
+        others = {k: float(v) for k, v in metrics.items() if k != metric and _number(v)}
+        self.changed.add(number)
+        if metric not in metrics or not _number(metrics[metric]):
+            trial.metrics.update(others)
+            return CONTINUE
+        if step is None:
+            step = _step_from(metrics, trial)
+        decision = self.study.report(trial, step, float(metrics[metric]), **others)
+        if decision.stop:
+            # The Study marked it Pruned; keep it Running until its process is gone.
+            trial.state = TrialState.RUNNING
+            self._stopping[number] = (TrialState.PRUNED, decision.reason or "pruned")
+        return decision
+
+    def on_exit(self, number: int, exit_code: int | None, now: float, error: str = "") -> None:
+        """A trial's process ended; records its final state and value."""
+        trial = self.trials[number]
+        trial.finished_at = now
+        self.changed.add(number)
+        values = [v for _, v in trial.intermediate]
+        if number in self._stopping:
+            state, reason = self._stopping.pop(number)
+            value = self.objective.pick(values) if values else None
+            if state == TrialState.PRUNED and value is not None and exit_code not in (0, None):
+                reason = f"{reason} (then exited with code {exit_code})"
+            self.study.tell(trial, value, state=state, reason=reason)
+            return
+        if exit_code != 0:
+            why = f"exited with code {exit_code}" if exit_code is not None else "lost its process"
+            self.study.tell(trial, None, state=TrialState.FAILED, reason=f"{why}{': ' + error if error else ''}")
+            return
+        if not values:
+            self.study.tell(trial, None, state=TrialState.FAILED,
+                            reason=f"no value for objective metric {self.objective.metric!r} was reported")
+            return
+        value = self.objective.pick(values)
+        if not finite(value):
+            self.study.tell(trial, None, state=TrialState.FAILED,
+                            reason=f"objective metric {self.objective.metric!r} is {value}")
+            return
+        self.study.tell(trial, value, state=TrialState.SUCCEEDED)
+
+    # -- the loop ------------------------------------------------------------
+
+    def step(self, now: float) -> list[Launch | Stop]:
+        """What to do now: stop overdue trials, end the experiment, fill free slots."""
+        actions: list[Launch | Stop] = []
+        actions += self._trial_timeouts(now)
+        if self.completion is None:
+            self.completion = self._check_end(now)
+            if self.completion is not None:
+                actions += self._stop_all(TrialState.KILLED, f"experiment ended: {self.completion.reason}")
+        if self.completion is None:
+            actions += self._fill_slots(now)
+            self.completion = self._check_end(now)
+        return actions
+
+    def interrupt(self) -> list[Stop]:
+        """Ctrl-C: stop every trial; they are run again when the experiment resumes."""
+        self.completion = Completion(INTERRUPTED, "interrupted; run again to resume")
+        return self._stop_all(TrialState.KILLED, INTERRUPTED_REASON)
+
+    def _trial_timeouts(self, now: float) -> list[Stop]:
+        limit = self.budget.trial_timeout
+        if limit is None:
+            return []
+        out = []
+        for t in self.running:
+            if t.number not in self._stopping and t.started_at is not None and now - t.started_at > limit:
+                reason = f"exceeded trialTimeout ({format_duration(limit)})"
+                self._stopping[t.number] = (TrialState.FAILED, reason)
+                out.append(Stop(t.number, TrialState.FAILED, reason))
+        return out
+
+    def _stop_all(self, state: TrialState, reason: str) -> list[Stop]:
+        out = []
+        for t in self.trials:
+            if t.state == TrialState.PENDING:
+                # Never started: nothing to stop.
+                if reason == INTERRUPTED_REASON:
+                    continue
+                self.study.tell(t, None, state=state, reason=reason)
+                self.changed.add(t.number)
+            elif t.state == TrialState.RUNNING and t.number not in self._stopping:
+                self._stopping[t.number] = (state, reason)
+                out.append(Stop(t.number, state, reason))
+        return out
+
+    def _check_end(self, now: float) -> Completion | None:
+        failed = self.count(TrialState.FAILED)
+        if failed > self.budget.max_failed_trials:
+            return Completion(MAX_FAILED, f"{failed} trials failed (maxFailedTrials is {self.budget.max_failed_trials})")
+        best = self.study.best_trial
+        if best is not None and self.objective.reached(best.value):
+            return Completion(GOAL_REACHED, f"trial {best.number} reached the target {self.objective.target}")
+        if self.budget.timeout is not None and self.elapsed(now) >= self.budget.timeout:
+            return Completion(TIMEOUT, f"timeout of {format_duration(self.budget.timeout)} reached")
+        active = any(t.state.active for t in self.trials)
+        if len(self.trials) >= self.budget.max_trials and not active:
+            return Completion(MAX_TRIALS, f"all {self.budget.max_trials} trials finished")
+        if self._exhausted and not active:
+            return Completion(EXHAUSTED, "the algorithm has no new configuration to try")
+        return None
+
+    def _fill_slots(self, now: float) -> list[Launch]:
+        out = []
+        # Launched but not started yet counts as busy too.
+        busy = sum(1 for t in self.trials if t.state == TrialState.RUNNING
+                   or (t.state == TrialState.PENDING and t.number in self._launched))
+        free = self.budget.parallel_trials - busy
+        # Trials queued earlier (resumed after an interruption) go first.
+        for t in self.trials:
+            if free <= 0:
+                break
+            if t.state == TrialState.PENDING and t.number not in self._launched:
+                out.append(self._launch(t))
+                free -= 1
+        while free > 0 and len(self.trials) < self.budget.max_trials and not self._exhausted:
+            try:
+                trial = self.study.ask()
+            except SearchExhausted:
+                self._exhausted = True
+                break
+            self.changed.add(trial.number)
+            out.append(self._launch(trial))
+            free -= 1
+        return out
+
+    _launched: set[int]
+
+    def _launch(self, trial: Trial) -> Launch:
+        trial.name = trial.name or f"{self.spec.name}-{trial.number:04d}"
+        self._launched.add(trial.number)
+        return Launch(trial)
+
+    def _requeue_unfinished(self) -> None:
+        """Trials cut short by an interruption or a crash are run again, never finished ones."""
+        self._launched = set()
+        for t in self.trials:
+            interrupted = t.state == TrialState.KILLED and t.reason == INTERRUPTED_REASON
+            if t.state.active or interrupted:
+                t.state = TrialState.PENDING
+                t.attempt += 1
+                t.intermediate, t.metrics, t.value, t.reason = [], {}, None, ""
+                t.started_at = t.finished_at = None
+                self.changed.add(t.number)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_STEP_KEYS = ("step", "epoch", "iteration", "iter")
+
+
+def _step_from(metrics: Mapping[str, float], trial: Trial) -> float:
+    """The step of a report that named none: a step-like metric, else the report's ordinal."""
+    for key in _STEP_KEYS:
+        v = metrics.get(key)
+        if _number(v) and math.isfinite(v):
+            return float(v)
+    return float(len(trial.intermediate) + 1)

@@ -1,0 +1,172 @@
+"""The local runtime: each trial a subprocess on this machine.
+
+A trial runs in its own process group (so stopping it stops its children too)
+with its parameters in the command and the environment. A reader thread copies
+its output to the trial's log and picks metric lines out of it; a waiter thread
+reports its exit only after the reader has drained the last line.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..api.spec import ExperimentSpec
+from ..api.template import render_command, trial_env
+from ..api.trial import Trial
+from ..engine.metric_lines import parse_metric_line
+from .channel import ReportChannel
+from .events import Event, Exited, Reported, Started
+
+KILL_AFTER = 10.0  # seconds between SIGTERM and SIGKILL
+
+
+@dataclass
+class _Proc:
+    trial: Trial
+    popen: subprocess.Popen
+    log_path: Path
+    term_at: float | None = None
+    kill_at: float | None = None
+    uses_sdk: bool = False
+    tail: list[str] = field(default_factory=list)
+
+
+class LocalRuntime:
+    def __init__(self, spec: ExperimentSpec, trial_dir, base_dir: Path, kill_after: float = KILL_AFTER):
+        """trial_dir: a function giving each trial its own folder; base_dir: default working directory."""
+        self.spec = spec
+        self._trial_dir = trial_dir
+        self.base_dir = Path(base_dir)
+        self.kill_after = kill_after
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._procs: dict[int, _Proc] = {}
+        kind = spec.collector_kind
+        self._read_stdout = kind in ("auto", "stdout")
+        self.channel = ReportChannel(self._events) if kind in ("auto", "sdk") else None
+
+    # -- the Runtime interface -------------------------------------------------
+
+    def start(self, trial: Trial) -> None:
+        folder = self._trial_dir(trial)
+        builtins = {"trialName": trial.name, "trialNumber": trial.number, "trialDir": str(folder),
+                    "experimentName": self.spec.name}
+        names = [p["name"] for p in self.spec.parameters]
+        argv = render_command(self.spec.trial_template.command, trial.params, builtins, names)
+        if argv[0] in ("python", "python3"):
+            # The interpreter running kubetune, so trials can import the SDK without an activated venv.
+            argv[0] = sys.executable
+        env = dict(os.environ)
+        env.update({e["name"]: e.get("value", "") for e in self.spec.trial_template.env if "value" in e})
+        env.update(trial_env(trial.params, builtins))
+        env.update({"KUBETUNE_TRIAL_DIR": str(folder), "PYTHONUNBUFFERED": "1"})
+        if self.channel is not None:
+            env["KUBETUNE_CHANNEL"] = self.channel.path
+        cwd = self.base_dir / (self.spec.trial_template.working_dir or ".")
+        log_path = folder / "output.log"
+        try:
+            popen = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        except OSError as e:
+            log_path.write_text(f"cannot start {argv!r}: {e}\n")
+            self._events.put(Started(trial.number))
+            self._events.put(Exited(trial.number, 127, f"cannot start {argv[0]!r}: {e.strerror or e}"))
+            return
+        proc = _Proc(trial, popen, log_path)
+        self._procs[trial.number] = proc
+        self._events.put(Started(trial.number))
+        reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        reader.start()
+        threading.Thread(target=self._wait, args=(proc, reader), daemon=True).start()
+
+    def stop(self, number: int, grace: float = 0.0) -> None:
+        """SIGTERM after `grace` seconds (time to exit on its own), SIGKILL later."""
+        proc = self._procs.get(number)
+        if proc is None:
+            return
+        now = time.monotonic()
+        proc.term_at = min(proc.term_at or float("inf"), now + grace)
+        proc.kill_at = proc.term_at + self.kill_after
+        self._signals(now)
+
+    def events(self, timeout: float) -> list[Event]:
+        """Events since the last call; waits up to `timeout` for the first one."""
+        self._signals(time.monotonic())
+        out: list[Event] = []
+        try:
+            out.append(self._events.get(timeout=timeout))
+            while True:
+                out.append(self._events.get_nowait())
+        except queue.Empty:
+            pass
+        for ev in out:
+            if isinstance(ev, Reported) and ev.reply is not None and ev.number in self._procs:
+                self._procs[ev.number].uses_sdk = True
+            if isinstance(ev, Exited):
+                self._procs.pop(ev.number, None)
+        return out
+
+    @property
+    def running(self) -> int:
+        return len(self._procs)
+
+    def close(self) -> None:
+        for number in list(self._procs):
+            self.stop(number)
+        deadline = time.monotonic() + self.kill_after + 2
+        while self._procs and time.monotonic() < deadline:
+            self.events(0.1)
+        if self.channel is not None:
+            self.channel.close()
+
+    # -- threads -------------------------------------------------------------
+
+    def _read(self, proc: _Proc) -> None:
+        fmt = self.spec.metric_format
+        with proc.log_path.open("a", encoding="utf-8") as log:
+            for raw in proc.popen.stdout:
+                line = raw.decode("utf-8", errors="replace")
+                log.write(line)
+                log.flush()
+                if line.strip():
+                    proc.tail = (proc.tail + [line.strip()])[-5:]
+                if self._read_stdout and not proc.uses_sdk:
+                    metrics = parse_metric_line(line, fmt)
+                    if metrics:
+                        self._events.put(Reported(proc.trial.number, metrics))
+
+    def _wait(self, proc: _Proc, reader: threading.Thread) -> None:
+        code = proc.popen.wait()
+        reader.join()
+        if code < 0:
+            error = f"killed by {signal.Signals(-code).name}"
+        else:
+            error = proc.tail[-1] if proc.tail and code != 0 else ""
+        self._events.put(Exited(proc.trial.number, code, error))
+
+    def _signals(self, now: float) -> None:
+        for proc in list(self._procs.values()):
+            if proc.popen.poll() is not None:
+                continue
+            if proc.kill_at is not None and now >= proc.kill_at:
+                _signal_group(proc.popen, signal.SIGKILL)
+                proc.kill_at = None
+            elif proc.term_at is not None and now >= proc.term_at:
+                _signal_group(proc.popen, signal.SIGTERM)
+                proc.term_at = None
+
+
+def _signal_group(popen: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(popen.pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,174 @@
+"""Runs an experiment on this machine: the engine, the local runtime and the state store together.
+
+This is the only place where the engine meets the clock, processes and files.
+Running the same experiment again resumes it: finished trials are read back
+from the store and never run again; trials cut short are run again.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..api.spec import ExperimentSpec
+from ..api.trial import Trial, TrialState
+from ..api.validation import Problem, SpecError
+from ..engine import Completion, Engine, Launch, Stop
+from ..study import Study
+from .events import Exited, Reported, Started
+from .local import LocalRuntime
+from .store import StateStore
+
+POLL = 0.2  # seconds the loop waits for an event before checking timeouts
+SDK_GRACE = 5.0  # a trial told to stop through the SDK gets this long to exit by itself
+
+
+@dataclass
+class RunResult:
+    spec: ExperimentSpec
+    trials: list[Trial]
+    completion: Completion | None
+    elapsed: float
+    state_dir: Path
+
+
+def open_study(spec: ExperimentSpec, store: StateStore, state_root: Path) -> tuple[Study, dict]:
+    """The Study and its saved state, created or resumed from the store."""
+    if store.exists:
+        state = store.load_state()
+        if state.get("fingerprint") != spec.search_fingerprint():
+            raise SpecError([Problem(
+                "spec", "differs from the earlier run of this experiment in its objective, parameters, "
+                "algorithm or early stopping; rename it (metadata.name) or remove "
+                f"{store.dir} to start afresh (only budget and trialTemplate may change on resume)")])
+        trials = store.load_trials()
+    else:
+        state, trials = {}, []
+    prior = load_prior(spec, state_root)
+    study = Study(
+        parameters=spec.parameters, algorithm=spec.algorithm, goal=spec.objective.goal,
+        early_stopping=spec.early_stopping, prior=prior, trials=trials, seed=state.get("seed"),
+    )
+    if not store.exists:
+        state = {"fingerprint": spec.search_fingerprint(), "seed": study.seed, "elapsed": 0.0}
+        store.create(dict(spec.document), state)
+    return study, state
+
+
+def load_prior(spec: ExperimentSpec, state_root: Path) -> list[Trial]:
+    """Finished trials of the experiments named in warmStart, that fit this search space."""
+    prior: list[Trial] = []
+    problems = []
+    space = spec.space
+    for i, name in enumerate(spec.warm_start_from):
+        earlier = StateStore(state_root, name)
+        if not earlier.exists:
+            problems.append(Problem(f"spec.warmStart.fromExperiments[{i}]",
+                                    f"no earlier experiment {name!r} under {state_root}"))
+            continue
+        for t in earlier.load_trials():
+            if t.state != TrialState.SUCCEEDED or t.value is None or not math.isfinite(t.value):
+                continue
+            try:
+                params = space.canonical(t.params)
+            except ValueError:
+                continue  # a parameter of ours that it did not have
+            if all(space.by_name[k].contains(v) for k, v in params.items()):
+                prior.append(Trial(number=len(prior), params=params, value=t.value, state=TrialState.SUCCEEDED))
+    if problems:
+        raise SpecError(problems)
+    return prior
+
+
+def run_experiment(
+    spec: ExperimentSpec,
+    state_root: str | Path,
+    base_dir: str | Path = ".",
+    on_progress: Callable[[Engine, float], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> RunResult:
+    state_root = Path(state_root)
+    store = StateStore(state_root, spec.name)
+    study, state = open_study(spec, store, state_root)
+    if state.get("completion") and not _can_continue(state, study, spec):
+        store.close()
+        return RunResult(spec, study.trials, Completion(**state["completion"]), state["elapsed"], store.dir)
+    start = clock()
+    engine = Engine(spec, study, start, elapsed_before=state.get("elapsed", 0.0))
+    runtime = LocalRuntime(spec, store.trial_dir, Path(base_dir))
+    try:
+        _loop(engine, runtime, store, clock, on_progress)
+    except KeyboardInterrupt:
+        _apply(engine.interrupt(), runtime)
+        _drain(engine, runtime, store, clock)
+        raise
+    finally:
+        runtime.close()
+        store.save_trials(engine.take_changed())
+        state["elapsed"] = engine.elapsed(clock())
+        state["completion"] = vars(engine.completion) if engine.completion else None
+        store.save_state(state)
+        store.close()
+    return RunResult(spec, study.trials, engine.completion, state["elapsed"], store.dir)
+
+
+def _can_continue(state: dict, study: Study, spec: ExperimentSpec) -> bool:
+    """A finished run goes on only when its budget was raised (or it was interrupted)."""
+    reason = state["completion"]["reason"]
+    if reason == "Interrupted":
+        return True
+    if reason == "MaxTrialsReached":
+        return len(study.trials) < spec.budget.max_trials
+    if reason == "MaxFailedTrialsReached":
+        failed = sum(t.state == TrialState.FAILED for t in study.trials)
+        return failed <= spec.budget.max_failed_trials
+    return False
+
+
+def _loop(engine, runtime, store, clock, on_progress) -> None:
+    last_progress = 0.0
+    while not engine.done:
+        _apply(engine.step(clock()), runtime)
+        store.save_trials(engine.take_changed())
+        for event in runtime.events(POLL):
+            _handle(engine, runtime, event, clock())
+        store.save_trials(engine.take_changed())
+        now = clock()
+        if on_progress is not None and now - last_progress >= 0.5:
+            on_progress(engine, now)
+            last_progress = now
+    if on_progress is not None:
+        on_progress(engine, clock())
+
+
+def _drain(engine, runtime, store, clock) -> None:
+    """After Ctrl-C: wait until every stopped trial has exited and is recorded."""
+    while runtime.running:
+        for event in runtime.events(POLL):
+            _handle(engine, runtime, event, clock())
+    store.save_trials(engine.take_changed())
+
+
+def _apply(actions, runtime) -> None:
+    for action in actions:
+        if isinstance(action, Launch):
+            runtime.start(action.trial)
+        elif isinstance(action, Stop):
+            runtime.stop(action.number)
+
+
+def _handle(engine: Engine, runtime: LocalRuntime, event, now: float) -> None:
+    if isinstance(event, Started):
+        engine.on_started(event.number, now)
+    elif isinstance(event, Reported):
+        decision = engine.on_report(event.number, event.metrics, event.step)
+        if event.reply is not None:
+            event.reply(decision)
+        if decision.stop:
+            # An SDK trial hears the decision and gets time to exit; a stdout trial is stopped now.
+            runtime.stop(event.number, SDK_GRACE if event.reply is not None else 0.0)
+    elif isinstance(event, Exited):
+        engine.on_exit(event.number, event.exit_code, now, event.error)

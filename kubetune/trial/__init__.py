@@ -1,0 +1,80 @@
+"""The trial SDK: what a training script calls.
+
+    from kubetune import trial
+    p = trial.params()                       # {"lr": 0.01, "layers": 2, ...}
+    for epoch in range(1, 28):
+        ...
+        if trial.report(step=epoch, val_accuracy=acc).stop:
+            break                            # pruned: the scheduler says stop now
+
+Inside `kubetune run`, reports travel over the runner's local channel and the
+answer is the scheduler's decision. Run outside any experiment (plain
+`python train.py`), `params()` reads KUBETUNE_PARAMS if set, else returns the
+defaults you pass, and `report()` prints the metrics and always answers "go on".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+from ..api.trial import CONTINUE, Decision
+
+__all__ = ["Decision", "params", "report", "trial_dir"]
+
+_connection: "_Channel | None" = None
+
+
+def params(defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """This trial's assigned parameters (over `defaults`, for runs outside an experiment)."""
+    assigned = json.loads(os.environ.get("KUBETUNE_PARAMS", "{}"))
+    return {**(defaults or {}), **assigned}
+
+
+def trial_dir() -> str:
+    """A folder of this trial's own (outputs, checkpoints)."""
+    return os.environ.get("KUBETUNE_TRIAL_DIR", os.getcwd())
+
+
+def report(step: float | None = None, **metrics: float) -> Decision:
+    """Records metrics at a step; returns the scheduler's decision (`.stop` means stop now)."""
+    clean = {k: _number(k, v) for k, v in metrics.items()}
+    channel = _channel()
+    if channel is None:
+        shown = " ".join(f"{k}={v}" for k, v in clean.items())
+        print(f"step={step} {shown}" if step is not None else shown, flush=True)
+        return CONTINUE
+    return channel.send(step, clean)
+
+
+def _number(name: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"kubetune.trial.report: metric {name!r} must be a number, got {value!r}") from None
+
+
+def _channel() -> "_Channel | None":
+    global _connection
+    if _connection is None and os.environ.get("KUBETUNE_CHANNEL"):
+        _connection = _Channel(os.environ["KUBETUNE_CHANNEL"], int(os.environ["KUBETUNE_TRIAL"]))
+    return _connection
+
+
+class _Channel:
+    """One connection to the local runner; each report is one request and one answer."""
+
+    def __init__(self, path: str, number: int):
+        self.number = number
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.reader = self.sock.makefile("rb")
+
+    def send(self, step: float | None, metrics: dict[str, float]) -> Decision:
+        msg = {"trial": self.number, "step": step, "metrics": metrics}
+        self.sock.sendall((json.dumps(msg) + "\n").encode())
+        answer = json.loads(self.reader.readline() or b'{"action": "continue"}')
+        answer.pop("error", None)
+        return Decision(**answer)
