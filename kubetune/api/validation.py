@@ -272,33 +272,44 @@ def _find_cycle(params: list) -> list[str] | None:
     return None
 
 
-def check_spec(spec: dict) -> list[Problem]:
-    """Semantic checks of a structurally valid spec."""
+def check_spec(spec: dict, broken: set[str] = frozenset()) -> list[Problem]:
+    """Semantic checks of a spec; `broken` names fields whose structure is already wrong."""
     # Imported here: the registries import the space, which imports this module.
     from ..suggestion import check_algorithm
     from ..schedulers import check_early_stopping
 
-    problems = check_parameters(spec["parameters"])
-    objective = spec["objective"]
-    if objective["metric"] in objective.get("additionalMetrics", []):
-        problems.append(Problem("spec.objective.additionalMetrics", f"repeats the objective metric {objective['metric']!r}"))
-    budget = spec.get("budget", {})
-    for field in ("timeout", "trialTimeout"):
-        if field in budget:
-            try:
-                parse_duration(budget[field])
-            except ValueError as e:
-                problems.append(Problem(f"spec.budget.{field}", str(e)))
-    if "parallelTrials" in budget and "maxTrials" in budget and budget["parallelTrials"] > budget["maxTrials"]:
-        problems.append(Problem("spec.budget.parallelTrials", f"greater than maxTrials ({budget['parallelTrials']} > {budget['maxTrials']})"))
-    problems += _check_placeholders(spec)
-    fmt = spec.get("metricsCollector", {}).get("format")
+    def clean(*fields: str) -> bool:
+        return not any(b == f"spec.{f}" or b.startswith((f"spec.{f}.", f"spec.{f}[")) or b == "spec"
+                       for b in broken for f in fields)
+
+    problems: list[Problem] = []
+    params_ok = clean("parameters")
+    if params_ok:
+        problems += check_parameters(spec["parameters"])
+        params_ok = not problems
+    if clean("objective"):
+        objective = spec["objective"]
+        if objective["metric"] in objective.get("additionalMetrics", []):
+            problems.append(Problem("spec.objective.additionalMetrics", f"repeats the objective metric {objective['metric']!r}"))
+    if clean("budget"):
+        budget = spec.get("budget", {})
+        for field in ("timeout", "trialTimeout"):
+            if field in budget:
+                try:
+                    parse_duration(budget[field])
+                except ValueError as e:
+                    problems.append(Problem(f"spec.budget.{field}", str(e)))
+        if budget.get("parallelTrials", 1) > budget.get("maxTrials", 10):
+            problems.append(Problem("spec.budget.parallelTrials", f"greater than maxTrials ({budget['parallelTrials']} > {budget.get('maxTrials', 10)})"))
+    if params_ok and clean("trialTemplate"):
+        problems += _check_placeholders(spec)
+    fmt = spec.get("metricsCollector", {}).get("format") if clean("metricsCollector") else None
     if fmt is not None:
         problems += _check_format(fmt, "spec.metricsCollector.format")
-    if not problems:
+    if params_ok and clean("algorithm"):
         problems += check_algorithm(spec.get("algorithm"), spec["parameters"], "spec.algorithm")
-        if "earlyStopping" in spec:
-            problems += check_early_stopping(spec["earlyStopping"], spec, "spec.earlyStopping")
+    if params_ok and clean("earlyStopping", "objective", "budget") and "earlyStopping" in spec:
+        problems += check_early_stopping(spec["earlyStopping"], spec, "spec.earlyStopping")
     return problems
 
 
@@ -329,9 +340,9 @@ def _check_format(fmt: str, path: str) -> list[Problem]:
 def validate_document(doc) -> list[Problem]:
     """All problems of an Experiment document (a parsed YAML mapping)."""
     problems = check_structure(doc, schema.EXPERIMENT)
-    if problems:
+    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict):
         return problems
-    return check_spec(doc["spec"])
+    return problems + check_spec(doc["spec"], {p.path for p in problems})
 
 
 # ---------------------------------------------------------------- loading

@@ -1,0 +1,241 @@
+"""The engine as a pure state machine: a fake clock and a simulated runtime drive it."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+import pytest
+
+from kubetune.api.spec import ExperimentSpec
+from kubetune.api.trial import TrialState
+from kubetune.engine import Engine, Launch, Stop
+from kubetune.study import Study
+
+
+def make_spec(budget=None, objective=None, parameters=None, algorithm=None):
+    doc = {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "Experiment", "metadata": {"name": "sim"},
+        "spec": {
+            "objective": objective or {"metric": "loss", "goal": "minimize"},
+            "parameters": parameters or [{"name": "x", "type": "double", "min": -5, "max": 5},
+                                         {"name": "y", "type": "int", "min": 0, "max": 10}],
+            "algorithm": algorithm or {"name": "random", "settings": {"seed": 3}},
+            "budget": budget or {"maxTrials": 12, "parallelTrials": 3},
+            "trialTemplate": {"command": ["true"]},
+        },
+    }
+    return ExperimentSpec.from_document(doc)
+
+
+def make_engine(spec, trials=(), now=0.0):
+    study = Study(parameters=spec.parameters, algorithm=spec.algorithm, goal=spec.objective.goal, trials=trials)
+    return Engine(spec, study, now)
+
+
+class Simulator:
+    """Runs launched trials on a simulated clock. `behaviour(params)` returns
+    (duration, values, exit_code): the trial reports `values` evenly over its
+    duration, then exits with exit_code (None: it hangs until stopped)."""
+
+    def __init__(self, engine, behaviour):
+        self.engine, self.behaviour = engine, behaviour
+        self.now = 0.0
+        self.queue: list = []
+        self.seq = itertools.count()
+        self.max_running = 0
+        self.launches: list[int] = []
+        self.cancelled: set[int] = set()
+
+    def push(self, t, kind, number, payload=None):
+        heapq.heappush(self.queue, (t, next(self.seq), kind, number, payload))
+
+    def apply(self, actions):
+        for a in actions:
+            if isinstance(a, Launch):
+                n = a.trial.number
+                self.launches.append(n)
+                self.engine.on_started(n, self.now)
+                duration, values, code = self.behaviour(a.trial.params)
+                for i, v in enumerate(values, 1):
+                    self.push(self.now + duration * i / (len(values) + 1), "report", n, (i, v))
+                if code is not None:
+                    self.push(self.now + duration, "exit", n, code)
+            elif isinstance(a, Stop):
+                self.cancelled.add(a.number)
+                self.push(self.now + 0.5, "exit", a.number, -15)
+
+    def run(self, limit=10_000.0):
+        while not self.engine.done:
+            self.apply(self.engine.step(self.now))
+            self.max_running = max(self.max_running, self.engine.count(TrialState.RUNNING))
+            if self.engine.done:
+                break
+            if not self.queue:
+                self.now += 1.0  # nothing scheduled: let time pass (timeouts)
+                assert self.now < limit, "simulation did not end"
+                continue
+            self.advance()
+        return self.engine
+
+    def advance(self):
+        """Delivers the next scheduled event to the engine."""
+        t, _, kind, n, payload = heapq.heappop(self.queue)
+        self.now = max(self.now, t)
+        if self.engine.trials[n].state != TrialState.RUNNING:
+            return  # an event of a trial that is already over
+        if kind == "report" and n not in self.cancelled:
+            step, value = payload
+            assert not self.engine.on_report(n, {"loss": value}, step).stop
+        elif kind == "exit" and (n not in self.cancelled or payload == -15):
+            self.engine.on_exit(n, payload, self.now)
+
+
+def quadratic(params):
+    loss = (params["x"] - 1) ** 2 + params["y"]
+    return 10.0, [loss + 3, loss + 1, loss], 0
+
+
+def test_runs_max_trials_with_at_most_parallel_running():
+    sim = Simulator(make_engine(make_spec()), quadratic)
+    sim.run()
+    e = sim.engine
+    assert len(e.trials) == 12
+    assert e.count(TrialState.SUCCEEDED) == 12
+    assert sim.max_running == 3
+    assert e.completion.reason == "MaxTrialsReached"
+    best = e.study.best_trial
+    assert best.value == min(t.value for t in e.trials)
+
+
+def test_objective_strategy_picks_the_best_reported_value():
+    spec = make_spec(objective={"metric": "loss", "goal": "minimize"})
+    sim = Simulator(make_engine(spec), lambda p: (5.0, [3.0, 1.0, 2.0], 0))
+    sim.run()
+    assert {t.value for t in sim.engine.trials} == {1.0}
+    spec = make_spec(objective={"metric": "loss", "goal": "minimize", "strategy": "latest"})
+    sim = Simulator(make_engine(spec), lambda p: (5.0, [3.0, 1.0, 2.0], 0))
+    sim.run()
+    assert {t.value for t in sim.engine.trials} == {2.0}
+
+
+def test_same_seed_same_trials():
+    def params_of_run():
+        sim = Simulator(make_engine(make_spec()), quadratic)
+        sim.run()
+        return [t.params for t in sim.engine.trials]
+
+    assert params_of_run() == params_of_run()
+
+
+def test_failures_are_recorded_with_reason_and_end_the_experiment_past_max_failed():
+    spec = make_spec(budget={"maxTrials": 20, "parallelTrials": 2, "maxFailedTrials": 2})
+    sim = Simulator(make_engine(spec), lambda p: (3.0, [], 1))
+    sim.run()
+    e = sim.engine
+    failed = [t for t in e.trials if t.state == TrialState.FAILED]
+    assert len(failed) == 3
+    assert all("exited with code 1" in t.reason for t in failed)
+    assert e.completion.reason == "MaxFailedTrialsReached"
+    assert not e.completion.succeeded
+    assert len(e.trials) < 20
+
+
+def test_a_trial_that_reports_nothing_fails_with_a_reason():
+    spec = make_spec(budget={"maxTrials": 2, "parallelTrials": 1, "maxFailedTrials": 5})
+    sim = Simulator(make_engine(spec), lambda p: (1.0, [], 0))
+    sim.run()
+    assert all(t.state == TrialState.FAILED for t in sim.engine.trials)
+    assert "no value for objective metric 'loss' was reported" in sim.engine.trials[0].reason
+    assert sim.engine.completion.reason == "MaxTrialsReached"
+
+
+def test_a_nan_objective_fails_the_trial():
+    spec = make_spec(budget={"maxTrials": 1, "parallelTrials": 1})
+    sim = Simulator(make_engine(spec), lambda p: (1.0, [float("nan")], 0))
+    sim.run()
+    t = sim.engine.trials[0]
+    assert t.state == TrialState.FAILED and "is nan" in t.reason
+
+
+def test_hanging_trials_are_stopped_at_the_trial_timeout():
+    spec = make_spec(budget={"maxTrials": 4, "parallelTrials": 2, "maxFailedTrials": 10, "trialTimeout": "30s"})
+    hang = lambda p: (1.0, [5.0], None) if p["y"] % 2 else (10.0, [1.0], 0)  # noqa: E731
+    sim = Simulator(make_engine(spec), hang)
+    sim.run()
+    e = sim.engine
+    hung = [t for t in e.trials if t.params["y"] % 2]
+    assert hung, "the seed should give at least one odd y"
+    for t in hung:
+        assert t.state == TrialState.FAILED
+        assert t.reason == "exceeded trialTimeout (30s)"
+        assert 30.0 < t.finished_at - t.started_at <= 32.0
+    assert e.completion.reason == "MaxTrialsReached"
+
+
+def test_target_reached_ends_the_experiment_and_stops_the_rest():
+    spec = make_spec(objective={"metric": "loss", "goal": "minimize", "target": 5.0},
+                     budget={"maxTrials": 50, "parallelTrials": 3})
+    sim = Simulator(make_engine(spec), quadratic)
+    sim.run()
+    e = sim.engine
+    assert e.completion.reason == "GoalReached"
+    assert e.study.best_trial.value <= 5.0
+    assert len(e.trials) < 50
+    assert all(not t.state.active for t in e.trials)
+
+
+def test_experiment_timeout_kills_running_trials():
+    spec = make_spec(budget={"maxTrials": 50, "parallelTrials": 2, "timeout": "35s"})
+    sim = Simulator(make_engine(spec), quadratic)
+    sim.run()
+    e = sim.engine
+    assert e.completion.reason == "Timeout"
+    killed = [t for t in e.trials if t.state == TrialState.KILLED]
+    assert killed and all(t.reason == "experiment ended: Timeout" for t in killed)
+    assert e.count(TrialState.SUCCEEDED) == 6  # 10 s trials, 2 at a time, for 35 s
+
+
+def test_a_grid_that_runs_out_ends_the_experiment():
+    spec = make_spec(parameters=[{"name": "x", "type": "categorical", "values": ["a", "b", "c"]}],
+                     algorithm={"name": "grid"}, budget={"maxTrials": 10, "parallelTrials": 2})
+    sim = Simulator(make_engine(spec), lambda p: (1.0, [1.0], 0))
+    sim.run()
+    assert [t.params["x"] for t in sim.engine.trials] == ["a", "b", "c"]
+    assert sim.engine.completion.reason == "SearchSpaceExhausted"
+
+
+def test_interrupted_trials_run_again_and_finished_ones_never():
+    spec = make_spec(budget={"maxTrials": 8, "parallelTrials": 3})
+    first = Simulator(make_engine(spec), quadratic)
+    # Run until some trials are done and some are in flight, then interrupt.
+    while first.engine.count(TrialState.SUCCEEDED) < 4:
+        first.apply(first.engine.step(first.now))
+        first.advance()
+    first.apply(first.engine.interrupt())
+    while first.engine.count(TrialState.RUNNING):
+        first.advance()
+    assert first.engine.done and first.engine.completion.reason == "Interrupted"
+    finished = {t.number for t in first.engine.trials if t.state == TrialState.SUCCEEDED}
+    killed = {t.number for t in first.engine.trials if t.state == TrialState.KILLED}
+    assert finished and killed
+
+    # Resume from the saved records (as the store would give them back).
+    saved = [type(t).from_dict(t.to_dict()) for t in first.engine.trials]
+    second = Simulator(make_engine(spec, trials=saved), quadratic)
+    second.run()
+    e = second.engine
+    assert e.completion.reason == "MaxTrialsReached"
+    assert len(e.trials) == 8 and e.count(TrialState.SUCCEEDED) == 8
+    assert not set(second.launches) & finished
+    assert killed <= set(second.launches)
+    assert all(e.trials[n].attempt == 2 for n in killed)
+
+
+@pytest.mark.parametrize("goal", ["minimize", "maximize"])
+def test_best_trial_respects_the_goal(goal):
+    spec = make_spec(objective={"metric": "loss", "goal": goal})
+    sim = Simulator(make_engine(spec), quadratic)
+    sim.run()
+    values = [t.value for t in sim.engine.trials]
+    assert sim.engine.study.best_value == (min(values) if goal == "minimize" else max(values))

@@ -1,0 +1,224 @@
+"""`kubetune run` end to end on this machine: real trial processes, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TRIALS = Path(__file__).resolve().parent / "trials"
+
+
+def kubetune(*args, cwd, env=None, timeout=180):
+    return subprocess.run([sys.executable, "-m", "kubetune.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def write_spec(path: Path, name: str, spec: dict) -> Path:
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "Experiment", "metadata": {"name": name}, "spec": spec}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def journal(state: Path, name: str) -> dict[int, dict]:
+    latest = {}
+    path = state / name / "trials.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                latest[record["number"]] = record
+    return latest
+
+
+def wait_for(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_quickstart_runs_and_names_the_best_trial(tmp_path):
+    result = kubetune("run", str(ROOT / "examples" / "quickstart.yaml"), "--json", "--state-dir",
+                      str(tmp_path / "state"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["experiment"] == "quickstart"
+    assert summary["status"] == "Succeeded" and summary["reason"] == "MaxTrialsReached"
+    assert summary["counts"]["Succeeded"] == 16
+    best = summary["best"]
+    assert best["trial"].startswith("quickstart-") and 0.9 < best["value"] <= 1.0
+    assert set(best["params"]) == {"lr", "hidden", "alpha", "activation"}
+    # The table of best trials goes to stderr with --json, headed by the objective.
+    assert "best trials by val_accuracy (maximize)" in result.stderr
+    shown = kubetune("results", "quickstart", "--state-dir", str(tmp_path / "state"), "--json", cwd=tmp_path)
+    assert shown.returncode == 0
+    assert json.loads(shown.stdout)["best"] == best
+
+
+def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_trials(tmp_path):
+    count_file = tmp_path / "finished.txt"
+    spec = write_spec(tmp_path / "exp.yaml", "resumable", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "x", "type": "double", "min": -3, "max": 3}],
+        "algorithm": {"name": "sobol", "settings": {"seed": 5}},
+        "budget": {"maxTrials": 10, "parallelTrials": 2},
+        "trialTemplate": {"command": ["python", str(TRIALS / "counted.py")]},
+    })
+    env = {"COUNT_FILE": str(count_file), "STEP_SECONDS": "0.4"}
+    state = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "run", str(spec), "--state-dir", str(state)],
+                            cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        def some_done_some_running():
+            records = journal(state, "resumable").values()
+            return (sum(r["state"] == "Succeeded" for r in records) >= 3
+                    and any(r["state"] == "Running" and r["intermediate"] for r in records))
+        wait_for(some_done_some_running, 120, "three finished trials and one mid-run")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err
+    first = journal(state, "resumable")
+    finished_before = {n for n, r in first.items() if r["state"] == "Succeeded"}
+    interrupted = {n for n, r in first.items() if r["state"] == "Killed"}
+    assert interrupted, "the interruption should have caught a trial mid-run"
+    assert all(first[n]["reason"] == "interrupted" for n in interrupted)
+
+    second = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout)
+    assert summary["counts"]["Succeeded"] == 10 and summary["trials"] == 10
+    runs = [int(n) for n in count_file.read_text().split()]
+    assert sorted(runs) == list(range(10)), f"each trial must finish exactly once, got {sorted(runs)}"
+    final = journal(state, "resumable")
+    assert all(final[n]["attempt"] == 1 for n in finished_before)
+    assert all(final[n]["attempt"] == 2 for n in interrupted)
+    # The parameters of a finished trial are the ones recorded before the interruption.
+    assert all(final[n]["params"] == first[n]["params"] for n in first)
+
+    # Running a finished experiment again runs nothing and shows its results.
+    third = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
+    assert third.returncode == 0
+    assert len(count_file.read_text().split()) == 10
+
+
+def test_crash_hang_and_garbage_are_failed_with_reasons_and_the_experiment_goes_on(tmp_path):
+    spec = write_spec(tmp_path / "exp.yaml", "misbehaving", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "mode", "type": "categorical", "values": ["crash", "hang", "garbage", "ok"]}],
+        "algorithm": {"name": "grid"},
+        "budget": {"maxTrials": 4, "parallelTrials": 2, "maxFailedTrials": 3, "trialTimeout": "3s"},
+        "trialTemplate": {"command": ["python", str(TRIALS / "misbehaving.py"), "${mode}"]},
+    })
+    result = kubetune("run", str(spec), "--state-dir", str(tmp_path / "state"), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    by_mode = {r["params"]["mode"]: r for r in journal(tmp_path / "state", "misbehaving").values()}
+    assert by_mode["crash"]["state"] == "Failed"
+    assert by_mode["crash"]["reason"] == "exited with code 3: RuntimeError: CUDA out of memory (simulated)"
+    assert by_mode["hang"]["state"] == "Failed"
+    assert by_mode["hang"]["reason"] == "exceeded trialTimeout (3s)"
+    assert by_mode["garbage"]["state"] == "Failed"
+    assert by_mode["garbage"]["reason"] == "no value for objective metric 'loss' was reported"
+    assert by_mode["ok"]["state"] == "Succeeded" and by_mode["ok"]["value"] == 0.5
+    summary = json.loads(result.stdout)
+    assert summary["reason"] == "MaxTrialsReached" and summary["best"]["params"] == {"mode": "ok"}
+    # A crashed trial's output is kept in its own folder.
+    log = tmp_path / "state" / "misbehaving" / "trials" / by_mode["crash"]["name"] / "output.log"
+    assert "CUDA out of memory" in log.read_text()
+
+
+def test_too_many_failures_fail_the_experiment(tmp_path):
+    spec = write_spec(tmp_path / "exp.yaml", "all-crash", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
+        "budget": {"maxTrials": 10, "parallelTrials": 1, "maxFailedTrials": 1},
+        "trialTemplate": {"command": ["python", str(TRIALS / "misbehaving.py"), "crash"]},
+    })
+    result = kubetune("run", str(spec), "--state-dir", str(tmp_path / "state"), "--json", cwd=tmp_path)
+    assert result.returncode == 1
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "Failed" and summary["reason"] == "MaxFailedTrialsReached"
+    assert summary["counts"]["Failed"] == 2 and summary["trials"] == 2
+
+
+def test_parameters_reach_the_trial_in_command_and_environment(tmp_path):
+    spec = write_spec(tmp_path / "exp.yaml", "echo", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [
+            {"name": "opt", "type": "categorical", "values": ["adam", "sgd"]},
+            {"name": "lr", "type": "double", "min": 0.001, "max": 0.1, "log": True},
+            {"name": "momentum", "type": "double", "min": 0.5, "max": 0.9, "when": {"opt": "sgd"}},
+        ],
+        "algorithm": {"name": "grid", "settings": {"points": 2}},
+        "budget": {"maxTrials": 10, "parallelTrials": 2},
+        "trialTemplate": {"command": ["python", str(TRIALS / "echo_args.py"), "--opt", "${opt}",
+                                      "--lr=${trialParameters.lr}", "--momentum", "${momentum}", "${trialName}"],
+                          "env": [{"name": "EXTRA", "value": "yes"}]},
+    })
+    result = kubetune("run", str(spec), "--state-dir", str(tmp_path / "state"), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = journal(tmp_path / "state", "echo")
+    assert len(records) == 6  # adam x 2 lr + sgd x 2 lr x 2 momentum
+    dirs = set()
+    for r in records.values():
+        folder = tmp_path / "state" / "echo" / "trials" / r["name"]
+        seen = json.loads((folder / "seen.json").read_text())
+        p = r["params"]
+        expected = ["--opt", p["opt"], f"--lr={p['lr']!r}"]
+        if p["opt"] == "sgd":
+            expected += ["--momentum", repr(p["momentum"])]
+        assert seen["argv"] == expected + [r["name"]]
+        assert seen["params"] == p
+        assert seen["env"]["KUBETUNE_PARAM_LR"] == repr(p["lr"])
+        assert seen["env"]["EXTRA"] == "yes"
+        assert seen["env"]["KUBETUNE_TRIAL_NAME"] == r["name"]
+        assert r["value"] == p["lr"]
+        dirs.add(seen["env"]["KUBETUNE_TRIAL_DIR"])
+    assert len(dirs) == 6
+
+
+def test_stdout_metrics_example_runs(tmp_path):
+    spec_doc = yaml.safe_load((ROOT / "examples" / "stdout-metrics.yaml").read_text())
+    spec_doc["spec"]["budget"] = {"maxTrials": 4, "parallelTrials": 2}
+    spec_doc["spec"]["trialTemplate"]["command"][1] = str(ROOT / "examples" / "trainers" / "softmax_stdout.py")
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(yaml.safe_dump(spec_doc))
+    result = kubetune("run", str(spec), "--state-dir", str(tmp_path / "state"), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = journal(tmp_path / "state", "stdout-metrics")
+    assert all(r["state"] == "Succeeded" for r in records.values())
+    for r in records.values():
+        steps = [s for s, _ in r["intermediate"]]
+        assert steps == list(range(1, 16))  # one report per printed epoch line
+        assert r["value"] == r["intermediate"][-1][1]  # strategy: latest
+
+
+def test_changing_the_search_of_an_existing_experiment_is_refused(tmp_path):
+    spec = write_spec(tmp_path / "exp.yaml", "fixed", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "lr", "type": "double", "min": 0.001, "max": 0.1}],
+        "budget": {"maxTrials": 1},
+        "trialTemplate": {"command": ["python", str(TRIALS / "echo_args.py")]},
+    })
+    assert kubetune("run", str(spec), "--state-dir", str(tmp_path / "state"), cwd=tmp_path).returncode == 0
+    before = (tmp_path / "state" / "fixed" / "trials.jsonl").read_text()
+    doc = yaml.safe_load(spec.read_text())
+    doc["spec"]["parameters"][0]["max"] = 0.5
+    spec.write_text(yaml.safe_dump(doc))
+    again = kubetune("run", str(spec), "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+    assert again.returncode == 2
+    assert "differs from the earlier run" in again.stderr
+    assert (tmp_path / "state" / "fixed" / "trials.jsonl").read_text() == before
