@@ -1,0 +1,171 @@
+"""The CustomResourceDefinitions, generated from the one schema.
+
+    python -m kubetune.api.crd crds/      # rewrite the checked-in CRDs
+
+A test proves the files under crds/ equal what this module generates, so the
+API server validates exactly what `kubetune validate` does (the structure and
+the CEL rules; settings of each algorithm are checked by the operator, which
+records a clear condition on the Experiment).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import schema
+
+_CUSTOM_KEYS = ("x-kubetune-format",)
+
+
+def _openapi(node):
+    """The schema as the API server takes it: our own annotations removed."""
+    if isinstance(node, dict):
+        return {k: _openapi(v) for k, v in node.items() if k not in _CUSTOM_KEYS}
+    if isinstance(node, list):
+        return [_openapi(v) for v in node]
+    return node
+
+
+def _bounded(spec: dict) -> dict:
+    """Limits that let the API server cost the CEL rules (they run once per parameter)."""
+    spec = copy.deepcopy(spec)
+    spec["properties"]["parameters"]["maxItems"] = 200
+    return spec
+
+
+_COUNT = {"type": "integer"}
+CONDITION = {
+    "type": "object",
+    "required": ["type", "status"],
+    "properties": {
+        "type": {"type": "string"},
+        "status": {"type": "string"},
+        "reason": {"type": "string"},
+        "message": {"type": "string"},
+        "lastTransitionTime": {"type": "string", "format": "date-time"},
+    },
+}
+EXPERIMENT_STATUS = {
+    "type": "object",
+    "properties": {
+        "phase": {"type": "string"},
+        "conditions": {"type": "array", "items": CONDITION,
+                       "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        "trials": _COUNT, "running": _COUNT, "succeeded": _COUNT, "pruned": _COUNT, "failed": _COUNT,
+        "killed": _COUNT,
+        "bestObjective": {"type": "number"},
+        "bestTrial": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "value": {"type": "number"},
+                "params": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            },
+        },
+        "seed": _COUNT,
+        "startTime": {"type": "string", "format": "date-time"},
+        "completionTime": {"type": "string", "format": "date-time"},
+        "observedGeneration": _COUNT,
+    },
+}
+
+TRIAL_SPEC = {
+    "type": "object",
+    "required": ["experiment", "number", "params"],
+    "properties": {
+        "experiment": {"type": "string"},
+        "number": {"type": "integer", "minimum": 0},
+        "params": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        "attempt": {"type": "integer", "minimum": 1},
+    },
+}
+TRIAL_STATUS = {
+    "type": "object",
+    "properties": {
+        "state": {"type": "string"},
+        "value": {"type": "number"},
+        "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
+        # The objective's intermediate values, capped so a trial stays far below etcd's object limit.
+        "intermediate": {"type": "array", "maxItems": 1000, "items": {"type": "array", "items": {"type": "number"}}},
+        "reason": {"type": "string"},
+        "podName": {"type": "string"},
+        "startTime": {"type": "string", "format": "date-time"},
+        "completionTime": {"type": "string", "format": "date-time"},
+    },
+}
+
+
+def _crd(kind: str, plural: str, short: list[str], spec: dict, status: dict, columns: list[dict]) -> dict:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{schema.GROUP}"},
+        "spec": {
+            "group": schema.GROUP,
+            "scope": "Namespaced",
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower(), "listKind": f"{kind}List",
+                      "shortNames": short, "categories": ["kubetune"]},
+            "versions": [{
+                "name": schema.VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": columns,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "required": ["spec"],
+                    "properties": {"spec": spec, "status": status},
+                }},
+            }],
+        },
+    }
+
+
+def experiment_crd() -> dict:
+    col = lambda name, path, kind="integer", **kw: {"name": name, "type": kind, "jsonPath": path, **kw}  # noqa: E731
+    return _crd("Experiment", "experiments", ["exp", "kte"], _bounded(_openapi(schema.SPEC)), EXPERIMENT_STATUS, [
+        col("Algorithm", ".spec.algorithm.name", "string"),
+        col("Status", ".status.phase", "string"),
+        col("Running", ".status.running"),
+        col("Succeeded", ".status.succeeded"),
+        col("Pruned", ".status.pruned"),
+        col("Failed", ".status.failed"),
+        col("Best", ".status.bestObjective", "number"),
+        col("Age", ".metadata.creationTimestamp", "date"),
+    ])
+
+
+def trial_crd() -> dict:
+    col = lambda name, path, kind="string", **kw: {"name": name, "type": kind, "jsonPath": path, **kw}  # noqa: E731
+    return _crd("Trial", "trials", ["ktt"], TRIAL_SPEC, TRIAL_STATUS, [
+        col("Experiment", ".spec.experiment"),
+        col("State", ".status.state"),
+        col("Value", ".status.value", "number"),
+        col("Reason", ".status.reason", priority=1),
+        col("Age", ".metadata.creationTimestamp", "date"),
+    ])
+
+
+FILES = {"experiment.yaml": experiment_crd, "trial.yaml": trial_crd}
+HEADER = "# Generated by `python -m kubetune.api.crd crds/` from kubetune/api/schema.py; do not edit.\n"
+
+
+def render(name: str) -> str:
+    return HEADER + yaml.safe_dump(FILES[name](), sort_keys=False, width=120)
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[0] if argv else "crds")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        (out / name).write_text(render(name))
+        print(f"wrote {out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

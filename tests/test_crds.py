@@ -1,0 +1,23 @@
+"""The checked-in CRDs are exactly what the one schema generates."""
+
+from pathlib import Path
+
+import pytest
+
+from kubetune.api import crd
+
+CRDS = Path(__file__).resolve().parents[1] / "crds"
+
+
+@pytest.mark.parametrize("name", sorted(crd.FILES))
+def test_checked_in_crd_matches_the_schema(name):
+    assert (CRDS / name).read_text() == crd.render(name), (
+        f"crds/{name} is stale: run `python -m kubetune.api.crd crds/`")
+
+
+def test_the_crd_schema_is_structural_not_preserve_everything():
+    spec = crd.experiment_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert "x-kubernetes-preserve-unknown-fields" not in spec
+    param = spec["properties"]["parameters"]["items"]
+    assert param["properties"]["type"]["enum"] == ["double", "int", "categorical", "discrete"]
+    assert any("self.max > self.min" in rule["rule"] for rule in param["x-kubernetes-validations"])
