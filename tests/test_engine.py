@@ -239,3 +239,18 @@ def test_best_trial_respects_the_goal(goal):
     sim.run()
     values = [t.value for t in sim.engine.trials]
     assert sim.engine.study.best_value == (min(values) if goal == "minimize" else max(values))
+
+
+def test_a_trial_that_finishes_as_it_is_interrupted_counts_as_finished():
+    spec = make_spec(budget={"maxTrials": 2, "parallelTrials": 2})
+    engine = make_engine(spec)
+    launched = [a.trial.number for a in engine.step(0.0)]
+    for n in launched:
+        engine.on_started(n, 0.0)
+        engine.on_report(n, {"loss": 1.5}, 1)
+    stops = engine.interrupt()
+    assert sorted(s.number for s in stops) == launched
+    engine.on_exit(0, 0, 1.0)    # had already finished: exit code 0
+    engine.on_exit(1, -15, 1.0)  # killed by the interruption
+    assert engine.trials[0].state == TrialState.SUCCEEDED and engine.trials[0].value == 1.5
+    assert engine.trials[1].state == TrialState.KILLED and engine.trials[1].reason == "interrupted"

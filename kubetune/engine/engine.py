@@ -109,7 +109,8 @@ class Engine:
             return Decision("stop", self._stopping.get(number, (None, "trial is not running"))[1])
         metric = self.objective.metric
         others = {k: float(v) for k, v in metrics.items() if k != metric and _number(v)}
-        self.changed.add(number)
+        # Not marked changed: reports are kept in memory and saved with the trial's final record
+        # (a trial cut short is run again from the start, so its partial curve is not needed).
         if metric not in metrics or not _number(metrics[metric]):
             trial.metrics.update(others)
             return CONTINUE
@@ -128,6 +129,9 @@ class Engine:
         trial.finished_at = now
         self.changed.add(number)
         values = [v for _, v in trial.intermediate]
+        if number in self._stopping and self._stopping[number][0] == TrialState.KILLED and exit_code == 0:
+            # It finished on its own before the stop reached it: a normal ending, not a kill.
+            del self._stopping[number]
         if number in self._stopping:
             state, reason = self._stopping.pop(number)
             value = self.objective.pick(values) if values else None
