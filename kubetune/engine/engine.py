@@ -139,20 +139,8 @@ class Engine:
                 reason = f"{reason} (then exited with code {exit_code})"
             self.study.tell(trial, value, state=state, reason=reason)
             return
-        if exit_code != 0:
-            why = f"exited with code {exit_code}" if exit_code is not None else "lost its process"
-            self.study.tell(trial, None, state=TrialState.FAILED, reason=f"{why}{': ' + error if error else ''}")
-            return
-        if not values:
-            self.study.tell(trial, None, state=TrialState.FAILED,
-                            reason=f"no value for objective metric {self.objective.metric!r} was reported")
-            return
-        value = self.objective.pick(values)
-        if not finite(value):
-            self.study.tell(trial, None, state=TrialState.FAILED,
-                            reason=f"objective metric {self.objective.metric!r} is {value}")
-            return
-        self.study.tell(trial, value, state=TrialState.SUCCEEDED)
+        state, value, reason = judge_exit(self.objective.metric, self.objective.pick, values, exit_code, error)
+        self.study.tell(trial, value, state=state, reason=reason)
 
     # -- the loop ------------------------------------------------------------
 
@@ -201,20 +189,7 @@ class Engine:
         return out
 
     def _check_end(self, now: float) -> Completion | None:
-        failed = self.count(TrialState.FAILED)
-        if failed > self.budget.max_failed_trials:
-            return Completion(MAX_FAILED, f"{failed} trials failed (maxFailedTrials is {self.budget.max_failed_trials})")
-        best = self.study.best_trial
-        if best is not None and self.objective.reached(best.value):
-            return Completion(GOAL_REACHED, f"trial {best.number} reached the target {self.objective.target}")
-        if self.budget.timeout is not None and self.elapsed(now) >= self.budget.timeout:
-            return Completion(TIMEOUT, f"timeout of {format_duration(self.budget.timeout)} reached")
-        active = any(t.state.active for t in self.trials)
-        if len(self.trials) >= self.budget.max_trials and not active:
-            return Completion(MAX_TRIALS, f"all {self.budget.max_trials} trials finished")
-        if self._exhausted and not active:
-            return Completion(EXHAUSTED, "the algorithm has no new configuration to try")
-        return None
+        return check_end(self.spec, self.trials, self.study.best_trial, self.elapsed(now), self._exhausted)
 
     def _fill_slots(self, now: float) -> list[Launch]:
         out = []
@@ -258,6 +233,39 @@ class Engine:
                 t.intermediate, t.metrics, t.value, t.reason = [], {}, None, ""
                 t.started_at = t.finished_at = None
                 self.changed.add(t.number)
+
+
+def judge_exit(metric: str, pick, values: list[float], exit_code: int | None,
+               error: str = "") -> tuple[TrialState, float | None, str]:
+    """A trial's final state, value and reason, from how its process ended and what it reported."""
+    if exit_code != 0:
+        why = f"exited with code {exit_code}" if exit_code is not None else "lost its process"
+        return TrialState.FAILED, None, f"{why}{': ' + error if error else ''}"
+    if not values:
+        return TrialState.FAILED, None, f"no value for objective metric {metric!r} was reported"
+    value = pick(values)
+    if not finite(value):
+        return TrialState.FAILED, None, f"objective metric {metric!r} is {value}"
+    return TrialState.SUCCEEDED, value, ""
+
+
+def check_end(spec: ExperimentSpec, trials: list[Trial], best: Trial | None, elapsed: float,
+              exhausted: bool) -> Completion | None:
+    """Whether the experiment is over, and why (the same rules locally and in a cluster)."""
+    budget, objective = spec.budget, spec.objective
+    failed = sum(1 for t in trials if t.state == TrialState.FAILED)
+    if failed > budget.max_failed_trials:
+        return Completion(MAX_FAILED, f"{failed} trials failed (maxFailedTrials is {budget.max_failed_trials})")
+    if best is not None and objective.reached(best.value):
+        return Completion(GOAL_REACHED, f"trial {best.number} reached the target {objective.target}")
+    if budget.timeout is not None and elapsed >= budget.timeout:
+        return Completion(TIMEOUT, f"timeout of {format_duration(budget.timeout)} reached")
+    active = any(t.state.active for t in trials)
+    if len(trials) >= budget.max_trials and not active:
+        return Completion(MAX_TRIALS, f"all {budget.max_trials} trials finished")
+    if exhausted and not active:
+        return Completion(EXHAUSTED, "the algorithm has no new configuration to try")
+    return None
 
 
 def _number(v) -> bool:
