@@ -67,6 +67,8 @@ EXPERIMENT_STATUS = {
             },
         },
         "seed": _COUNT,
+        "exhausted": {"type": "boolean"},
+        "retries": _COUNT,
         "startTime": {"type": "string", "format": "date-time"},
         "completionTime": {"type": "string", "format": "date-time"},
         "observedGeneration": _COUNT,
@@ -93,6 +95,10 @@ TRIAL_STATUS = {
         "intermediate": {"type": "array", "maxItems": 1000, "items": {"type": "array", "items": {"type": "number"}}},
         "reason": {"type": "string"},
         "podName": {"type": "string"},
+        # How the trial is to end, set before its pod is stopped (pruned, killed, timed out).
+        "stop": {"type": "object", "properties": {"state": {"type": "string"}, "reason": {"type": "string"}}},
+        # Parameters as changed by PBT's explore step (spec.params are the ones it started with).
+        "params": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
         "startTime": {"type": "string", "format": "date-time"},
         "completionTime": {"type": "string", "format": "date-time"},
     },

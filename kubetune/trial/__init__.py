@@ -7,8 +7,9 @@
         if trial.report(step=epoch, val_accuracy=acc).stop:
             break                            # pruned: the scheduler says stop now
 
-Inside `kubetune run`, reports travel over the runner's local channel and the
-answer is the scheduler's decision. Run outside any experiment (plain
+Inside `kubetune run`, reports travel over the runner's local channel; in a
+cluster pod, over the Redis metric bus (KUBETUNE_REDIS_URL, set by the
+operator). Either way the answer is the scheduler's decision. Run outside any experiment (plain
 `python train.py`), `params()` reads KUBETUNE_PARAMS if set, else returns the
 defaults you pass, and `report()` prints the metrics and always answers "go on".
 """
@@ -56,11 +57,30 @@ def _number(name: str, value) -> float:
         raise TypeError(f"kubetune.trial.report: metric {name!r} must be a number, got {value!r}") from None
 
 
-def _channel() -> "_Channel | None":
+def _channel():
     global _connection
     if _connection is None and os.environ.get("KUBETUNE_CHANNEL"):
         _connection = _Channel(os.environ["KUBETUNE_CHANNEL"], int(os.environ["KUBETUNE_TRIAL"]))
+    elif _connection is None and os.environ.get("KUBETUNE_REDIS_URL"):
+        _connection = _BusChannel()
     return _connection
+
+
+class _BusChannel:
+    """Reports batched onto the Redis metric bus; flushed when the process exits."""
+
+    def __init__(self):
+        import atexit
+
+        from ..bus import TrialClient, redis_bus
+
+        bus = redis_bus(url=os.environ["KUBETUNE_REDIS_URL"], password=os.environ.get("KUBETUNE_REDIS_PASSWORD") or None)
+        experiment = f"{os.environ['KUBETUNE_NAMESPACE']}/{os.environ['KUBETUNE_EXPERIMENT']}"
+        self.client = TrialClient(bus, experiment, int(os.environ["KUBETUNE_TRIAL"]))
+        atexit.register(self.client.close)
+
+    def send(self, step: float | None, metrics: dict[str, float]) -> Decision:
+        return self.client.send_report(step, metrics)
 
 
 class _Channel:

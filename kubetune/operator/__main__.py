@@ -1,0 +1,44 @@
+"""`python -m kubetune.operator`: the operator's entry point (the chart's operator Deployment)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+import kopf
+
+from . import handlers
+from .control import Controller
+from .kube import Kube, load_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="kubetune-operator")
+    p.add_argument("--namespace", action="append", default=[],
+                   help="watch only this namespace (repeatable); default: all namespaces")
+    p.add_argument("--suggestion-url", default=os.environ.get("KUBETUNE_SUGGESTION_URL", "http://kubetune-suggestion:8080"))
+    p.add_argument("--redis-url", default=os.environ.get("KUBETUNE_REDIS_URL", ""),
+                   help="the metric bus handed to trial pods")
+    p.add_argument("--redis-password-secret", default=os.environ.get("KUBETUNE_REDIS_PASSWORD_SECRET", ""),
+                   help="NAME:KEY of a Secret in each experiment's namespace holding the Redis password")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    load_config()
+    bus = {"url": args.redis_url}
+    if args.redis_password_secret:
+        name, _, key = args.redis_password_secret.partition(":")
+        bus["passwordSecret"] = {"name": name, "key": key or "password"}
+    handlers.controller = Controller(Kube(), args.suggestion_url, bus)
+    asyncio.run(kopf.operator(
+        standalone=True,  # one replica; restarts are safe because all state is in the API
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or None,
+    ))
+
+
+if __name__ == "__main__":
+    main()

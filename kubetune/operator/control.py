@@ -1,0 +1,305 @@
+"""The operator's decisions, level-based: read what the API holds, act, and keep no memory.
+
+Every function here can run again at any moment (after a crash, twice at
+once) without harm: trial and pod names are deterministic, so a second create
+is a conflict, never a duplicate; final states are written once and never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import time
+import urllib.request
+from typing import Any, Mapping
+
+from ..api.spec import ExperimentSpec
+from ..api.trial import Trial, TrialState
+from ..api.validation import check_spec, check_structure
+from ..api import schema
+from ..engine import check_end, judge_exit
+from .kube import Kube
+from .pods import trial_pod
+from .records import now_iso, parse_time, records, trial_resource, to_record
+
+log = logging.getLogger("kubetune.operator")
+
+STOP_GRACE = 5  # seconds a trial told to stop through the SDK has to exit by itself
+FINAL = {s.value for s in TrialState if s.finished}
+
+
+class Controller:
+    def __init__(self, kube: Kube, suggestion_url: str, bus: Mapping[str, Any] | None = None, clock=time.time):
+        self.kube = kube
+        self.suggestion_url = suggestion_url.rstrip("/")
+        self.bus = dict(bus or {})
+        self.clock = clock
+
+    # -- experiments ---------------------------------------------------------
+
+    def reconcile_experiment(self, namespace: str, name: str) -> bool:
+        """One pass over an experiment; True once it is over and nothing of it runs."""
+        exp = self.kube.get_experiment(namespace, name)
+        if exp is None or exp["metadata"].get("deletionTimestamp"):
+            return True
+        status = exp.get("status") or {}
+        if status.get("completionTime"):
+            return True
+        problems = check_structure(exp["spec"], schema.SPEC, "spec") or check_spec(exp["spec"])
+        if problems:
+            message = "; ".join(str(p) for p in problems)
+            self._finish(exp, "Failed", "InvalidSpec", message, {})
+            self.event(exp, "Warning", "InvalidSpec", message)
+            return True
+        spec = ExperimentSpec.from_document(exp)
+        if "seed" not in status:
+            status = self._start(exp, spec)
+        trials = records(self.kube.list_trials(namespace, name))
+        now = self.clock()
+        self._trial_timeouts(exp, spec, trials, now)
+        best = best_trial(spec, trials)
+        elapsed = now - (parse_time(status.get("startTime")) or now)
+        completion = check_end(spec, trials, best, elapsed, bool(status.get("exhausted")))
+        if completion is not None:
+            active = [t for t in trials if t.state.active]
+            for t in active:
+                self.request_stop(namespace, t.name, TrialState.KILLED, f"experiment ended: {completion.reason}")
+            if not active:
+                phase = "Succeeded" if completion.succeeded else "Failed"
+                self._finish(exp, phase, completion.reason, completion.message, counts(spec, trials))
+                self.event(exp, "Normal" if completion.succeeded else "Warning", completion.reason, completion.message)
+                return True
+            return False
+        exhausted = self._create_trials(exp, spec, status, trials)
+        summary = counts(spec, trials)
+        if exhausted:
+            summary["exhausted"] = True
+        if any(status.get(k) != v for k, v in summary.items()):
+            self.kube.patch_experiment_status(namespace, name, summary)
+        return False
+
+    def _start(self, exp: dict, spec: ExperimentSpec) -> dict:
+        seed = spec.seed if spec.seed is not None else secrets.randbelow(2**31)
+        status = {"seed": seed, "startTime": now_iso(), "phase": "Running",
+                  "conditions": [_condition("Running", "True", "ExperimentStarted", "trials are being created")]}
+        meta = exp["metadata"]
+        self.kube.patch_experiment_status(meta["namespace"], meta["name"], status)
+        self.event(exp, "Normal", "Started", f"algorithm {spec.algorithm['name']}, seed {seed}, "
+                                             f"up to {spec.budget.max_trials} trials, {spec.budget.parallel_trials} at a time")
+        return status
+
+    def _create_trials(self, exp: dict, spec: ExperimentSpec, status: dict, trials: list[Trial]) -> bool:
+        active = sum(1 for t in trials if t.state.active)
+        wanted = min(spec.budget.parallel_trials - active, spec.budget.max_trials - len(trials))
+        if wanted <= 0 or status.get("exhausted"):
+            return bool(status.get("exhausted"))
+        meta = exp["metadata"]
+        answer = self.ask_service("/v1/suggest", {
+            "experiment": {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
+            "document": exp, "seed": status["seed"], "count": wanted,
+            "trials": [t.to_dict() for t in trials], "prior": [t.to_dict() for t in self._prior(exp, spec)],
+        })
+        for s in answer["suggestions"]:
+            if self.kube.create_trial(trial_resource(exp, s["number"], s["params"])):
+                log.info("created trial %s-%04d", meta["name"], s["number"])
+        return bool(answer.get("exhausted"))
+
+    def _prior(self, exp: dict, spec: ExperimentSpec) -> list[Trial]:
+        """Warm start: finished trials of the named earlier experiments in this namespace."""
+        prior: list[Trial] = []
+        space = spec.space
+        for name in spec.warm_start_from:
+            for t in records(self.kube.list_trials(exp["metadata"]["namespace"], name)):
+                if t.state != TrialState.SUCCEEDED or t.value is None:
+                    continue
+                try:
+                    params = space.canonical(t.params)
+                except ValueError:
+                    continue
+                if all(space.by_name[k].contains(v) for k, v in params.items()):
+                    prior.append(Trial(len(prior), params, TrialState.SUCCEEDED, value=t.value))
+        return prior
+
+    def _trial_timeouts(self, exp: dict, spec: ExperimentSpec, trials: list[Trial], now: float) -> None:
+        limit = spec.budget.trial_timeout
+        if limit is None:
+            return
+        for t in trials:
+            if t.state == TrialState.RUNNING and t.started_at is not None and now - t.started_at > limit:
+                self.request_stop(exp["metadata"]["namespace"], t.name, TrialState.FAILED,
+                                  f"exceeded trialTimeout ({int(limit)}s)")
+
+    def _finish(self, exp: dict, phase: str, reason: str, message: str, summary: dict) -> None:
+        meta = exp["metadata"]
+        status = {**summary, "phase": phase, "completionTime": now_iso(), "conditions": [
+            _condition("Running", "False", reason, message),
+            _condition(phase, "True", reason, message)]}
+        self.kube.patch_experiment_status(meta["namespace"], meta["name"], status)
+
+    # -- trials and their pods -----------------------------------------------
+
+    def ensure_pod(self, trial: dict) -> None:
+        """A trial that is not over has a pod for its current attempt."""
+        status = trial.get("status") or {}
+        if status.get("state") in FINAL or status.get("stop"):
+            return
+        meta = trial["metadata"]
+        exp = self.kube.get_experiment(meta["namespace"], trial["spec"]["experiment"])
+        if exp is None:
+            return
+        pod = trial_pod(ExperimentSpec.from_document(exp), trial, self.bus)
+        self.kube.create_pod(pod)
+        if status.get("podName") != pod["metadata"]["name"]:
+            self.kube.patch_trial_status(meta["namespace"], meta["name"],
+                                         {"state": status.get("state") or "Pending", "podName": pod["metadata"]["name"]})
+
+    def on_pod(self, pod: Mapping[str, Any], deleted: bool = False) -> str | None:
+        """A trial pod changed; returns its experiment's name when the trial's state changed."""
+        meta = pod["metadata"]
+        trial_name = (meta.get("labels") or {}).get("kubetune.io/trial")
+        trial = self.kube.get_trial(meta["namespace"], trial_name) if trial_name else None
+        if trial is None:
+            return None
+        status = trial.get("status") or {}
+        if status.get("state") in FINAL or status.get("podName") not in (None, meta["name"]):
+            return None
+        phase = (pod.get("status") or {}).get("phase")
+        experiment = trial["spec"]["experiment"]
+        if phase == "Running" and status.get("state") != "Running" and not deleted:
+            self.kube.patch_trial_status(meta["namespace"], trial_name, {"state": "Running", "startTime": now_iso()})
+            return experiment
+        if phase in ("Succeeded", "Failed"):
+            code, error = _exit_of(pod)
+            self._finish_trial(trial, code, error)
+            return experiment
+        if deleted:
+            if status.get("stop"):
+                self._finish_trial(trial, None, "")
+            else:
+                self._retry(trial, "its pod was deleted before it finished")
+            return experiment
+        return None
+
+    def request_stop(self, namespace: str, name: str, state: TrialState, reason: str) -> None:
+        """Marks how the trial ends, then stops its pod; the pod's end records it."""
+        trial = self.kube.get_trial(namespace, name)
+        if trial is None:
+            return
+        status = trial.get("status") or {}
+        if status.get("state") in FINAL:
+            return
+        if not status.get("stop"):
+            self.kube.patch_trial_status(namespace, name, {"stop": {"state": state.value, "reason": reason}})
+        pod_name = status.get("podName")
+        if pod_name is None or self.kube.get_pod(namespace, pod_name) is None:
+            trial["status"] = {**status, "stop": {"state": state.value, "reason": reason}}
+            self._finish_trial(trial, None, "")
+        else:
+            self.kube.delete_pod(namespace, pod_name)
+
+    def _finish_trial(self, trial: dict, exit_code: int | None, error: str) -> None:
+        meta, status = trial["metadata"], trial.get("status") or {}
+        exp = self.kube.get_experiment(meta["namespace"], trial["spec"]["experiment"])
+        if exp is None:
+            return
+        spec = ExperimentSpec.from_document(exp)
+        record = to_record(trial)
+        reported = self._reported(exp, record)
+        values = [v for _, v in reported.get("intermediate", record.intermediate)]
+        stop = status.get("stop") or (
+            {"state": "Pruned", "reason": reported.get("reason") or "pruned"} if reported.get("state") == "Pruned" else None)
+        if stop and not (stop["state"] == "Killed" and exit_code == 0):
+            state = TrialState(stop["state"])
+            value = spec.objective.pick(values) if values and state != TrialState.FAILED else None
+            reason = stop["reason"]
+        else:
+            state, value, reason = judge_exit(spec.objective.metric, spec.objective.pick, values, exit_code, error)
+        final = {"state": state.value, "reason": reason, "completionTime": now_iso(),
+                 "intermediate": reported.get("intermediate", record.intermediate)[-1000:],
+                 "metrics": reported.get("metrics", record.metrics)}
+        if value is not None and math.isfinite(value):
+            final["value"] = value
+        self.kube.patch_trial_status(meta["namespace"], meta["name"], final)
+        log.info("trial %s %s %s", meta["name"], state.value, reason)
+
+    def _reported(self, exp: dict, record: Trial) -> dict:
+        """The trial's reported values, once the suggestion service has taken all it sent."""
+        meta = exp["metadata"]
+        try:
+            got = self.ask_service("/v1/flush", {"experiment": {"namespace": meta["namespace"], "name": meta["name"]},
+                                                 "trial": record.number})
+        except OSError as e:
+            log.warning("suggestion service unreachable for %s: %s; using what the API holds", record.name, e)
+            return {}
+        return got if got.get("known") else {}
+
+    def _retry(self, trial: dict, why: str) -> None:
+        """A pod lost before it finished (its node went away): run the trial again, as a new attempt."""
+        meta = trial["metadata"]
+        exp = self.kube.get_experiment(meta["namespace"], trial["spec"]["experiment"])
+        if exp is None:
+            return
+        spec = ExperimentSpec.from_document(exp)
+        retries = int((exp.get("status") or {}).get("retries", 0))
+        if retries >= spec.budget.max_failed_trials:
+            self._finish_trial(trial, None, why)
+            return
+        attempt = int(trial["spec"].get("attempt", 1)) + 1
+        self.kube.patch_experiment_status(meta["namespace"], exp["metadata"]["name"], {"retries": retries + 1})
+        self.kube.patch_trial(meta["namespace"], meta["name"], {"spec": {"attempt": attempt}})
+        self.kube.patch_trial_status(meta["namespace"], meta["name"],
+                                     {"state": "Pending", "podName": None, "startTime": None})
+        self.event(exp, "Warning", "TrialRetried", f"trial {meta['name']}: {why}; attempt {attempt}")
+        trial["spec"]["attempt"] = attempt
+        trial["status"] = {"state": "Pending"}
+        self.ensure_pod(trial)
+
+    # -- plumbing --------------------------------------------------------------
+
+    def ask_service(self, path: str, body: dict) -> dict:
+        req = urllib.request.Request(self.suggestion_url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def event(self, obj: dict, kind: str, reason: str, message: str) -> None:
+        try:
+            self.kube.event(obj, kind, reason, message)
+        except Exception as e:  # noqa: BLE001 - an event is a courtesy, never a reason to fail
+            log.debug("event not posted: %s", e)
+
+
+def best_trial(spec: ExperimentSpec, trials: list[Trial]) -> Trial | None:
+    done = [t for t in trials if t.state == TrialState.SUCCEEDED and t.value is not None]
+    if not done:
+        return None
+    return min(done, key=lambda t: (spec.objective.sign * t.value, t.number))
+
+
+def counts(spec: ExperimentSpec, trials: list[Trial]) -> dict:
+    by = {s: sum(1 for t in trials if t.state == s) for s in TrialState}
+    out = {"trials": len(trials), "running": by[TrialState.RUNNING] + by[TrialState.PENDING],
+           "succeeded": by[TrialState.SUCCEEDED], "pruned": by[TrialState.PRUNED], "failed": by[TrialState.FAILED],
+           "killed": by[TrialState.KILLED]}
+    best = best_trial(spec, trials)
+    if best is not None:
+        out["bestObjective"] = best.value
+        out["bestTrial"] = {"name": best.name, "value": best.value, "params": best.params}
+    return out
+
+
+def _condition(kind: str, status: str, reason: str, message: str) -> dict:
+    return {"type": kind, "status": status, "reason": reason, "message": message[:1000],
+            "lastTransitionTime": now_iso()}
+
+
+def _exit_of(pod: Mapping[str, Any]) -> tuple[int | None, str]:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated")
+        if terminated:
+            message = (terminated.get("message") or terminated.get("reason") or "").strip()
+            return terminated.get("exitCode"), message.splitlines()[-1] if message else ""
+    return None, (pod.get("status") or {}).get("reason", "")

@@ -1,0 +1,101 @@
+"""The kopf handlers: Kubernetes events in, Controller calls out.
+
+Each experiment gets a daemon that reconciles it until it is over, woken as
+soon as one of its trials changes (or every second, for timeouts). Trials get
+their pods on creation and on resume; pod changes are folded into the trials.
+The Controller's calls block on the API, so they run in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import kopf
+
+from ..api import schema
+from .control import STOP_GRACE, Controller
+
+G, V = schema.GROUP, schema.VERSION
+TRIAL_POD = {"kubetune.io/trial": kopf.PRESENT}
+
+controller: Controller | None = None  # set by kubetune.operator.main before kopf starts
+_wake: dict[tuple[str, str], asyncio.Event] = {}
+
+
+def _event(namespace: str, name: str) -> asyncio.Event:
+    return _wake.setdefault((namespace, name), asyncio.Event())
+
+
+def wake(namespace: str, experiment: str | None) -> None:
+    if experiment:
+        _event(namespace, experiment).set()
+
+
+@kopf.daemon(G, V, "experiments", cancellation_timeout=5.0, initial_delay=0)
+async def run_experiment(namespace, name, stopped, logger, **_):
+    wakeup = _event(namespace, name)
+    while not stopped:
+        wakeup.clear()
+        try:
+            if await asyncio.to_thread(controller.reconcile_experiment, namespace, name):
+                logger.info("experiment %s is over", name)
+                return
+        except Exception as e:  # noqa: BLE001 - the next pass may succeed (API or service restarting)
+            logger.warning("reconcile failed, retrying: %s", e)
+        try:
+            await asyncio.wait_for(wakeup.wait(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
+
+
+@kopf.on.delete(G, V, "experiments")
+async def forget_experiment(namespace, name, logger, **_):
+    """The finalizer: the experiment's keys on the metric bus go with it."""
+    try:
+        await asyncio.to_thread(controller.ask_service, "/v1/forget",
+                                {"experiment": {"namespace": namespace, "name": name}})
+    except OSError as e:
+        raise kopf.TemporaryError(f"suggestion service unreachable: {e}", delay=2)
+    _wake.pop((namespace, name), None)
+
+
+@kopf.on.resume(G, V, "trials")
+@kopf.on.create(G, V, "trials")
+@kopf.on.field(G, V, "trials", field="spec.attempt")
+async def start_trial(body, **_):
+    await asyncio.to_thread(controller.ensure_pod, dict(body))
+
+
+@kopf.on.field(G, V, "trials", field="status.stop")
+async def stop_trial(body, new, namespace, **_):
+    """The scheduler pruned it (or the experiment ended): the SDK has been told; stop the pod if it lingers."""
+    if not new:
+        return
+    status = body.get("status") or {}
+    pod = status.get("podName")
+    if pod and status.get("state") not in ("Succeeded", "Failed", "Pruned", "Killed"):
+        await asyncio.sleep(STOP_GRACE if new.get("state") == "Pruned" else 0)
+        await asyncio.to_thread(controller.kube.delete_pod, namespace, pod)
+
+
+@kopf.on.field(G, V, "trials", field="status.state")
+async def trial_state_changed(body, namespace, **_):
+    wake(namespace, body["spec"]["experiment"])
+
+
+@kopf.on.event("", "v1", "pods", labels=TRIAL_POD)
+async def pod_changed(event, body, namespace, **_):
+    deleted = event.get("type") == "DELETED"
+    experiment = await asyncio.to_thread(controller.on_pod, dict(body), deleted)
+    wake(namespace, experiment)
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, **_):
+    settings.persistence.finalizer = f"{G}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=G)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=G)
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 60
+    settings.execution.max_workers = 16

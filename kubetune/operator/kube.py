@@ -1,0 +1,112 @@
+"""The few Kubernetes API calls kubetune makes, on the official Python client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from ..api import schema
+from .records import EXPERIMENT_LABEL, now_iso
+
+GROUP, VERSION = schema.GROUP, schema.VERSION
+
+
+def load_config() -> None:
+    """In a pod: the ServiceAccount; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient | None = None):
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+
+    # -- experiments ---------------------------------------------------------
+
+    def get_experiment(self, namespace: str, name: str) -> dict | None:
+        return _or_none(lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "experiments", name))
+
+    def patch_experiment_status(self, namespace: str, name: str, status: dict) -> None:
+        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "experiments", name,
+                                                          {"status": status})
+
+    # -- trials --------------------------------------------------------------
+
+    def list_trials(self, namespace: str, experiment: str) -> list[dict]:
+        got = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "trials",
+                                                        label_selector=f"{EXPERIMENT_LABEL}={experiment}")
+        return got["items"]
+
+    def get_trial(self, namespace: str, name: str) -> dict | None:
+        return _or_none(lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "trials", name))
+
+    def create_trial(self, body: dict) -> bool:
+        """False when it already exists (a restarted operator creating it again)."""
+        try:
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, body["metadata"]["namespace"], "trials", body)
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+
+    def patch_trial(self, namespace: str, name: str, body: dict) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "trials", name, body)
+
+    def patch_trial_status(self, namespace: str, name: str, status: dict) -> None:
+        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "trials", name,
+                                                          {"status": status})
+
+    # -- pods ----------------------------------------------------------------
+
+    def create_pod(self, body: dict) -> bool:
+        try:
+            self.core.create_namespaced_pod(body["metadata"]["namespace"], body)
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+
+    def get_pod(self, namespace: str, name: str) -> Any:
+        return _or_none(lambda: self.core.read_namespaced_pod(name, namespace))
+
+    def delete_pod(self, namespace: str, name: str, grace: int | None = None) -> None:
+        try:
+            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def event(self, obj: dict, kind: str, reason: str, message: str) -> None:
+        """A Kubernetes Event on `obj`, as `kubectl describe` shows it."""
+        meta = obj["metadata"]
+        stamp = now_iso()
+        self.core.create_namespaced_event(meta["namespace"], {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid")},
+            "type": kind, "reason": reason, "message": message[:1024],
+            "source": {"component": "kubetune-operator"},
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        })
+
+    def pod_log(self, namespace: str, name: str) -> str:
+        try:
+            return self.core.read_namespaced_pod_log(name, namespace)
+        except ApiException:
+            return ""
+
+
+def _or_none(call):
+    try:
+        return call()
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise

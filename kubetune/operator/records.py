@@ -1,0 +1,80 @@
+"""Trial custom resources <-> the engine's Trial records.
+
+The API is the source of truth: everything the engine needs to judge an
+experiment (each trial's parameters, state, value, reported values) lives in
+the Trial resources, so the operator and the suggestion service can be
+restarted at any moment and rebuild what they hold from a list call.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Mapping
+
+from ..api import schema
+from ..api.trial import Trial, TrialState
+
+API_VERSION = schema.API_VERSION
+EXPERIMENT_LABEL = f"{schema.GROUP}/experiment"
+TRIAL_LABEL = f"{schema.GROUP}/trial"
+
+
+def trial_name(experiment: str, number: int) -> str:
+    """Deterministic, so a restarted operator re-creating a trial gets a conflict, not a duplicate."""
+    return f"{experiment}-{number:04d}"
+
+
+def pod_name(trial: str, attempt: int) -> str:
+    return trial if attempt <= 1 else f"{trial}-r{attempt}"
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def trial_resource(experiment: Mapping[str, Any], number: int, params: dict, attempt: int = 1) -> dict:
+    meta = experiment["metadata"]
+    name = trial_name(meta["name"], number)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Trial",
+        "metadata": {
+            "name": name,
+            "namespace": meta["namespace"],
+            "labels": {EXPERIMENT_LABEL: meta["name"], TRIAL_LABEL: name},
+            "ownerReferences": [{
+                "apiVersion": API_VERSION, "kind": "Experiment", "name": meta["name"], "uid": meta["uid"],
+                "controller": True, "blockOwnerDeletion": True,
+            }],
+        },
+        "spec": {"experiment": meta["name"], "number": number, "params": params, "attempt": attempt},
+    }
+
+
+def to_record(resource: Mapping[str, Any]) -> Trial:
+    spec, status = resource["spec"], resource.get("status") or {}
+    state = status.get("state") or TrialState.PENDING.value
+    return Trial(
+        number=int(spec["number"]),
+        params=dict(status.get("params") or spec["params"]),
+        state=TrialState(state),
+        value=status.get("value"),
+        intermediate=[list(p) for p in status.get("intermediate") or []],
+        metrics=dict(status.get("metrics") or {}),
+        reason=status.get("reason", ""),
+        attempt=int(spec.get("attempt", 1)),
+        started_at=parse_time(status.get("startTime")),
+        finished_at=parse_time(status.get("completionTime")),
+        name=resource["metadata"]["name"],
+    )
+
+
+def records(resources: list[Mapping[str, Any]]) -> list[Trial]:
+    """Trial records in number order (numbers are contiguous unless a create is still in flight)."""
+    return sorted((to_record(r) for r in resources), key=lambda t: t.number)

@@ -1,0 +1,52 @@
+"""`python -m kubetune.service`: the suggestion service (the chart's suggestion Deployment)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+
+from ..api.trial import Trial
+from .server import SuggestionService, serve
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="kubetune-suggestion")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=int(os.environ.get("KUBETUNE_PORT", "8080")))
+    p.add_argument("--redis-url", default=os.environ.get("KUBETUNE_REDIS_URL", ""))
+    p.add_argument("--redis-password", default=os.environ.get("KUBETUNE_REDIS_PASSWORD") or None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    bus, write = None, None
+    if args.redis_url:
+        from ..bus import redis_bus
+        from ..operator.kube import Kube, load_config
+
+        bus = redis_bus(url=args.redis_url, password=args.redis_password)
+        load_config()
+        kube = Kube()
+
+        def write(namespace: str, trials: list[Trial]) -> None:
+            for t in trials:
+                status = {"intermediate": t.intermediate[-1000:], "metrics": t.metrics}
+                if t.state.value == "Pruned":
+                    status["stop"] = {"state": "Pruned", "reason": t.reason or "pruned"}
+                kube.patch_trial_status(namespace, t.name or "", status)
+
+    service = SuggestionService(bus, write)
+    server = serve(service, args.host, args.port)
+    logging.getLogger("kubetune.suggestion").info("serving on %s:%d", args.host, server.server_port)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    server.shutdown()
+    service.close()
+
+
+if __name__ == "__main__":
+    main()

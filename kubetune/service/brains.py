@@ -1,0 +1,91 @@
+"""What the suggestion service holds for each experiment: its Study, fed from the API.
+
+Nothing here is the only copy of anything. The operator sends the experiment's
+trial records (read from the API) with each request; the Study is brought in
+line with them, so a restarted service answers exactly as the old one would
+have (samplers are pure functions of the trial list). Reported values arrive
+from the metric bus and are written back to the Trial resources before the
+bus is acknowledged.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from ..api.spec import ExperimentSpec
+from ..api.trial import Trial, TrialState
+from ..study import SearchExhausted, Study
+
+
+@dataclass
+class Brain:
+    key: str  # namespace/name
+    uid: str
+    fingerprint: str
+    study: Study
+    metric: str  # the objective metric, the one the scheduler acts on
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    dirty: set[int] = field(default_factory=set)  # trials with reports not yet written to the API
+
+    def sync(self, records: list[Trial]) -> None:
+        """The API's records win for state; reported values kept here that the API lacks stay."""
+        mine = {t.number: t for t in self.study.trials}
+        merged = []
+        for r in records:
+            t = mine.get(r.number)
+            if t is not None and t.attempt == r.attempt and len(t.intermediate) > len(r.intermediate):
+                r.intermediate = t.intermediate
+                r.metrics = {**r.metrics, **t.metrics}
+                if t.state == TrialState.PRUNED and r.state == TrialState.RUNNING:
+                    r.state, r.reason = t.state, t.reason  # pruned here, pod not gone yet
+            merged.append(r)
+        # A trial asked for but never created is dropped; it will be asked for again, identically.
+        contiguous = [t for i, t in enumerate(merged) if t.number == i]
+        self.study.trials[:] = contiguous
+        self.dirty &= {t.number for t in contiguous}
+
+    def suggest(self, count: int) -> tuple[list[dict], bool]:
+        out = []
+        try:
+            for _ in range(count):
+                t = self.study.ask()
+                out.append({"number": t.number, "params": t.params})
+        except SearchExhausted:
+            return out, True
+        return out, False
+
+
+class Brains:
+    """Every experiment's Brain, created on first use and rebuilt when its spec changes."""
+
+    def __init__(self, on_new: Callable[[Brain], None] | None = None):
+        self._brains: dict[str, Brain] = {}
+        self._lock = threading.Lock()
+        self._on_new = on_new
+
+    def get(self, key: str) -> Brain | None:
+        return self._brains.get(key)
+
+    def ensure(self, key: str, uid: str, document: Mapping[str, Any], seed: int, prior: list) -> Brain:
+        spec = ExperimentSpec.from_document(document)
+        fingerprint = spec.search_fingerprint()
+        with self._lock:
+            brain = self._brains.get(key)
+            if brain is not None and brain.uid == uid and brain.fingerprint == fingerprint:
+                return brain
+            study = Study(parameters=spec.parameters, algorithm=spec.algorithm, goal=spec.objective.goal,
+                          early_stopping=spec.early_stopping, prior=prior, seed=seed)
+            brain = Brain(key, uid, fingerprint, study, spec.objective.metric)
+            self._brains[key] = brain
+        if self._on_new is not None:
+            self._on_new(brain)
+        return brain
+
+    def drop(self, key: str) -> Brain | None:
+        with self._lock:
+            return self._brains.pop(key, None)
+
+    def all(self) -> list[Brain]:
+        return list(self._brains.values())

@@ -1,0 +1,164 @@
+"""The suggestion service: one Deployment for all experiments, HTTP/JSON.
+
+    GET  /healthz, /readyz
+    POST /v1/suggest      {experiment, document, seed, prior, trials, count} -> {suggestions, exhausted}
+    POST /v1/flush        {experiment, trial} -> that trial's reported values, written to the API
+    POST /v1/forget       {experiment} -> drops the experiment and its bus keys (the finalizer calls it)
+
+It also hosts one scheduler loop per experiment: reports from the metric bus
+(Redis) go to the experiment's Study and scheduler, decisions go back to the
+trials, and reported values are written to the Trial resources before the bus
+is acknowledged, so a restart of this service loses nothing it acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from ..api.trial import Trial
+from .brains import Brain, Brains
+
+log = logging.getLogger("kubetune.suggestion")
+
+
+class SuggestionService:
+    def __init__(self, bus=None, write_trials: Callable[[str, list[Trial]], None] | None = None):
+        """bus: a kubetune.bus MetricBus (None: no scheduling); write_trials(namespace, trials) persists."""
+        self.bus = bus
+        self.write_trials = write_trials
+        self.brains = Brains(on_new=self._start_loop)
+        self._loops: dict[str, tuple[threading.Event, threading.Thread, Any]] = {}
+        self.ready = threading.Event()
+
+    # -- requests ------------------------------------------------------------
+
+    def suggest(self, req: dict) -> dict:
+        brain = self._brain(req)
+        with brain.lock:
+            brain.sync([Trial.from_dict(t) for t in req.get("trials", [])])
+            suggestions, exhausted = brain.suggest(int(req.get("count", 1)))
+        return {"suggestions": suggestions, "exhausted": exhausted}
+
+    def flush(self, req: dict) -> dict:
+        key = _key(req["experiment"])
+        brain = self.brains.get(key)
+        if brain is None:
+            return {"known": False}
+        loop = self._loops.get(key)
+        if loop is not None:
+            loop[2].run_once(block_s=0.0)  # take what the trial sent just before it exited
+        number = int(req["trial"])
+        with brain.lock:
+            if not 0 <= number < len(brain.study.trials):
+                return {"known": False}
+            t = brain.study.trials[number]
+            return {"known": True, "intermediate": t.intermediate, "metrics": t.metrics,
+                    "state": t.state.value, "reason": t.reason}
+
+    def forget(self, req: dict) -> dict:
+        key = _key(req["experiment"])
+        self.brains.drop(key)
+        loop = self._loops.pop(key, None)
+        if loop is not None:
+            loop[0].set()
+            loop[1].join(timeout=5)
+        if self.bus is not None:
+            self.bus.delete_experiment(key)
+        return {"forgotten": key}
+
+    def _brain(self, req: dict) -> Brain:
+        exp = req["experiment"]
+        return self.brains.ensure(_key(exp), exp.get("uid", ""), req["document"], int(req["seed"]),
+                                  [Trial.from_dict(t) for t in req.get("prior", [])])
+
+    # -- scheduler loops -----------------------------------------------------
+
+    def _start_loop(self, brain: Brain) -> None:
+        if self.bus is None or brain.study.scheduler is None:
+            return
+        from ..bus import SchedulerLoop, StudyHandler
+
+        old = self._loops.pop(brain.key, None)
+        if old is not None:
+            old[0].set()
+        handler = StudyHandler(brain.study, brain.metric, brain.lock)
+
+        def handle(msg):
+            decision = handler(msg)
+            brain.dirty.add(msg.report.trial)
+            return decision
+
+        loop = SchedulerLoop(self.bus, brain.key, handle, consumer="suggestion",
+                             persist=lambda: self._persist(brain))
+        stop = threading.Event()
+        thread = threading.Thread(target=loop.run, args=(stop,), kwargs={"on_error": self._bus_error},
+                                  name=f"scheduler {brain.key}", daemon=True)
+        self._loops[brain.key] = (stop, thread, loop)
+        thread.start()
+
+    def _persist(self, brain: Brain) -> None:
+        if self.write_trials is None or not brain.dirty:
+            return
+        with brain.lock:
+            changed = [brain.study.trials[n] for n in sorted(brain.dirty) if n < len(brain.study.trials)]
+            brain.dirty.clear()
+        self.write_trials(brain.key.split("/", 1)[0], changed)
+
+    @staticmethod
+    def _bus_error(e: Exception) -> None:
+        log.warning("metric bus: %s", e)
+
+    def close(self) -> None:
+        for stop, thread, _ in self._loops.values():
+            stop.set()
+        for _, thread, _ in self._loops.values():
+            thread.join(timeout=5)
+
+
+def _key(exp: dict) -> str:
+    return f"{exp['namespace']}/{exp['name']}"
+
+
+def serve(service: SuggestionService, host: str = "0.0.0.0", port: int = 8080) -> ThreadingHTTPServer:
+    routes = {"/v1/suggest": service.suggest, "/v1/flush": service.flush, "/v1/forget": service.forget}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/healthz" or (self.path == "/readyz" and service.ready.is_set()):
+                self._reply(200, {"ok": True})
+            else:
+                self._reply(503 if self.path == "/readyz" else 404, {"ok": False})
+
+        def do_POST(self):
+            route = routes.get(self.path)
+            if route is None:
+                return self._reply(404, {"error": f"no route {self.path}"})
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                self._reply(200, route(body))
+            except (KeyError, ValueError, TypeError) as e:
+                self._reply(400, {"error": f"{type(e).__name__}: {e}"})
+            except Exception as e:  # noqa: BLE001 - answer, log, keep serving
+                log.exception("request %s failed", self.path)
+                self._reply(500, {"error": f"{type(e).__name__}: {e}"})
+
+        def _reply(self, code: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, fmt, *args):
+            log.debug(fmt, *args)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="suggestion-http", daemon=True).start()
+    service.ready.set()
+    return server
