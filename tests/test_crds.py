@@ -6,13 +6,14 @@ import pytest
 
 from kubetune.api import crd
 
-CRDS = Path(__file__).resolve().parents[1] / "crds"
+ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize("target", crd.TARGETS)
 @pytest.mark.parametrize("name", sorted(crd.FILES))
-def test_checked_in_crd_matches_the_schema(name):
-    assert (CRDS / name).read_text() == crd.render(name), (
-        f"crds/{name} is stale: run `python -m kubetune.api.crd crds/`")
+def test_checked_in_crd_matches_the_schema(target, name):
+    assert (ROOT / target / name).read_text() == crd.render(name), (
+        f"{target}/{name} is stale: run `python -m kubetune.api.crd`")
 
 
 def test_the_crd_schema_is_structural_not_preserve_everything():

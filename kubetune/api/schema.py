@@ -3,9 +3,10 @@
 This OpenAPI v3 document is the single source of truth for the shape of an
 Experiment: `kubetune validate` walks it (kubetune.api.validation) and the CRD
 under crds/ is generated from it. Rules that span several fields (min < max,
-conditions naming real parameters) are written once in validation.py and, as
-CEL, next to the fields they constrain here, so the API server refuses the same
-specs that `kubetune validate` refuses.
+conditions naming real parameters) are written in validation.py; those CEL can
+express on schemaless values are repeated here, so the API server refuses them
+too. The operator runs the full validation and marks an Experiment that fails
+it as Failed (reason InvalidSpec) with the same messages.
 """
 
 from __future__ import annotations
@@ -59,18 +60,17 @@ PARAMETER = _obj(
             {
                 "rule": "!has(self.min) || !has(self.max) || self.max > self.min",
                 "message": "max must be greater than min",
+                "fieldPath": ".max",
             },
             {
                 "rule": "!(self.type in ['double', 'int']) || (has(self.min) && has(self.max))",
                 "message": "a double or int parameter needs min and max",
-            },
-            {
-                "rule": "!(self.type in ['categorical', 'discrete']) || has(self.values)",
-                "message": "a categorical or discrete parameter needs values",
+                "fieldPath": ".type",
             },
             {
                 "rule": "!has(self.log) || !self.log || !has(self.min) || self.min > 0",
                 "message": "a log-scaled parameter needs min > 0",
+                "fieldPath": ".min",
             },
         ]
     },

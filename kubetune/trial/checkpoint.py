@@ -1,0 +1,106 @@
+"""Checkpoints: what lets a paused trial resume and a PBT trial take a better one's weights.
+
+Each trial writes under $KUBETUNE_CHECKPOINT_DIR/<trial-name>/ (a folder of
+the local state directory, or a shared volume in a cluster). A save writes the
+data to a temporary file, fsyncs it and renames it into place, then records
+its SHA-256 in `latest.json` the same way, so a reader never sees half a
+checkpoint. Taking another trial's checkpoint copies it into this trial's
+folder and checks the digest before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+LATEST = "latest.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def root() -> Path:
+    base = os.environ.get("KUBETUNE_CHECKPOINT_DIR")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("KUBETUNE_TRIAL_DIR", ".")) / "checkpoints"
+
+
+def trial_folder(name: str | None = None) -> Path:
+    name = name or os.environ.get("KUBETUNE_TRIAL_NAME", "trial")
+    return root() / name
+
+
+def donor_name(number: int) -> str:
+    """The folder name of trial `number` of this experiment."""
+    return f"{os.environ.get('KUBETUNE_EXPERIMENT', 'experiment')}-{int(number):04d}"
+
+
+def save_bytes(data: bytes, step: float | None = None) -> Path:
+    """Writes this trial's checkpoint atomically; returns its path."""
+    folder = trial_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "checkpoint.bin"
+    _atomic_write(path, data)
+    meta = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "step": step}
+    _atomic_write(folder / LATEST, json.dumps(meta).encode())
+    return path
+
+
+def load_bytes(name: str | None = None) -> tuple[bytes, dict] | None:
+    """The latest checkpoint of this trial (or of trial `name`), verified; None if it has none."""
+    folder = trial_folder(name)
+    try:
+        meta = json.loads((folder / LATEST).read_bytes())
+    except FileNotFoundError:
+        return None
+    data = (folder / meta["file"]).read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise CheckpointError(f"checkpoint of {folder.name} does not match its digest")
+    return data, meta
+
+
+def copy_from(donor: str) -> dict:
+    """Copies the donor trial's latest checkpoint into this trial's folder, verified; returns its metadata."""
+    got = load_bytes(donor)
+    if got is None:
+        raise CheckpointError(f"trial {donor} has no checkpoint to copy")
+    data, meta = got
+    save_bytes(data, meta.get("step"))
+    if load_bytes() is None:
+        raise CheckpointError("the copied checkpoint could not be read back")
+    return {**meta, "donor": donor}
+
+
+def save(state: Any, step: float | None = None) -> Path:
+    """Saves any picklable state (for PyTorch, see kubetune.trial.torch)."""
+    return save_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), step)
+
+
+def load(name: str | None = None) -> Any | None:
+    got = load_bytes(name)
+    return None if got is None else pickle.loads(got[0])
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+__all__ = ["CheckpointError", "copy_from", "donor_name", "load", "load_bytes", "save", "save_bytes",
+           "trial_folder"]
