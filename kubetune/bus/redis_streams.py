@@ -121,10 +121,13 @@ class RedisBus(MetricBus):
     def decide(self, experiment, decisions: Sequence[tuple[int, int, Decision]]):
         if not decisions:
             return
-        pipe = self.r.pipeline(transaction=False)
+        per_trial: dict[int, list[str]] = {}
         for trial, seq, d in decisions:
+            per_trial.setdefault(trial, []).append(encode_decision(seq, d))
+        pipe = self.r.pipeline(transaction=False)
+        for trial, items in per_trial.items():
             key = self.decision_key(experiment, trial)
-            pipe.rpush(key, encode_decision(seq, d))
+            pipe.rpush(key, *items)
             pipe.ltrim(key, -self.decisions_kept, -1)
             pipe.expire(key, self.decision_ttl_s)
         pipe.execute()

@@ -77,7 +77,7 @@ class SchedulerLoop:
         decisions = [(m.report.trial, m.report.seq, self.handler(m)) for m in msgs]
         if self.persist is not None:
             self.persist()
-        self.bus.decide(self.experiment, decisions)
+        self.bus.decide(self.experiment, coalesce(decisions))
         self.bus.ack(self.experiment, [m.id for m in msgs])
         self.handled += len(msgs)
         return len(msgs)
@@ -92,3 +92,12 @@ class SchedulerLoop:
                     on_error(e)
                 stop.wait(0.05)
                 self._recovered = False
+
+
+def coalesce(decisions: list[tuple[int, int, Decision]]) -> list[tuple[int, int, Decision]]:
+    """Per trial, every decision that is not `continue`, plus its latest one: a client only
+    needs to know the newest answer, but must never miss a stop, pause or exploit."""
+    last: dict[int, int] = {}
+    for i, (trial, _, _) in enumerate(decisions):
+        last[trial] = i
+    return [d for i, d in enumerate(decisions) if d[2].action != "continue" or last[d[0]] == i]

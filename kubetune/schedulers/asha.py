@@ -3,7 +3,8 @@
 No worker ever waits for a rung to fill. Two forms:
 
 - stopping (default): a trial reaching a rung stops unless its value is in the
-  top 1/eta of the values already recorded there. Needs no checkpoints.
+  top 1/eta of the values recorded there so far, its own included (while
+  fewer than eta are there, only the best goes on). Needs no checkpoints.
 - promotion (the paper's Algorithm 2): a trial pauses at each rung; when a
   worker is free, the best paused trial that is in the top 1/eta of its rung
   resumes from its checkpoint, else a new configuration starts.
@@ -72,11 +73,10 @@ class ASHA(RungScheduler):
             if self.mode == "promotion":
                 return Decision("pause", f"paused at rung {k} ({resource} {ms[k]:g}); resumes if it ranks "
                                 f"in the top 1/{self.eta:g} there")
-            others = {n: v for n, v in self.rung(b, k).items() if n != trial.number}
-            cut = self.cutoff(others)
-            if cut is not None and self.loss(value) > cut:
+            rung = self.rung(b, k)
+            if self.loss(value) > self.cutoff(rung):
                 return Decision("stop", f"not in the top 1/{self.eta:g} at {resource} {ms[k]:g} "
-                                f"({len(others) + 1} trials there)")
+                                f"({len(rung)} trials there)")
         return CONTINUE
 
     def on_ask(self, trials: Sequence[Trial], new_allowed: bool = True) -> Assignment | None:

@@ -45,6 +45,7 @@ class RungScheduler(Scheduler):
         # trial number -> (entries ingested, next rung index); bracket -> rung -> {trial: loss}
         self._seen: dict[int, tuple[int, int]] = {}
         self._recs: dict[int, list[dict[int, float]]] = {}
+        self._synced = -1  # length of the trial list at the last full scan
 
     @classmethod
     def check(cls, settings, spec, path) -> list[Problem]:
@@ -91,7 +92,18 @@ class RungScheduler(Scheduler):
         return 0
 
     def sync(self, trials: Sequence[Trial], holdback: Trial | None = None) -> None:
-        """Records every reported value not seen yet (all but the last of `holdback`)."""
+        """Records every reported value not seen yet (all but the last of `holdback`).
+
+        Every report reaches the scheduler through on_report, so once the trial list
+        was read (after a restart: on the first call) only a reporting trial can hold
+        values not seen yet; the full scan runs again only when trials were added.
+        """
+        if holdback is not None and len(trials) == self._synced:
+            n = len(holdback.intermediate) - 1
+            if n > self._seen.get(holdback.number, (0, 0))[0]:
+                self._ingest(holdback, n)
+            return
+        self._synced = len(trials)
         for t in trials:
             n = len(t.intermediate) - (1 if t is holdback else 0)
             if n > self._seen.get(t.number, (0, 0))[0]:
@@ -120,11 +132,14 @@ class RungScheduler(Scheduler):
         """Highest rung index the trial has a value at (-1: none yet)."""
         return self._seen.get(trial.number, (0, 0))[1] - 1
 
-    def cutoff(self, others: Mapping[int, float]) -> float | None:
-        """Loss a trial must not exceed to be in the top 1/eta of `others` (None: too few to judge)."""
-        if not others:
-            return None
-        return float(np.percentile(list(others.values()), 100.0 / self.eta))
+    def cutoff(self, rung: Mapping[int, float]) -> float:
+        """The worst loss still in the top 1/eta of a rung's values (the trial's own included).
+
+        Rank-based, as in the ASHA paper: with n values the best max(1, floor(n/eta))
+        go on, so while fewer than eta trials are there only the best does.
+        """
+        ranked = sorted(rung.values())
+        return ranked[max(1, int(len(ranked) // self.eta)) - 1]
 
     def promotable(self, bracket: int, k: int) -> list[int]:
         """The top floor(n/eta) trials of rung k (ties by number), best first."""
