@@ -18,8 +18,8 @@ log() { echo "hack/cluster-tools.sh: $*" >&2; }
 # Version stamps, as the upstream release builds set them: the API server's
 # /version, kubectl's client version and helm's idea of the cluster version
 # (which chart kubeVersion constraints are checked against) depend on them.
+# Helm is built against client-go v0.<kube_minor>, which its Makefile reads as 1.<kube_minor>.
 kube_minor="${KUBERNETES_VERSION#v1.}"; kube_minor="${kube_minor%%.*}"
-client_minor="$(awk '$1 == "k8s.io/client-go" {print $2}' "$module_dir/go.mod" | cut -d. -f2)"
 kube_ldflags="-s -w"
 for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
     kube_ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1"
@@ -28,7 +28,7 @@ done
 helm_ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 helm_ldflags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
-    helm_ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$client_minor"
+    helm_ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$kube_minor"
 done
 
 key="$(cat "$module_dir/go.mod" "$module_dir/go.sum" "$module_dir/versions.env" <(
@@ -48,6 +48,7 @@ export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false -p
 log "building into $dest with $(go version | cut -d' ' -f3), GOFLAGS=$GOFLAGS"
 mkdir -p "$cache"
 work="$(mktemp -d "$cache/.k8s-build.XXXXXX")"
+chmod 755 "$work"
 trap 'rm -rf "$work"' EXIT
 cd "$module_dir"
 
