@@ -65,13 +65,41 @@ class Study:
             from .schedulers import make_scheduler
 
             self.scheduler = make_scheduler(early_stopping, goal=goal, space=self.space, seed=self.seed)
+            # A multi-fidelity model (BOHB's) reads the scheduler's budgets and observations.
+            if hasattr(self.sampler, "attach_scheduler"):
+                self.sampler.attach_scheduler(self.scheduler)
 
     # -- ask / report / tell -------------------------------------------------
 
-    def ask(self) -> Trial:
-        """A new trial with the sampler's next configuration; raises SearchExhausted."""
+    def ask(self, new: bool = True) -> Trial | None:
+        """What a free worker runs next; raises SearchExhausted.
+
+        Usually a new trial with the sampler's next configuration. With a
+        scheduler that pauses trials (promotion ASHA, synchronous HyperBand)
+        it may instead be a paused trial to resume from its checkpoint (its
+        state goes back to Pending; `trial.budget` says how far to run). With
+        new=False only such a resume is returned, else None: for when the
+        experiment starts no new configurations but paused ones may go on.
+        """
+        plan = self.scheduler.on_ask(self.trials, new_allowed=new) if self.scheduler is not None else None
+        if plan is not None:
+            for n in plan.prune:
+                t = self.trials[n]
+                if t.state == TrialState.PAUSED:
+                    t.state = TrialState.PRUNED
+                    t.reason = "not promoted: not in the top of its rung"
+                    self.scheduler.on_complete(t, self.trials)
+            if plan.resume is not None:
+                trial = self.trials[plan.resume]
+                trial.state = TrialState.PENDING
+                trial.events.append({"event": "resume", "budget": plan.budget, "from_step": trial.last_step})
+                return trial
+        if not new:
+            return None
         params = self.space.canonical(self.sampler.ask(self.trials))
         trial = Trial(number=len(self.trials), params=params)
+        if plan is not None and (plan.bracket is not None or plan.budget is not None):
+            trial.events.append({"event": "assign", "bracket": plan.bracket, "budget": plan.budget})
         self.trials.append(trial)
         return trial
 
@@ -88,9 +116,34 @@ class Study:
         if decision.stop:
             trial.state = TrialState.PRUNED
             trial.reason = decision.reason
+        elif decision.action == "pause":
+            trial.state = TrialState.PAUSED
+            trial.events.append({"event": "pause", "step": step})
         elif decision.action == "exploit" and decision.params is not None:
-            trial.params = self.space.canonical(decision.params)
+            donor = self.trials[decision.donor]
+            new = self.space.canonical(decision.params)
+            trial.events.append({"event": "exploit", "report": len(trial.intermediate), "step": step,
+                                 "donor": donor.number, "donor_report": len(donor.intermediate),
+                                 "donor_step": donor.last_step, "old": dict(trial.params), "new": new})
+            trial.params = new
         return decision
+
+    def prune_paused(self, reason: str = "experiment ended while it waited for promotion") -> list[Trial]:
+        """Marks every paused trial Pruned (when the experiment ends); returns them."""
+        out = []
+        for t in self.trials:
+            if t.state == TrialState.PAUSED:
+                self.tell(t, None, state=TrialState.PRUNED, reason=reason)
+                out.append(t)
+        return out
+
+    def lineage(self, trial: Trial | int | None = None) -> str:
+        """How a (PBT) trial's model was trained: which checkpoints and parameters, step by step.
+        Defaults to the best trial."""
+        from .schedulers.lineage import format_lineage
+
+        trial = self.best_trial if trial is None else self._trial(trial)
+        return "" if trial is None else format_lineage(self.trials, trial.number)
 
     def tell(self, trial: Trial | int, value: float | None = None, state: TrialState | str | None = None,
              reason: str = "") -> Trial:

@@ -15,6 +15,9 @@ class TrialState(str, enum.Enum):
     FAILED = "Failed"        # crashed, timed out, or reported no usable objective
     PRUNED = "Pruned"        # stopped early by the scheduler
     KILLED = "Killed"        # stopped from outside (Ctrl-C, experiment ended)
+    # Stopped at a rung with its checkpoint kept (promotion ASHA, synchronous
+    # HyperBand); the scheduler may resume it later. Neither active nor finished.
+    PAUSED = "Paused"
 
     @property
     def finished(self) -> bool:
@@ -39,6 +42,18 @@ class Trial:
     started_at: float | None = None
     finished_at: float | None = None
     name: str = ""
+    # What the scheduler did to this trial, oldest first: {"event": "assign" |
+    # "pause" | "resume" | "exploit", ...}. Kept with the trial in the state
+    # store so that a restarted scheduler rebuilds its state from the trials.
+    events: list[dict] = field(default_factory=list)
+
+    @property
+    def budget(self) -> float | None:
+        """How far (in the scheduler's resource) this run of the trial should go; None: to the end."""
+        for e in reversed(self.events):
+            if e.get("event") in ("assign", "resume"):
+                return e.get("budget")
+        return None
 
     @property
     def last_step(self) -> float | None:
@@ -64,7 +79,9 @@ def finite(value) -> bool:
 class Decision:
     """What a scheduler answers to a reported metric; `report()` hands it to the trial."""
 
-    action: str = "continue"  # continue | stop | exploit
+    # continue | stop | exploit | pause (save a checkpoint and exit; the
+    # scheduler may resume the trial later from that checkpoint)
+    action: str = "continue"
     reason: str = ""
     # exploit (PBT): continue from the donor trial's checkpoint with new parameters.
     donor: int | None = None

@@ -1,7 +1,8 @@
 """Early stopping and multi-fidelity scheduling (`earlyStopping` in the spec).
 
 A scheduler is pure logic fed with reported metrics; it answers each report
-with a Decision (go on, stop, or PBT's exploit).
+with a Decision (go on, stop, pause, or PBT's exploit) and, for the methods
+that pause and resume trials, tells `Study.ask()` what a free worker does next.
 """
 
 from __future__ import annotations
@@ -9,8 +10,16 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ..api.validation import Problem, suggestion
+from .asha import ASHA
+from .base import Assignment, Scheduler
+from .hyperband import BOHB, HyperBand, SuccessiveHalving
+from .lineage import format_lineage, lineage
+from .median import MedianStopping
+from .pbt import PBT
 
-SCHEDULERS: dict[str, type] = {}
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    cls.name: cls for cls in (MedianStopping, SuccessiveHalving, HyperBand, ASHA, BOHB, PBT)
+}
 
 
 def check_early_stopping(early_stopping: Mapping[str, Any], spec: Mapping[str, Any], path: str) -> list[Problem]:
@@ -22,6 +31,10 @@ def check_early_stopping(early_stopping: Mapping[str, Any], spec: Mapping[str, A
     return SCHEDULERS[name].check(early_stopping.get("settings"), spec, path)
 
 
-def make_scheduler(early_stopping: Mapping[str, Any], *, goal: str, space, seed: int):
+def make_scheduler(early_stopping: Mapping[str, Any], *, goal: str, space, seed: int) -> Scheduler:
     cls = SCHEDULERS[early_stopping["name"]]
     return cls(goal=goal, space=space, seed=seed, settings=early_stopping.get("settings"))
+
+
+__all__ = ["SCHEDULERS", "Assignment", "Scheduler", "check_early_stopping", "make_scheduler", "lineage",
+           "format_lineage"]

@@ -1,0 +1,380 @@
+"""Schedulers on recorded learning curves, replayed with simulated time.
+
+    python bench/schedulers.py            # full: 30 seeds, 4 and 16 workers
+    python bench/schedulers.py --quick    # 5 seeds, 4 workers
+
+Each method runs on N simulated workers: a worker trains one epoch of a
+configuration in the time that epoch took when it was recorded, reports the
+validation accuracy, and does what the scheduler says. Configurations come
+from the table in a random order per seed (the same order for every method),
+so every method sees the same configurations and differs only in how it
+spends epochs. A run stops after EPOCH_BUDGET epochs.
+
+Measured: epochs and simulated seconds until some report reaches the target
+(the accuracy that about 3% of the configurations reach), and the regret at the
+end (best accuracy in the table minus the best one reported).
+
+The peers are driven directly, inside the same event loop: Ray Tune's
+AsyncHyperBandScheduler objects (on_trial_add / on_trial_result with stub
+trials; running real Tune for thousands of one-epoch steps would measure Ray's
+overheads, not the scheduling), and Optuna's pruners through an in-memory
+optuna study (ask / report / should_prune / tell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kubetune import Study  # noqa: E402
+from kubetune.api.space import SearchSpace  # noqa: E402
+from kubetune.suggestion import SAMPLERS  # noqa: E402
+from kubetune.suggestion.base import SEED, Sampler  # noqa: E402
+
+DATA = Path(__file__).parent / "data" / "mlp_digits_curves.npz"
+EPOCHS = 27
+RUNGS = {"resource": "epoch", "min": 1, "max": EPOCHS, "reductionFactor": 3}
+
+
+# -- the tables ------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    name: str
+    space_spec: list
+    configs: list[dict]
+    acc: np.ndarray  # [configs, epochs]
+    secs: np.ndarray  # [configs, epochs]
+
+    def __post_init__(self):
+        self.space = SearchSpace.from_spec(self.space_spec)
+        self.row = {}
+        for i, c in enumerate(self.configs):
+            self.row.setdefault(self.space.key(self.space.canonical(c)), i)
+        best = self.acc.max(axis=1)
+        self.target = float(np.quantile(best, 0.97))
+        self.best = float(best.max())
+
+
+def mlp_table() -> Table:
+    d = np.load(DATA)
+    return Table("MLP on digits (recorded)", json.loads(str(d["space"])), json.loads(str(d["configs"])),
+                 d["acc"].astype(float), d["secs"].astype(float))
+
+
+def synthetic_table(n=2000, seed=0) -> Table:
+    """A multi-fidelity function whose early ranking misleads somewhat: fast learners
+    are not always the best (rate and final quality are only loosely tied)."""
+    spec = [{"name": f"x{i}", "type": "double", "min": 0.0, "max": 1.0} for i in range(4)]
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 4))
+    centres = np.array([[0.2, 0.7, 0.4, 0.5], [0.8, 0.3, 0.6, 0.2], [0.5, 0.5, 0.9, 0.8]])
+    heights = np.array([0.95, 0.85, 0.8])
+    q = (heights * np.exp(-((x[:, None, :] - centres) ** 2).sum(-1) / 0.08)).max(1)
+    rate = 0.04 + 0.4 * x[:, 3] * (0.5 + 0.5 * rng.random(n))
+    e = np.arange(1, EPOCHS + 1)
+    noise = 0.01 * rng.standard_normal((n, EPOCHS))
+    acc = np.clip(q[:, None] * (1 - np.exp(-rate[:, None] * e)) + noise, 0, 1)
+    secs = np.repeat((0.5 + x[:, 2:3]), EPOCHS, axis=1)  # some configurations train slower
+    configs = [{f"x{i}": float(v) for i, v in enumerate(row)} for row in x]
+    return Table("synthetic multi-fidelity function", spec, configs, acc, secs)
+
+
+# -- samplers that draw the table's configurations ----------------------------------
+
+TABLE: Table | None = None
+
+
+class TableSampler(Sampler):
+    """The table's configurations in a random order fixed by the seed (cycling when used up)."""
+
+    name = "table"
+    SETTINGS = {"seed": SEED}
+
+    def order(self):
+        return np.random.default_rng(self.seed).permutation(len(TABLE.configs))
+
+    def ask(self, trials):
+        if not hasattr(self, "_order"):
+            self._order = self.order()
+        return TABLE.configs[self._order[len(trials) % len(TABLE.configs)]]
+
+
+class TableKDE(TableSampler):
+    """A stand-in for BOHB's model until the `bohb` sampler is merged: a Parzen ratio l(x)/g(x)
+    fitted on the largest budget with enough observations (read from the scheduler),
+    maximised over untried table rows; a third of the configurations stay random."""
+
+    name = "table-kde"
+
+    def attach_scheduler(self, scheduler):
+        self.scheduler = scheduler
+
+    def ask(self, trials):
+        rng = np.random.default_rng([self.seed, len(trials)])
+        obs = self.scheduler.observations(trials) if hasattr(self, "scheduler") else {}
+        usable = [v for v in obs.values() if len(v) >= len(self.space) + 2]
+        if not usable or rng.random() < 1 / 3:
+            return TableSampler.ask(self, trials)
+        pts = usable[-1]
+        x = np.array([self.space.to_unit(p, fill=0.5) for p, _ in pts])
+        loss = np.array([v for _, v in pts])
+        n_good = max(1, int(math.ceil(0.15 * len(pts))))
+        order = np.argsort(loss)
+        good, bad = x[order[:n_good]], x[order[n_good:]]
+        tried = {self.space.key(t.params) for t in trials}
+        cand_rows = [i for i in rng.permutation(len(TABLE.configs))[:400]
+                     if self.space.key(self.space.canonical(TABLE.configs[i])) not in tried]
+        if not cand_rows or len(bad) == 0:
+            return TableSampler.ask(self, trials)
+        cand = np.array([self.space.to_unit(TABLE.configs[i], fill=0.5) for i in cand_rows])
+
+        def logkde(c, data, h=0.2):
+            d2 = ((c[:, None, :] - data[None, :, :]) ** 2).sum(-1)
+            return np.logaddexp.reduce(-d2 / (2 * h * h), axis=1) - math.log(len(data))
+
+        score = logkde(cand, good) - logkde(cand, bad)
+        return TABLE.configs[cand_rows[int(np.argmax(score))]]
+
+
+SAMPLERS["table"] = TableSampler
+SAMPLERS["table-kde"] = TableKDE
+
+
+# -- methods: what a free worker runs and what a report means ------------------------
+
+
+class KubetuneMethod:
+    def __init__(self, early_stopping, seed, sampler="table"):
+        self.study = Study(parameters=TABLE.space_spec, algorithm={"name": sampler, "settings": {"seed": seed}},
+                           goal="maximize", early_stopping=early_stopping, seed=seed)
+
+    def start(self):
+        t = self.study.ask()
+        return TABLE.row[self.study.space.key(t.params)], int(t.last_step or 0), t
+
+    def report(self, t, epoch, value):
+        return self.study.report(t, step=epoch, value=value).action
+
+    def done(self, t, value):
+        self.study.tell(t, value)
+
+
+class RayASHA:
+    def __init__(self, brackets, seed):
+        from ray.tune.schedulers import AsyncHyperBandScheduler
+
+        np.random.seed(seed)  # Ray draws brackets from numpy's global generator
+        self.s = AsyncHyperBandScheduler(time_attr="epoch", metric="acc", mode="max", max_t=EPOCHS,
+                                         grace_period=1, reduction_factor=3, brackets=brackets)
+        self.order = np.random.default_rng(seed).permutation(len(TABLE.configs))
+        self.n = 0
+
+    def start(self):
+        class T:  # what Ray's ASHA reads of a trial
+            def __init__(self, i):
+                self.trial_id = str(i)
+
+        t = T(self.n)
+        self.n += 1
+        self.s.on_trial_add(None, t)
+        return int(self.order[(self.n - 1) % len(self.order)]), 0, t
+
+    def report(self, t, epoch, value):
+        action = self.s.on_trial_result(None, t, {"epoch": epoch, "acc": value})
+        return "stop" if action == "STOP" else "continue"
+
+    def done(self, t, value):
+        self.s.on_trial_complete(None, t, {"epoch": EPOCHS, "acc": value})
+
+
+class OptunaPruner:
+    def __init__(self, kind, seed):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+                  if kind == "sha" else
+                  optuna.pruners.HyperbandPruner(min_resource=1, max_resource=EPOCHS, reduction_factor=3))
+        self.study = optuna.create_study(direction="maximize", pruner=pruner,
+                                         sampler=optuna.samplers.RandomSampler(seed=seed))
+        self.order = np.random.default_rng(seed).permutation(len(TABLE.configs))
+        self.n = 0
+        self.pruned = set()
+
+    def start(self):
+        t = self.study.ask()
+        self.n += 1
+        return int(self.order[(self.n - 1) % len(self.order)]), 0, t
+
+    def report(self, t, epoch, value):
+        t.report(value, epoch)
+        if t.should_prune():
+            self.pruned.add(t.number)
+            return "stop"
+        return "continue"
+
+    def done(self, t, value):
+        import optuna
+
+        if t.number in self.pruned:
+            self.study.tell(t, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self.study.tell(t, value)
+
+
+# -- the simulated cluster ----------------------------------------------------------------
+
+
+def simulate(method, workers: int, epoch_budget: int):
+    """Event loop over simulated time; returns (epochs to target, seconds to target, regret, idle share)."""
+    clock, epochs, best = 0.0, 0, -math.inf
+    hit_epochs = hit_time = None
+    events = []  # (finish time, seq, worker, row, epoch, handle)
+    seq = 0
+    busy = 0.0
+
+    def launch(w, now):
+        nonlocal seq
+        row, start, handle = method.start()
+        heapq.heappush(events, (now + TABLE.secs[row, start], seq, w, row, start + 1, handle))
+        seq += 1
+
+    for w in range(workers):
+        launch(w, 0.0)
+    while events and epochs < epoch_budget:
+        now, _, w, row, epoch, handle = heapq.heappop(events)
+        busy += TABLE.secs[row, epoch - 1]
+        clock = now
+        epochs += 1
+        value = float(TABLE.acc[row, epoch - 1])
+        best = max(best, value)
+        if hit_epochs is None and value >= TABLE.target:
+            hit_epochs, hit_time = epochs, now
+        if epoch == EPOCHS:
+            method.done(handle, value)
+            launch(w, now)
+            continue
+        action = method.report(handle, epoch, value)
+        if action in ("stop", "pause"):
+            if action == "stop":
+                method.done(handle, value)
+            launch(w, now)
+        else:
+            heapq.heappush(events, (now + TABLE.secs[row, epoch], seq, w, row, epoch + 1, handle))
+            seq += 1
+    return hit_epochs, hit_time, TABLE.best - best, 1 - busy / max(clock * workers, 1e-9)
+
+
+def methods():
+    asha = {"name": "asha", "settings": RUNGS}
+    return {
+        "random search (full budget)": lambda s: KubetuneMethod(None, s),
+        "kubetune ASHA": lambda s: KubetuneMethod(asha, s),
+        "kubetune ASHA, promotion": lambda s: KubetuneMethod({"name": "asha", "settings": {**RUNGS, "mode": "promotion"}}, s),
+        "kubetune HyperBand (sync)": lambda s: KubetuneMethod({"name": "hyperband", "settings": RUNGS}, s),
+        "kubetune HyperBand (async)": lambda s: KubetuneMethod(
+            {"name": "hyperband", "settings": {**RUNGS, "mode": "asynchronous"}}, s),
+        "kubetune BOHB (KDE stand-in)": lambda s: KubetuneMethod({"name": "bohb", "settings": RUNGS}, s,
+                                                                 sampler="table-kde"),
+        "kubetune median stopping": lambda s: KubetuneMethod({"name": "median", "settings": {"startupTrials": 5}}, s),
+        "Ray Tune ASHA": lambda s: RayASHA(1, s),
+        "Ray Tune async HyperBand (4 brackets)": lambda s: RayASHA(4, s),
+        "Optuna SuccessiveHalvingPruner": lambda s: OptunaPruner("sha", s),
+        "Optuna HyperbandPruner": lambda s: OptunaPruner("hyperband", s),
+    }
+
+
+def run_table(table: Table, seeds: int, workers: int, epoch_budget: int):
+    global TABLE
+    TABLE = table
+    rows = []
+    for name, make in methods().items():
+        res = []
+        t0 = time.perf_counter()
+        for seed in range(seeds):
+            res.append(simulate(make(seed), workers, epoch_budget))
+        cpu = time.perf_counter() - t0
+        hits = [r for r in res if r[0] is not None]
+        ep = [r[0] for r in hits]
+        tt = [r[1] for r in hits]
+        rows.append({
+            "method": name, "reached": f"{len(hits)}/{seeds}",
+            "epochs": float(np.median(ep)) if ep else None,
+            "time": float(np.median(tt)) if tt else None,
+            "epochs_mean": float(np.mean(ep)) if ep else None,
+            "regret": float(np.median([r[2] for r in res])),
+            "idle": float(np.mean([r[3] for r in res])), "cpu": cpu,
+        })
+    return rows
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def report(table, rows, workers, budget, seeds):
+    out = [f"\n### {table.name}: {workers} workers, {seeds} seeds, {budget} epochs per run\n",
+           f"Target {table.target:.4f} (reached by {100 * np.mean(table.acc.max(1) >= table.target):.1f}% of "
+           f"{len(table.configs)} configurations); best in table {table.best:.4f}. Medians over the seeds that "
+           "reached the target.\n",
+           "| method | reached | epochs to target | sim. seconds to target | final regret (median) | idle workers | replay CPU s |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['method']} | {r['reached']} | {fmt(r['epochs'], '.0f')} | {fmt(r['time'], '.1f')} | "
+                   f"{r['regret']:.4f} | {100 * r['idle']:.0f}% | {r['cpu']:.1f} |")
+    return "\n".join(out)
+
+
+def checks(rows):
+    by = {r["method"]: r for r in rows}
+    a, rs = by["kubetune ASHA"], by["random search (full budget)"]
+    osha, ray = by["Optuna SuccessiveHalvingPruner"], by["Ray Tune ASHA"]
+    lines = []
+
+    def line(ok, text):
+        lines.append(f"- [{'met' if ok else 'MISSED'}] {text}")
+
+    if a["epochs"] and rs["epochs"]:
+        line(a["epochs"] <= rs["epochs"] / 3, f"ASHA epochs to target {a['epochs']:.0f} <= 1/3 of random search's "
+             f"{rs['epochs']:.0f} ({rs['epochs'] / 3:.0f}) -- ratio {a['epochs'] / rs['epochs']:.2f}")
+    if a["epochs"] and osha["epochs"]:
+        line(a["epochs"] <= osha["epochs"], f"ASHA epochs {a['epochs']:.0f} <= Optuna SuccessiveHalvingPruner's "
+             f"{osha['epochs']:.0f}")
+    if a["time"] and ray["time"]:
+        line(a["time"] <= ray["time"], f"ASHA simulated time {a['time']:.1f} s <= Ray Tune ASHA's {ray['time']:.1f} s")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int)
+    ap.add_argument("--out", help="write the Markdown here too")
+    a = ap.parse_args()
+    seeds = a.seeds or (5 if a.quick else 30)
+    text = []
+    for table in (mlp_table(), synthetic_table()):
+        for workers in ((4,) if a.quick else (4, 16)):
+            budget = 3000
+            rows = run_table(table, seeds, workers, budget)
+            block = report(table, rows, workers, budget, seeds) + "\n\n" + checks(rows)
+            print(block, flush=True)
+            text.append(block)
+    if a.out:
+        Path(a.out).write_text("\n".join(text) + "\n")
+
+
+if __name__ == "__main__":
+    main()

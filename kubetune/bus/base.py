@@ -1,0 +1,100 @@
+"""The metric bus: trials publish reports, the scheduler loop answers with decisions.
+
+One interface, two implementations: in-memory (one process, tests, local runs)
+and Redis Streams (the cluster). Per experiment there is one report stream,
+read by a consumer group, and one short decision queue per trial.
+
+Delivery is at least once: a report is acknowledged only after its decision is
+written, so a scheduler loop that dies re-reads what it had not finished
+(`read(..., pending=True)`), and applying a report twice must be harmless.
+The bus is not the store of record: losing it may cost in-flight intermediate
+metrics, never a finished result (those live in the trial list).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..api.trial import Decision
+
+GROUP = "scheduler"
+
+
+@dataclass(frozen=True)
+class Report:
+    trial: int
+    seq: int  # 1, 2, ... per trial and run: pairs a decision with its report
+    step: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def encode(self) -> dict[str, str]:
+        out = {"t": str(self.trial), "q": str(self.seq), "m": json.dumps(self.metrics, separators=(",", ":"))}
+        if self.step is not None:
+            out["s"] = repr(float(self.step))
+        return out
+
+    @classmethod
+    def decode(cls, f: dict) -> "Report":
+        f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+             for k, v in f.items()}
+        return cls(int(f["t"]), int(f["q"]), float(f["s"]) if "s" in f else None, json.loads(f["m"]))
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    report: Report
+
+
+def encode_decision(seq: int, decision: Decision) -> str:
+    return json.dumps({"seq": seq, **decision.to_dict()}, separators=(",", ":"))
+
+
+def decode_decision(raw) -> tuple[int, Decision]:
+    d = json.loads(raw)
+    seq = d.pop("seq")
+    return seq, Decision(**d)
+
+
+class MetricBus:
+    """What both implementations provide. Experiment names are the Experiment's name."""
+
+    # -- trial side --------------------------------------------------------
+    def publish(self, experiment: str, reports: Sequence[Report]) -> None:
+        raise NotImplementedError
+
+    def take_decisions(self, experiment: str, trial: int, block_s: float = 0.0) -> list[tuple[int, Decision]]:
+        """Pops the decisions waiting for a trial, oldest first; waits up to block_s for one."""
+        raise NotImplementedError
+
+    def publish_and_take(self, experiment: str, reports: Sequence[Report], trial: int) -> list[tuple[int, Decision]]:
+        """publish() then take_decisions() without blocking; one round trip where the bus can."""
+        self.publish(experiment, reports)
+        return self.take_decisions(experiment, trial)
+
+    # -- scheduler side ----------------------------------------------------
+    def read(self, experiment: str, consumer: str, count: int = 256, block_s: float = 0.0,
+             pending: bool = False) -> list[Message]:
+        """New reports for the consumer group; pending=True: those this consumer read but never acked."""
+        raise NotImplementedError
+
+    def ack(self, experiment: str, ids: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def decide(self, experiment: str, decisions: Sequence[tuple[int, int, Decision]]) -> None:
+        """Delivers (trial, seq, decision) to each trial's decision queue."""
+        raise NotImplementedError
+
+    def backlog(self, experiment: str) -> list[Message]:
+        """Every report still in the stream (bounded by its maximum length), oldest first."""
+        raise NotImplementedError
+
+    # -- lifecycle -----------------------------------------------------------
+    def delete_experiment(self, experiment: str) -> None:
+        """Removes everything the bus holds for an experiment."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,83 @@
+"""The trial side of the bus: what the trial SDK calls on each report.
+
+Reports are buffered and sent in one pipelined round trip (with a poll of the
+trial's decision queue) every `batch` reports or `flush_s` seconds, so that
+reporting every step costs a training loop microseconds. With wait=True each
+report is sent at once and the call blocks up to `wait_s` for its decision
+(for trials reporting once an epoch, where an immediate answer matters).
+A stop or pause, once seen, is returned by every later call. If the bus is
+unreachable the reports stay buffered (up to `max_buffer`, oldest dropped
+first) and the trial carries on: losing the bus costs intermediate metrics,
+never the trial.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Mapping
+
+from ..api.trial import CONTINUE, Decision
+from .base import MetricBus, Report
+
+_FINAL = ("stop", "pause")
+
+
+class TrialClient:
+    def __init__(self, bus: MetricBus, experiment: str, trial: int, *, batch: int = 32, flush_s: float = 0.05,
+                 wait: bool = False, wait_s: float = 0.5, max_buffer: int = 10_000):
+        self.bus, self.experiment, self.trial = bus, experiment, trial
+        self.batch, self.flush_s, self.wait, self.wait_s = batch, flush_s, wait, wait_s
+        self.max_buffer = max_buffer
+        self.seq = 0
+        self.decision: Decision = CONTINUE  # the latest one
+        self.decided_seq = 0
+        self.errors = 0
+        self._buffer: list[Report] = []
+        self._last_flush = time.monotonic()
+
+    def send_report(self, step: float | None, metrics: Mapping[str, float]) -> Decision:
+        self.seq += 1
+        self._buffer.append(Report(self.trial, self.seq, step, {k: float(v) for k, v in metrics.items()}))
+        if len(self._buffer) > self.max_buffer:
+            del self._buffer[0]
+        if self.wait:
+            self.flush()
+            self._await(self.seq)
+        elif len(self._buffer) >= self.batch or time.monotonic() - self._last_flush >= self.flush_s:
+            self.flush()
+        return self.decision
+
+    def flush(self) -> Decision:
+        """Sends what is buffered and picks up decisions that have arrived."""
+        self._last_flush = time.monotonic()
+        try:
+            got = self.bus.publish_and_take(self.experiment, self._buffer, self.trial)
+        except Exception:  # bus down: keep the reports, carry on training
+            self.errors += 1
+            return self.decision
+        self._buffer = []
+        self._apply(got)
+        return self.decision
+
+    def _await(self, seq: int) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while self.decided_seq < seq and self.decision.action not in _FINAL and not self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                self._apply(self.bus.take_decisions(self.experiment, self.trial, block_s=left))
+            except Exception:
+                self.errors += 1
+                return
+
+    def _apply(self, got) -> None:
+        for seq, d in got:
+            if seq < self.decided_seq and d.action == "continue":
+                continue
+            self.decided_seq = max(self.decided_seq, seq)
+            if self.decision.action not in _FINAL:
+                self.decision = d
+
+    def close(self) -> Decision:
+        return self.flush()

@@ -1,0 +1,103 @@
+"""The scheduler service loop: reports from the bus in, decisions out.
+
+The local runner and the cluster's suggestion service both host it. It holds
+no state of its own: the handler (a Study, or the engine) is rebuilt from the
+trial list, and on start the loop re-reads the reports it had taken but not
+acknowledged. Applying a report twice is harmless: one that the trial list
+already holds is answered from the trial's state, not applied again.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from ..api.trial import CONTINUE, Decision, Trial, TrialState
+from .base import Message, MetricBus
+
+Handler = Callable[[Message], Decision]
+
+
+class StudyHandler:
+    """Feeds reports of the objective `metric` to a Study (with its scheduler)."""
+
+    def __init__(self, study, metric: str, lock: threading.Lock | None = None):
+        self.study, self.metric = study, metric
+        self.lock = lock or threading.Lock()
+
+    def __call__(self, msg: Message) -> Decision:
+        r = msg.report
+        with self.lock:
+            if not 0 <= r.trial < len(self.study.trials):
+                return Decision("stop", f"no trial number {r.trial} in this experiment")
+            trial = self.study.trials[r.trial]
+            if trial.state.finished or trial.state == TrialState.PAUSED:
+                return _answer_for(trial)
+            value = r.metrics.get(self.metric)
+            others = {k: v for k, v in r.metrics.items() if k != self.metric}
+            if value is None:
+                trial.metrics.update(others)
+                return CONTINUE
+            step = r.step if r.step is not None else (trial.last_step or 0) + 1
+            if _already_applied(trial, step, value):
+                return _answer_for(trial)
+            return self.study.report(trial, step=step, value=value, **others)
+
+
+def _already_applied(trial: Trial, step: float, value: float) -> bool:
+    return any(s == step and v == value for s, v in trial.intermediate[-8:])
+
+
+def _answer_for(trial: Trial) -> Decision:
+    if trial.state == TrialState.PAUSED:
+        return Decision("pause", "paused")
+    if trial.state.finished:
+        return Decision("stop", trial.reason or f"trial is {trial.state.value}")
+    return CONTINUE
+
+
+class SchedulerLoop:
+    def __init__(self, bus: MetricBus, experiment: str, handler: Handler, *, consumer: str = "scheduler-0",
+                 count: int = 512, persist: Callable[[], None] | None = None):
+        """persist: saves the trial list; called before reports are acknowledged."""
+        self.bus, self.experiment, self.handler = bus, experiment, handler
+        self.consumer, self.count, self.persist = consumer, count, persist
+        self._recovered = False
+        self.handled = 0
+
+    def run_once(self, block_s: float = 0.1) -> int:
+        """Handles one batch of reports; returns how many."""
+        if not self._recovered:
+            msgs = self.bus.read(self.experiment, self.consumer, self.count, pending=True)
+            self._recovered = len(msgs) < self.count
+        else:
+            msgs = self.bus.read(self.experiment, self.consumer, self.count, block_s=block_s)
+        if not msgs:
+            return 0
+        decisions = [(m.report.trial, m.report.seq, self.handler(m)) for m in msgs]
+        if self.persist is not None:
+            self.persist()
+        self.bus.decide(self.experiment, coalesce(decisions))
+        self.bus.ack(self.experiment, [m.id for m in msgs])
+        self.handled += len(msgs)
+        return len(msgs)
+
+    def run(self, stop: threading.Event, block_s: float = 0.1, on_error: Callable[[Exception], None] | None = None):
+        """Until `stop` is set; bus errors (Redis restarting) are reported and retried."""
+        while not stop.is_set():
+            try:
+                self.run_once(block_s)
+            except Exception as e:  # noqa: BLE001 - the loop must outlive a bus outage
+                if on_error is not None:
+                    on_error(e)
+                stop.wait(0.05)
+                self._recovered = False
+
+
+def coalesce(decisions: list[tuple[int, int, Decision]]) -> list[tuple[int, int, Decision]]:
+    """Per trial, every decision that is not `continue`, plus its latest one: a client only
+    needs to know the newest answer, but must never miss a stop, pause or exploit."""
+    last: dict[int, int] = {}
+    for i, (trial, _, _) in enumerate(decisions):
+        last[trial] = i
+    return [d for i, d in enumerate(decisions) if d[2].action != "continue" or last[d[0]] == i]

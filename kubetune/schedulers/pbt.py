@@ -1,0 +1,129 @@
+"""Population-Based Training (Jaderberg et al. 2017), the asynchronous form.
+
+Every `perturbationInterval` steps (after `burnIn`), a trial compares its
+latest value with the other live trials'. In the bottom `quantileFraction` it
+exploits: it continues from the checkpoint of a random trial of the top
+quantile (the donor) with the donor's parameters, explored: each numeric value
+multiplied by 0.8 or 1.2 (on a log scale that is its natural step; bounds kept,
+ints rounded), each categorical moved to a neighbouring value, or any value
+resampled with `resampleProbability`. The Study applies the new parameters to
+the trial and records the exploit in the trial's events; `lineage()` reads them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..api.settings import Setting, at_least, fraction, positive
+from ..api.space import Parameter
+from ..api.trial import CONTINUE, Decision, Trial
+from ..api.validation import Problem
+from .base import Scheduler, setting_problem
+
+
+class PBT(Scheduler):
+    name = "pbt"
+    needs_checkpoints = True
+    SETTINGS = {
+        "resource": Setting(str, "step", "name of what the steps count"),
+        "perturbationInterval": Setting(float, 5, "steps between a trial's exploit/explore checks", positive),
+        "burnIn": Setting(float, 0, "no exploit before this step", at_least(0)),
+        "quantileFraction": Setting(float, 0.25, "bottom fraction that exploits the top fraction (at most 0.5)",
+                                    lambda v: None if 0 < v <= 0.5 else f"must be in (0, 0.5]; got {v!r}"),
+        "resampleProbability": Setting(float, 0.25, "chance that explore resamples a value instead of perturbing it",
+                                       fraction),
+        "perturbationFactors": Setting(list, [0.8, 1.2], "factors a numeric value is multiplied by"),
+    }
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        # trial number -> (entries seen, step of its last check); rebuilt from intermediates and events.
+        self._last: dict[int, tuple[int, float]] = {}
+
+    @classmethod
+    def check(cls, settings, spec, path):
+        problems = super().check(settings, spec, path)
+        factors = (settings or {}).get("perturbationFactors")
+        if not problems and factors is not None:
+            if not factors or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0
+                                      for f in factors):
+                problems.append(setting_problem(path, "perturbationFactors",
+                                                f"expected a non-empty list of positive numbers; got {factors!r}"))
+        parallel = ((spec or {}).get("budget") or {}).get("parallelTrials")
+        if parallel is not None and parallel < 2:
+            problems.append(Problem("budget.parallelTrials", "PBT needs a population of at least 2 trials "
+                                    f"running side by side; got {parallel}"))
+        return problems
+
+    # -- when a trial is checked --------------------------------------------
+
+    def _last_check(self, trial: Trial, upto: int) -> float:
+        """Step of the trial's last check before report `upto`, replayed from its history."""
+        seen, last = self._last.get(trial.number, (0, 0.0))
+        if seen > upto:
+            seen, last = 0, 0.0
+        exploits = {e["report"]: e for e in trial.events if e.get("event") == "exploit"}
+        interval, burn = self.settings["perturbationInterval"], self.settings["burnIn"]
+        for i in range(seen, upto):
+            step = trial.intermediate[i][0]
+            if step >= burn and step - last >= interval:
+                last = step
+            if i + 1 in exploits:  # it then carries on from the donor's checkpoint
+                last = exploits[i + 1].get("donor_step", last)
+        self._last[trial.number] = (upto, last)
+        return last
+
+    def on_report(self, trial: Trial, step: float, value: float, trials: Sequence[Trial]) -> Decision:
+        s = self.settings
+        # The cache stops before this report: an exploit decided now is recorded after it.
+        last = self._last_check(trial, len(trial.intermediate) - 1)
+        if step < s["burnIn"] or step - last < s["perturbationInterval"]:
+            return CONTINUE
+        live = [t for t in trials if not t.state.finished and t.intermediate]
+        if trial not in live:
+            live.append(trial)
+        if len(live) < 2:
+            return CONTINUE
+        ranked = sorted(live, key=lambda t: (self.loss(t.intermediate[-1][1]), t.number))
+        q = max(1, min(math.ceil(len(ranked) * s["quantileFraction"]), len(ranked) // 2))
+        top, bottom = ranked[:q], ranked[-q:]
+        if trial not in bottom:
+            return CONTINUE
+        rng = self.rng(2, trial.number, len(trial.intermediate))
+        donor = top[int(rng.integers(len(top)))]
+        params = self.explore(donor.params, rng)
+        return Decision("exploit", f"bottom {s['quantileFraction']:g} at {s['resource']} {step:g}: "
+                        f"continues from trial {donor.number}'s checkpoint with explored parameters",
+                        donor=donor.number, params=params)
+
+    # -- explore -------------------------------------------------------------
+
+    def explore(self, params: Mapping[str, Any], rng: np.random.Generator) -> dict:
+        out: dict[str, Any] = {}
+        for p in self.space.params:
+            if not self.space.is_active(p, out):
+                continue
+            if p.name not in params or rng.random() < self.settings["resampleProbability"]:
+                out[p.name] = p.from_unit(rng.random())
+            else:
+                out[p.name] = self._perturb(p, params[p.name], rng)
+        return self.space.canonical(out)
+
+    def _perturb(self, p: Parameter, value, rng: np.random.Generator):
+        if p.is_choice:
+            i = p.index(value) + (1 if rng.random() < 0.5 else -1)
+            return p.values[min(max(i, 0), len(p.values) - 1)]
+        factors = self.settings["perturbationFactors"]
+        f = float(factors[int(rng.integers(len(factors)))])
+        if p.log or p.low > 0:
+            new = value * f
+        else:  # a range reaching 0 or below: a multiplicative step could stall at 0; step by range
+            new = value + (f - 1) * 0.5 * (p.high - p.low)
+        new = p.snap(new)
+        if p.type == "int" and new == value and f != 1:
+            new = p.snap(value + (1 if f > 1 else -1) * (p.step or 1))
+        return new
+

@@ -1,0 +1,542 @@
+"""A test kubelet: one simulated Node whose pods run as local processes.
+
+It does, through the real API server, what a kubelet (and, for its own node, the
+scheduler) does:
+- registers a Node with the given capacity (cpu, memory, nvidia.com/gpu, pods)
+  and keeps it Ready: a Lease in kube-node-lease renewed every couple of seconds
+  and the Ready condition's heartbeat;
+- binds Pending pods that fit (sum of the requests of its non-terminated pods
+  within allocatable; nodeSelector and taints respected) through pods/binding,
+  and marks the rest Unschedulable, as a full GPU node leaves them;
+- runs the first container's command/args as a local process in a scratch
+  directory with the pod's environment (ConfigMaps and Secrets resolved), its
+  output in a log file that `kubectl logs` reads through the API server;
+- reports phase, container state, restart count and exit code in pod status,
+  restarting per restartPolicy;
+- on pod deletion sends SIGTERM, then SIGKILL after the grace period, and
+  finishes the deletion; lose() makes the node vanish (heartbeats stop,
+  processes die) for failure tests.
+
+Identities: the node part uses a client certificate for system:node:<name> in
+group system:nodes, so the Node authorizer and NodeRestriction admission confine
+it as they confine a real kubelet; binding uses system:kube-scheduler, the
+identity the bootstrap RBAC policy allows to bind pods.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from fractions import Fraction
+from pathlib import Path
+
+from tests.cluster import processes
+from tests.cluster.control_plane import ControlPlane
+from tests.cluster.log_server import LogServer
+from tests.cluster.podspec import (GPU, ConfigError, command_line, container_env, object_data,
+                                   pod_requests, selects_node, shortfall, tolerates)
+from tests.cluster.quantity import parse_quantity
+from tests.cluster.rest import ApiError, Rest
+from tests.cluster.waiting import GiveUp, wait_until
+
+HOST_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "TMPDIR")
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases"
+LEASE_DURATION_SECONDS = 40
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def now_micro() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class ContainerRun:
+    """The local process behind a pod's (first) container, and what was reported."""
+    namespace: str
+    pod: str
+    uid: str
+    container: str
+    image: str
+    workdir: Path
+    restart_count: int = 0
+    attempted: bool = False  # a start was tried (restarts count from there)
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+    previous_log_path: Path | None = None
+    started_at: str = ""
+    finished_at: str = ""
+    exit_code: int | None = None
+    last_terminated: dict | None = None
+    waiting: tuple[str, str] | None = None  # (reason, message)
+    restart_at: float = 0.0
+    terminal: bool = False
+    kill_at: float | None = None
+    reported: dict | None = None
+    start_time: str = field(default_factory=now)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class TestKubelet:
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, cluster: ControlPlane, name: str = "test-node", *, cpu: str = "8",
+                 memory: str = "32Gi", gpus: int = 0, max_pods: int = 110,
+                 labels: dict[str, str] | None = None, heartbeat_seconds: float = 2.0,
+                 sync_seconds: float = 0.2, extra_env: dict[str, str] | None = None):
+        self.cluster = cluster
+        self.name = name
+        self.capacity = {"cpu": str(cpu), "memory": str(memory), GPU: str(gpus),
+                         "pods": str(max_pods)}
+        self.allocatable = {k: parse_quantity(v) for k, v in self.capacity.items()}
+        self.labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                       "kubernetes.io/arch": "amd64", **(labels or {})}
+        self.heartbeat_seconds = heartbeat_seconds
+        self.sync_seconds = sync_seconds
+        self.extra_env = dict(extra_env or {})
+        self.workdir = cluster.workdir / "kubelets" / name
+        self.errors: list[str] = []  # unexpected failures of a sync pass, for debugging
+        self._runs: dict[str, ContainerRun] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._unschedulable_reported: dict[str, str] = {}
+        self.lost = False
+
+    # ----- lifecycle -------------------------------------------------------------
+
+    def start(self) -> "TestKubelet":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        identity = {"user": f"system:node:{self.name}", "groups": ("system:nodes",)}
+        self.node_api = self.cluster.rest(**identity)
+        self.heartbeat_api = self.cluster.rest(**identity)
+        self.scheduler_api = self.cluster.rest(user="system:kube-scheduler")
+        serving = self.cluster.ca.server(f"kubelet-{self.name}", self.name,
+                                         ("127.0.0.1", self.name))
+        self.log_server = LogServer(serving, self.cluster.ca.cert, self._find_log)
+        self.log_server.start()
+        self._register_node()
+        for target, label in ((self._heartbeat_loop, "heartbeat"), (self._sync_loop, "sync")):
+            thread = threading.Thread(target=target, name=f"kubelet-{self.name}-{label}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        wait_until(self._node_up_in_api, 30, f"node {self.name} Ready with its Lease")
+        return self
+
+    def stop(self, delete_node: bool = True) -> None:
+        """Shut the kubelet down: its processes are terminated, its Node deleted."""
+        self._halt(grace_seconds=5)
+        if delete_node:
+            try:
+                self.cluster.rest().delete(f"/api/v1/nodes/{self.name}")
+            except ApiError as error:
+                if error.status != 404:
+                    raise
+
+    def lose(self) -> None:
+        """The node vanishes: no more heartbeats or status, its processes die at once.
+        The Node and its pods stay in the API, for the control plane to deal with."""
+        self.lost = True
+        self._halt(grace_seconds=0)
+
+    def _halt(self, grace_seconds: float) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads.clear()
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            if run.process is not None:
+                processes.stop(run.process, grace_seconds=grace_seconds)
+        if getattr(self, "log_server", None):
+            self.log_server.stop()
+            self.log_server = None
+
+    def __enter__(self) -> "TestKubelet":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ----- what tests look at ----------------------------------------------------------
+
+    def run_of(self, namespace: str, pod: str) -> ContainerRun | None:
+        with self._lock:
+            runs = [r for r in self._runs.values() if r.namespace == namespace and r.pod == pod]
+        return runs[-1] if runs else None
+
+    def log_path(self, namespace: str, pod: str) -> Path:
+        """The current log file of the pod's container (waits until it has started)."""
+        run = wait_until(lambda: self.run_of(namespace, pod), 60,
+                         f"pod {namespace}/{pod} to start on {self.name}")
+        return wait_until(lambda: run.log_path, 60, f"log of {namespace}/{pod}")
+
+    def running_pods(self) -> list[str]:
+        with self._lock:
+            return sorted(f"{r.namespace}/{r.pod}" for r in self._runs.values() if r.running())
+
+    # ----- node registration and heartbeats ---------------------------------------
+
+    def _node_status(self) -> dict:
+        stamp = now()
+        conditions = [
+            {"type": kind, "status": "False", "reason": f"KubeletHasSufficient{what}",
+             "message": f"kubelet has sufficient {what.lower()}", "lastHeartbeatTime": stamp,
+             "lastTransitionTime": stamp}
+            for kind, what in (("MemoryPressure", "Memory"), ("DiskPressure", "Disk"),
+                               ("PIDPressure", "PID"))
+        ]
+        conditions.append({"type": "Ready", "status": "True", "reason": "KubeletReady",
+                           "message": "test kubelet is posting ready status",
+                           "lastHeartbeatTime": stamp, "lastTransitionTime": stamp})
+        return {
+            "capacity": self.capacity, "allocatable": self.capacity, "conditions": conditions,
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+                          {"type": "Hostname", "address": self.name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_server.port}},
+            "nodeInfo": {"machineID": self.name, "systemUUID": self.name, "bootID": self.name,
+                         "kernelVersion": os.uname().release, "osImage": "kubetune test kubelet",
+                         "containerRuntimeVersion": "local-process://0",
+                         "kubeletVersion": _kubernetes_version(), "kubeProxyVersion": "",
+                         "operatingSystem": "linux", "architecture": "amd64"},
+        }
+
+    def _register_node(self) -> None:
+        node = {"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": self.name, "labels": self.labels},
+                "status": self._node_status()}
+        try:
+            self.node_api.post("/api/v1/nodes", node)
+        except ApiError as error:
+            if error.status != 409:
+                raise
+        # Creation may drop or keep status fields; set them all explicitly.
+        self.node_api.strategic_patch(f"/api/v1/nodes/{self.name}/status",
+                                      {"status": self._node_status()})
+
+    def _node_up_in_api(self) -> bool:
+        if self.errors:
+            raise GiveUp(f"test kubelet {self.name} failed:\n{self.errors[-1]}")
+        admin = self.cluster.rest()
+        node = admin.get(f"/api/v1/nodes/{self.name}")
+        admin.get(f"{LEASES}/{self.name}")
+        return any(c["type"] == "Ready" and c["status"] == "True"
+                   for c in node["status"].get("conditions", []))
+
+    def _heartbeat_loop(self) -> None:
+        status_every = max(1, int(10 / self.heartbeat_seconds))  # Ready heartbeat ~ 10 s
+        beat = 0
+        while not self._stop.is_set():
+            try:
+                self._renew_lease()
+                if beat % status_every == 0:
+                    self.heartbeat_api.strategic_patch(
+                        f"/api/v1/nodes/{self.name}/status", {"status": self._node_status()})
+            except Exception:  # noqa: BLE001 - keep beating; the error is recorded
+                self._record_error()
+            beat += 1
+            self._stop.wait(self.heartbeat_seconds)
+
+    def _renew_lease(self) -> None:
+        path = f"{LEASES}/{self.name}"
+        try:
+            lease = self.heartbeat_api.get(path)
+        except ApiError as error:
+            if error.status != 404:
+                raise
+            node = self.heartbeat_api.get(f"/api/v1/nodes/{self.name}")
+            self.heartbeat_api.post(
+                LEASES,
+                {"metadata": {"name": self.name, "namespace": "kube-node-lease",
+                              "ownerReferences": [{"apiVersion": "v1", "kind": "Node",
+                                                   "name": self.name,
+                                                   "uid": node["metadata"]["uid"]}]},
+                 "spec": {"holderIdentity": self.name,
+                          "leaseDurationSeconds": LEASE_DURATION_SECONDS,
+                          "renewTime": now_micro()}})
+            return
+        lease["spec"]["renewTime"] = now_micro()
+        self.heartbeat_api.put(path, lease)
+
+    # ----- the sync loop: bind, start, report, terminate --------------------------------
+
+    def _sync_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._sync_once()
+            except Exception:  # noqa: BLE001 - a failed pass is retried on the next one
+                self._record_error()
+            self._stop.wait(self.sync_seconds)
+
+    def _record_error(self) -> None:
+        self.errors.append(traceback.format_exc())
+        with open(self.workdir / "kubelet-errors.log", "a") as log:
+            log.write(f"{now()} {self.errors[-1]}\n")
+
+    def _sync_once(self) -> None:
+        own = self.node_api.get("/api/v1/pods", fieldSelector=f"spec.nodeName={self.name}")
+        pods = own["items"]
+        present = set()
+        for pod in pods:
+            present.add(pod["metadata"]["uid"])
+            self._sync_pod(pod)
+        with self._lock:
+            gone = [uid for uid in self._runs if uid not in present]
+        for uid in gone:  # removed from the API (force-deleted): stop at once
+            run = self._runs[uid]
+            if run.process is not None:
+                processes.stop(run.process, grace_seconds=0)
+            with self._lock:
+                del self._runs[uid]
+        self._bind_pending(pods)
+
+    def _bind_pending(self, own_pods: list[dict]) -> None:
+        if self._stop.is_set():
+            return
+        used: dict[str, Fraction] = {}
+        for pod in own_pods:
+            if pod.get("status", {}).get("phase") not in TERMINAL_PHASES:
+                for name, amount in pod_requests(pod).items():
+                    used[name] = used.get(name, Fraction(0)) + amount
+        pending = self.scheduler_api.get(
+            "/api/v1/pods", fieldSelector="spec.nodeName=,status.phase=Pending")["items"]
+        if not pending:
+            return
+        pending.sort(key=lambda p: (p["metadata"]["creationTimestamp"], p["metadata"]["name"]))
+        # Fresh taints: the node lifecycle controller lifts "not-ready" soon after registration.
+        node = self.node_api.get(f"/api/v1/nodes/{self.name}")
+        taints = node["spec"].get("taints") or []
+        for pod in pending:
+            meta, spec = pod["metadata"], pod["spec"]
+            if spec.get("schedulerName", "default-scheduler") != "default-scheduler" \
+                    or meta.get("deletionTimestamp"):
+                continue
+            if not selects_node(pod, self.labels) or not tolerates(pod, taints):
+                self._mark_unschedulable(pod, "node(s) didn't match the pod's node "
+                                              "selector or had untolerated taints")
+                continue
+            requests = pod_requests(pod)
+            lacking = shortfall(requests, used, self.allocatable)
+            if lacking:
+                self._mark_unschedulable(pod, ", ".join(f"Insufficient {r}" for r in lacking))
+                continue
+            try:
+                self.scheduler_api.post(
+                    f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/binding",
+                    {"apiVersion": "v1", "kind": "Binding",
+                     "metadata": {"name": meta["name"], "uid": meta["uid"]},
+                     "target": {"apiVersion": "v1", "kind": "Node", "name": self.name}})
+            except ApiError as error:
+                if error.status in (404, 409):  # deleted, or bound elsewhere meanwhile
+                    continue
+                raise
+            for name, amount in requests.items():
+                used[name] = used.get(name, Fraction(0)) + amount
+
+    def _mark_unschedulable(self, pod: dict, why: str) -> None:
+        """Say why it waits, in the PodScheduled condition, as kube-scheduler does."""
+        uid = pod["metadata"]["uid"]
+        message = f"0/1 nodes are available: 1 {why}."
+        if self._unschedulable_reported.get(uid) == message:
+            return
+        meta = pod["metadata"]
+        try:
+            self.scheduler_api.strategic_patch(
+                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
+                {"status": {"conditions": [{"type": "PodScheduled", "status": "False",
+                                            "reason": "Unschedulable", "message": message,
+                                            "lastTransitionTime": now()}]}})
+            self._unschedulable_reported[uid] = message
+        except ApiError as error:
+            if error.status != 404:
+                raise
+
+    def _sync_pod(self, pod: dict) -> None:
+        meta = pod["metadata"]
+        uid = meta["uid"]
+        with self._lock:
+            run = self._runs.get(uid)
+        if meta.get("deletionTimestamp"):
+            self._terminate(pod, run)
+            return
+        if pod.get("status", {}).get("phase") in TERMINAL_PHASES and run is None:
+            return  # finished before this kubelet knew it (e.g. reported by an earlier one)
+        if run is None:
+            container = pod["spec"]["containers"][0]
+            run = ContainerRun(meta["namespace"], meta["name"], uid, container["name"],
+                               container.get("image", ""),
+                               self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{uid[:8]}")
+            with self._lock:
+                self._runs[uid] = run
+        if run.terminal:
+            pass
+        elif not run.attempted or (run.restart_at and time.monotonic() >= run.restart_at):
+            self._start_container(pod, run)
+        elif run.process is not None and not run.running() and run.exit_code is None:
+            self._container_exited(pod, run)
+        self._report(pod, run)
+
+    def _start_container(self, pod: dict, run: ContainerRun) -> None:
+        container = pod["spec"]["containers"][0]
+        try:
+            env = container_env(pod, container, self._fetch_data)
+            argv = command_line(container, env)
+        except ConfigError as error:
+            run.waiting = ("CreateContainerConfigError", str(error))
+            return
+        run.workdir.mkdir(parents=True, exist_ok=True)
+        if run.attempted:  # a restart: keep the previous log for --previous
+            run.restart_count += 1
+            run.previous_log_path = run.log_path
+        run.attempted = True
+        run.log_path = run.workdir / f"{run.container}-{run.restart_count}.log"
+        base = {k: os.environ[k] for k in HOST_ENV if k in os.environ}
+        port = self.cluster.server.rsplit(":", 1)[1]
+        full_env = {**base, "HOME": str(run.workdir), "HOSTNAME": run.pod,
+                    "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": port,
+                    **self.extra_env, **env}
+        run.waiting, run.exit_code, run.restart_at, run.process = None, None, 0.0, None
+        run.started_at = now()
+        try:
+            run.process = processes.spawn(argv, run.log_path, env=full_env, cwd=run.workdir)
+        except OSError as error:  # e.g. command not found: the container fails to start
+            run.exit_code = 128
+            run.finished_at = now()
+            run.last_terminated = {"exitCode": 128, "reason": "StartError",
+                                   "message": str(error), "startedAt": run.started_at,
+                                   "finishedAt": run.finished_at}
+            self._after_exit(pod, run, 128)
+
+    def _container_exited(self, pod: dict, run: ContainerRun) -> None:
+        code = run.process.returncode
+        run.exit_code = code if code >= 0 else 128 - code  # killed by signal N: 128+N
+        run.finished_at = now()
+        run.last_terminated = {"exitCode": run.exit_code,
+                               "reason": "Completed" if run.exit_code == 0 else "Error",
+                               "startedAt": run.started_at, "finishedAt": run.finished_at}
+        self._after_exit(pod, run, run.exit_code)
+
+    def _after_exit(self, pod: dict, run: ContainerRun, code: int) -> None:
+        policy = pod["spec"].get("restartPolicy", "Always")
+        if policy == "Always" or (policy == "OnFailure" and code != 0):
+            # Back off 1, 2, 4 ... 10 s (a real kubelet: 10 s ... 5 min).
+            run.restart_at = time.monotonic() + min(10.0, 2.0 ** run.restart_count)
+            run.waiting = ("CrashLoopBackOff", f"back-off restarting failed container "
+                                               f"{run.container}")
+        else:
+            run.terminal = True
+
+    def _terminate(self, pod: dict, run: ContainerRun | None) -> None:
+        """Graceful deletion: SIGTERM, SIGKILL at the deadline, then finish the delete."""
+        if run is not None and run.running():
+            if run.kill_at is None:
+                grace = pod["metadata"].get("deletionGracePeriodSeconds", 30)
+                run.kill_at = time.monotonic() + grace
+                processes.signal_group(run.process, signal.SIGTERM)
+            elif time.monotonic() >= run.kill_at:
+                processes.signal_group(run.process, signal.SIGKILL)
+            return
+        meta = pod["metadata"]
+        try:
+            self.node_api.request(
+                "DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                body={"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+                      "preconditions": {"uid": meta["uid"]}})
+        except ApiError as error:
+            if error.status not in (404, 409):
+                raise
+
+    def _fetch_data(self, kind: str, namespace: str, name: str) -> dict[str, str] | None:
+        plural = {"configmap": "configmaps", "secret": "secrets"}[kind]
+        try:
+            obj = self.node_api.get(f"/api/v1/namespaces/{namespace}/{plural}/{name}")
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            # 403 right after binding: the Node authorizer's graph has not yet linked
+            # this pod to the object. Retry on the next pass, as a kubelet would.
+            raise ConfigError(str(error)) from error
+        return object_data(kind, obj)
+
+    # ----- status -----------------------------------------------------------------------
+
+    def _container_status(self, pod: dict, run: ContainerRun) -> dict:
+        status = {"name": run.container, "image": run.image, "imageID": "",
+                  "restartCount": run.restart_count, "ready": False, "started": False}
+        if run.process is not None:
+            status["containerID"] = f"local-process://{run.process.pid}"
+        if run.waiting:
+            status["state"] = {"waiting": {"reason": run.waiting[0], "message": run.waiting[1]}}
+        elif run.running():
+            status["state"] = {"running": {"startedAt": run.started_at}}
+            status["ready"] = status["started"] = True
+        elif run.exit_code is not None:
+            status["state"] = {"terminated": dict(run.last_terminated,
+                                                  containerID=status.get("containerID", ""))}
+        else:
+            status["state"] = {"waiting": {"reason": "ContainerCreating"}}
+        if run.last_terminated and (run.waiting or run.running()) and run.restart_count:
+            status["lastState"] = {"terminated": run.last_terminated}
+        return status
+
+    def _report(self, pod: dict, run: ContainerRun) -> None:
+        container = self._container_status(pod, run)
+        running = run.running()
+        if run.terminal:
+            phase = "Succeeded" if run.exit_code == 0 else "Failed"
+        elif running or run.restart_count or run.waiting and run.waiting[0] == "CrashLoopBackOff":
+            phase = "Running"
+        else:
+            phase = "Pending"
+        ready = "True" if running else "False"
+        conditions = [{"type": t, "status": s} for t, s in (
+            ("PodReadyToStartContainers", "True"), ("Initialized", "True"),
+            ("ContainersReady", ready), ("Ready", ready), ("PodScheduled", "True"))]
+        status = {"phase": phase, "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
+                  "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+                  "startTime": run.start_time, "conditions": conditions,
+                  "containerStatuses": [container]}
+        if status == run.reported:
+            return
+        stamped = dict(status, conditions=[dict(c, lastTransitionTime=now()) for c in conditions
+                                           if not _same_condition(run.reported, c)])
+        meta = pod["metadata"]
+        try:
+            self.node_api.strategic_patch(
+                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
+                {"metadata": {"uid": meta["uid"]}, "status": stamped})
+            run.reported = status
+        except ApiError as error:
+            if error.status != 404:
+                raise
+
+    def _find_log(self, namespace: str, pod: str, container: str, previous: bool):
+        run = self.run_of(namespace, pod)
+        if run is None or run.container != container:
+            return None
+        path = run.previous_log_path if previous else run.log_path
+        return None if path is None else (path, run.running)
+
+
+def _same_condition(reported: dict | None, condition: dict) -> bool:
+    if not reported:
+        return False
+    return any(c["type"] == condition["type"] and c["status"] == condition["status"]
+               for c in reported["conditions"])
+
+
+def _kubernetes_version() -> str:
+    from tests.cluster.tools import pinned_versions
+    return pinned_versions()["KUBERNETES_VERSION"]

@@ -1,0 +1,132 @@
+"""A real redis-server for tests, on a free 127.0.0.1 port, stopped after the test.
+
+Register with `pytest_plugins = ["tests.redis_server"]` in tests/conftest.py.
+The server can be killed (SIGKILL) and restarted on the same port, with or
+without its data, to test what survives.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, *, appendonly: bool = True, password: str | None = None):
+        self.dir = Path(workdir)
+        self.appendonly, self.password = appendonly, password
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        fixed = self.port is not None
+        for _ in range(5):
+            if not fixed:
+                self.port = free_port()
+            data = self.dir / "data"
+            data.mkdir(parents=True, exist_ok=True)
+            args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(data),
+                    "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+                    "--logfile", str(self.dir / "redis.log"), "--daemonize", "no"]
+            if self.password:
+                args += ["--requirepass", self.password]
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+            if self._wait_ready(timeout_s):
+                return
+            self.stop()
+            log = (self.dir / "redis.log").read_text(errors="replace") if (self.dir / "redis.log").exists() else ""
+            if "Address already in use" not in log or fixed:
+                raise RuntimeError(f"redis-server did not start on port {self.port}:\n{log[-2000:]}")
+        raise RuntimeError("redis-server found no free port")
+
+    def _wait_ready(self, timeout_s: float) -> bool:
+        """Until the server answers PING (or has exited), within a deadline."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    reply = s.recv(64)
+                    if reply.startswith((b"+PONG", b"-NOAUTH")):
+                        return True
+                    if reply.startswith(b"-LOADING"):
+                        pass  # loading its append-only file: not ready yet
+            except OSError:
+                pass
+            time.sleep(0.02)
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to save anything more."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def restart(self, keep_data: bool = True) -> None:
+        self.kill()
+        if not keep_data:
+            shutil.rmtree(self.dir / "data", ignore_errors=True)
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _require_redis() -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (hack/install-redis.sh installs it)")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    _require_redis()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path):
+    """Makes servers with other options (a password, no append-only file); stops them all after."""
+    _require_redis()
+    servers = []
+
+    def make(**kw) -> RedisServer:
+        s = RedisServer(tmp_path / f"redis-{len(servers)}", **kw)
+        servers.append(s)
+        s.start()
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in servers:
+            s.stop()

@@ -1,0 +1,300 @@
+"""The metric bus contract, for the in-memory bus and for Redis Streams on a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from kubetune import Study
+from kubetune.api.trial import Decision, Trial, TrialState
+from kubetune.bus import MemoryBus, Report, SchedulerLoop, StudyHandler, TrialClient
+
+# Until tests/conftest.py carries `pytest_plugins = ["tests.redis_server"]`.
+from redis_server import redis_server, redis_server_factory  # noqa: F401
+
+EXP = "mnist-asha"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def bus(request):
+    if request.param == "memory":
+        b = MemoryBus(maxlen=100)
+        yield b
+        return
+    from kubetune.bus.redis_streams import RedisBus
+
+    server = request.getfixturevalue("redis_server")
+    b = RedisBus(url=server.url, maxlen=100)
+    b.server = server
+    yield b
+    b.close()
+
+
+def reports(trial, n, start=1):
+    return [Report(trial, q, float(q), {"acc": q / 10}) for q in range(start, start + n)]
+
+
+# -- the contract -------------------------------------------------------------
+
+
+def test_reports_are_delivered_once_in_order(bus):
+    bus.publish(EXP, reports(0, 3) + reports(1, 2))
+    got = bus.read(EXP, "c0", count=10)
+    assert [(m.report.trial, m.report.seq) for m in got] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2)]
+    assert got[0].report == Report(0, 1, 1.0, {"acc": 0.1})
+    assert bus.read(EXP, "c0") == []
+    assert bus.read("other-experiment", "c0") == []
+
+
+def test_unacknowledged_reports_come_back_to_a_restarted_consumer(bus):
+    bus.publish(EXP, reports(0, 4))
+    got = bus.read(EXP, "c0", count=10)
+    bus.ack(EXP, [got[0].id, got[1].id])
+    again = bus.read(EXP, "c0", pending=True)
+    assert [m.report.seq for m in again] == [3, 4]
+    bus.ack(EXP, [m.id for m in again])
+    assert bus.read(EXP, "c0", pending=True) == []
+
+
+def test_decisions_reach_only_their_trial_in_order(bus):
+    bus.decide(EXP, [(0, 1, Decision()), (1, 1, Decision("stop", "bad")), (0, 2, Decision("pause", "rung"))])
+    assert bus.take_decisions(EXP, 0) == [(1, Decision()), (2, Decision("pause", "rung"))]
+    assert bus.take_decisions(EXP, 1) == [(1, Decision("stop", "bad"))]
+    assert bus.take_decisions(EXP, 0) == []
+    exploit = Decision("exploit", "bottom", donor=3, params={"lr": 0.1, "opt": "sgd"})
+    bus.decide(EXP, [(2, 7, exploit)])
+    assert bus.take_decisions(EXP, 2) == [(7, exploit)]
+
+
+def test_a_trial_blocks_until_its_decision_arrives(bus):
+    def scheduler():
+        msgs = []
+        while not msgs:
+            msgs = bus.read(EXP, "c0", block_s=5)
+        bus.decide(EXP, [(m.report.trial, m.report.seq, Decision("stop", "late")) for m in msgs])
+
+    th = threading.Thread(target=scheduler)
+    th.start()
+    bus.publish(EXP, reports(5, 1))
+    got = bus.take_decisions(EXP, 5, block_s=30)
+    th.join()
+    assert got == [(1, Decision("stop", "late"))]
+
+
+def test_the_stream_is_bounded(bus):
+    for i in range(10):
+        bus.publish(EXP, reports(0, 100, start=1 + 100 * i))
+    kept = bus.backlog(EXP)
+    # Redis trims whole blocks (MAXLEN ~), so a little over the bound is kept.
+    assert 100 <= len(kept) <= 300
+    assert kept[-1].report.seq == 1000
+
+
+def test_delete_experiment_removes_every_key(bus):
+    bus.publish(EXP, reports(0, 3))
+    bus.read(EXP, "c0")
+    bus.decide(EXP, [(0, 1, Decision()), (4, 1, Decision())])
+    bus.publish("keep-me", reports(0, 1))
+    bus.delete_experiment(EXP)
+    if isinstance(bus, MemoryBus):
+        assert bus.experiments() == {"keep-me"}
+    else:
+        assert bus.keys(EXP) == []
+        assert bus.keys("keep-me") != []
+    assert bus.backlog(EXP) == [] and bus.take_decisions(EXP, 0) == []
+    # The experiment can start again from nothing.
+    bus.publish(EXP, reports(0, 1))
+    assert [m.report.seq for m in bus.read(EXP, "c0")] == [1]
+
+
+def test_client_batches_reports_and_keeps_a_stop(bus):
+    client = TrialClient(bus, EXP, 3, batch=8, flush_s=3600)
+    for step in range(1, 21):
+        assert client.send_report(step, {"acc": step / 20}).action == "continue"
+    assert len(bus.read(EXP, "c0", count=100)) == 16  # two full batches sent
+    client.flush()
+    got = bus.read(EXP, "c0", count=100)
+    assert [m.report.seq for m in got] == [17, 18, 19, 20]
+    bus.decide(EXP, [(3, 20, Decision("stop", "pruned")), (3, 21, Decision())])
+    assert client.flush().stop
+    assert client.send_report(21, {"acc": 1}).stop  # a stop sticks
+
+
+# -- the scheduler loop -----------------------------------------------------------
+
+PARAMS = [{"name": "lr", "type": "double", "min": 1e-3, "max": 1.0, "log": True},
+          {"name": "units", "type": "int", "min": 1, "max": 8}]
+ASHA = {"name": "asha", "settings": {"resource": "epoch", "min": 1, "max": 9, "reductionFactor": 3}}
+
+
+def acc(params, epoch):
+    return (1 - math.exp(-epoch * params["lr"] * 2)) * (0.5 + params["units"] / 16)
+
+
+class Experiment:
+    """A Study, its state store (a JSON file) and a scheduler loop over a bus; trials run in threads."""
+
+    def __init__(self, bus, path, n_trials=24, workers=4, wait_s=10.0):
+        self.bus, self.path, self.n_trials, self.workers = bus, path, n_trials, workers
+        self.wait_s = wait_s
+        self.lock = threading.RLock()
+        self.study = Study(parameters=PARAMS, goal="maximize", seed=7, early_stopping=ASHA)
+        self.stop = threading.Event()
+        self.loop_thread = None
+        self.errors = []
+        self.failed = threading.Event()
+        self.start_loop()
+
+    def on_error(self, e):
+        self.errors.append(e)
+        self.failed.set()
+
+    def persist(self):
+        with self.lock:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps([t.to_dict() for t in self.study.trials]))
+            tmp.replace(self.path)
+
+    def stored(self) -> list[Trial]:
+        return [Trial.from_dict(d) for d in json.loads(self.path.read_text())] if self.path.exists() else []
+
+    def start_loop(self, crash_after=None):
+        handler = StudyHandler(self.study, "acc", self.lock)
+        if crash_after is not None:
+            inner, seen = handler, [0]
+
+            def handler(msg):  # noqa: F811 - dies before answering its batch
+                seen[0] += 1
+                if seen[0] > crash_after:
+                    raise RuntimeError("scheduler loop killed")
+                return inner(msg)
+
+        self.loop = SchedulerLoop(self.bus, EXP, handler, persist=self.persist)
+        self.stop = threading.Event()
+        self.loop_thread = threading.Thread(target=self.loop.run, args=(self.stop, 0.2, self.on_error),
+                                            daemon=True)
+        self.loop_thread.start()
+
+    def stop_loop(self):
+        self.stop.set()
+        self.loop_thread.join(30)
+        assert not self.loop_thread.is_alive()
+
+    def restart_loop_from_store(self):
+        """A new process: the Study rebuilt from the state store, a fresh loop."""
+        self.stop_loop()
+        with self.lock:
+            self.study = Study(parameters=PARAMS, goal="maximize", seed=7, early_stopping=ASHA,
+                               trials=self.stored())
+        self.start_loop()
+
+    def run_trial(self, number, progress):
+        client = TrialClient(self.bus, EXP, number, wait=True, wait_s=self.wait_s)
+        with self.lock:
+            params = dict(self.study.trials[number].params)
+        value = None
+        for epoch in range(1, 10):
+            value = acc(params, epoch)
+            d = client.send_report(epoch, {"acc": value, "loss": 1 - value})
+            progress()
+            if d.stop:
+                break
+        client.close()
+        with self.lock:  # the engine records the finished trial in the state store
+            trial = self.study.trials[number]
+            self.study.tell(trial, value)
+        self.persist()
+
+    def run(self, progress=lambda: None):
+        with ThreadPoolExecutor(self.workers) as pool:
+            futures = []
+            for _ in range(self.n_trials):
+                with self.lock:
+                    number = self.study.ask().number
+                futures.append(pool.submit(self.run_trial, number, progress))
+            for f in futures:
+                f.result(timeout=120)
+        self.stop_loop()
+
+
+def test_loop_runs_an_asha_experiment_over_the_bus(bus, tmp_path):
+    exp = Experiment(bus, tmp_path / "trials.json")
+    exp.run()
+    states = {t.state for t in exp.study.trials}
+    assert states <= {TrialState.SUCCEEDED, TrialState.PRUNED} and TrialState.PRUNED in states
+    # The loop answered every report: pruned trials stopped at a rung, not at the end.
+    assert all(t.intermediate[-1][0] in (1, 3) for t in exp.study.trials if t.state == TrialState.PRUNED)
+    assert [t.to_dict() for t in exp.stored()] == [t.to_dict() for t in exp.study.trials]
+
+
+def test_killed_scheduler_loop_is_rebuilt_from_the_trial_list(bus, tmp_path):
+    exp = Experiment(bus, tmp_path / "trials.json")
+    exp.stop_loop()
+    exp.start_loop(crash_after=30)
+
+    def watch():  # the operator notices the dead loop and starts a new one
+        assert exp.failed.wait(60)
+        exp.restart_loop_from_store()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    exp.run()
+    watcher.join(60)
+    assert any("killed" in str(e) for e in exp.errors)
+    trials = exp.stored()
+    assert len(trials) == exp.n_trials and all(t.state.finished for t in trials)
+    for t in trials:  # reports applied once, even those re-read after the crash
+        steps = [s for s, _ in t.intermediate]
+        assert steps == sorted(set(steps))
+
+
+@pytest.mark.parametrize("keep_data", [True, False], ids=["aof-kept", "redis-data-lost"])
+def test_experiment_completes_across_a_redis_kill(redis_server, tmp_path, keep_data):
+    from kubetune.bus.redis_streams import RedisBus
+
+    bus = RedisBus(url=redis_server.url)
+    # A report lost with Redis's data gets no answer: its trial waits wait_s, then trains on.
+    exp = Experiment(bus, tmp_path / "trials.json", n_trials=30, wait_s=1.0)
+    finished_before = {}
+    killed = threading.Event()
+    count = [0]
+    lock = threading.Lock()
+
+    def progress():
+        with lock:
+            count[0] += 1
+            if count[0] != 25:  # every trial reports at least once: always reached
+                return
+        # Mid-experiment: note what is finished, kill Redis, start it again.
+        finished_before.update({t.number: t.to_dict() for t in exp.stored() if t.value is not None})
+        redis_server.restart(keep_data=keep_data)
+        killed.set()
+
+    exp.run(progress)
+    assert killed.is_set()
+    trials = exp.stored()
+    assert len(trials) == exp.n_trials and all(t.state.finished for t in trials)
+    # No finished result was lost or changed.
+    for number, before in finished_before.items():
+        assert trials[number].to_dict() == before
+    bus.delete_experiment(EXP)
+    assert bus.keys(EXP) == []
+    bus.close()
+
+
+def test_password_is_required_and_used(redis_server_factory):
+    import redis as redis_py
+
+    from kubetune.bus.redis_streams import RedisBus
+
+    server = redis_server_factory(password="s3cret")
+    with pytest.raises(redis_py.AuthenticationError):
+        RedisBus(url=server.url).backlog(EXP)
+    bus = RedisBus(url=server.url, password="s3cret")
+    bus.publish(EXP, reports(0, 2))
+    assert len(bus.read(EXP, "c0")) == 2
+    bus.close()

@@ -1,0 +1,336 @@
+"""Schedulers: decisions on crafted curves, rebuild after a restart, settings errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+from kubetune import Study
+from kubetune.api.trial import TrialState
+from kubetune.api.validation import SpecError
+from kubetune.schedulers import SCHEDULERS, check_early_stopping
+
+PARAMS = [
+    {"name": "lr", "type": "double", "min": 1e-4, "max": 1.0, "log": True},
+    {"name": "units", "type": "int", "min": 1, "max": 8},
+    {"name": "opt", "type": "categorical", "values": ["adam", "sgd", "rms"]},
+]
+RUNGS = {"resource": "epoch", "min": 1, "max": 9, "reductionFactor": 3}
+
+
+def study(name, settings=None, goal="maximize", seed=0, trials=()):
+    es = {"name": name, "settings": settings} if settings is not None else {"name": name}
+    return Study(parameters=PARAMS, goal=goal, seed=seed, early_stopping=es, trials=trials)
+
+
+def curve(params, step):
+    """A deterministic learning curve: rises with lr (to a point) and units."""
+    q = math.exp(-((math.log10(params["lr"]) + 1.5) ** 2)) * (0.6 + params["units"] / 20)
+    q *= {"adam": 1.0, "sgd": 0.9, "rms": 0.95}[params["opt"]]
+    return q * (1 - math.exp(-step / 3))
+
+
+# -- ASHA ---------------------------------------------------------------------
+
+
+def test_asha_stops_trials_outside_the_top_third_at_a_rung():
+    s = study("asha", RUNGS)
+    a, b, c = s.ask(), s.ask(), s.ask()
+    assert s.report(a, step=1, value=0.5).action == "continue"  # first at the rung: nothing to compare
+    assert s.report(b, step=1, value=0.9).action == "continue"
+    d = s.report(c, step=1, value=0.1)
+    assert d.stop and "top 1/3" in d.reason and "epoch 1" in d.reason
+    assert c.state == TrialState.PRUNED
+    s.tell(c, 0.1)
+    assert c.state == TrialState.PRUNED  # a stopped trial stays Pruned
+    # Between rungs nothing is decided; at max a trial finishes on its own.
+    assert s.report(a, step=2, value=0.0).action == "continue"
+    assert s.report(b, step=9, value=0.95).action == "continue"
+
+
+def test_asha_minimize_goal_flips_the_order():
+    s = study("asha", RUNGS, goal="minimize")
+    a, b = s.ask(), s.ask()
+    s.report(a, step=1, value=0.1)
+    assert s.report(b, step=1, value=0.9).stop
+
+
+def test_asha_never_waits_for_a_rung_to_fill():
+    for mode in ("stopping", "promotion"):
+        s = study("asha", {**RUNGS, "mode": mode})
+        for i in range(30):
+            t = s.ask()  # a free worker always gets work at once
+            assert t is not None and t.state == TrialState.PENDING
+            d = s.report(t, step=(t.last_step or 0) + 1, value=curve(t.params, 1))
+            assert d.action in ("continue", "stop", "pause")
+            if d.action == "continue":
+                s.tell(t, curve(t.params, 1))
+
+
+def test_promotion_asha_resumes_the_top_third_as_soon_as_it_is_known():
+    s = study("asha", {**RUNGS, "mode": "promotion"})
+    trials = [s.ask() for _ in range(3)]
+    assert all(t.budget == 1 for t in trials)
+    for t, v in zip(trials, (0.2, 0.8, 0.5)):
+        assert s.report(t, step=1, value=v).action == "pause"
+        assert t.state == TrialState.PAUSED
+    # 3 at rung 0 -> the best one (0.8) goes on to epoch 3, from its checkpoint.
+    nxt = s.ask()
+    assert nxt is trials[1] and nxt.state == TrialState.PENDING and nxt.budget == 3
+    assert nxt.events[-1] == {"event": "resume", "budget": 3, "from_step": 1}
+    # No other paused trial is in the top third: the next worker gets a new configuration.
+    assert s.ask().number == 3
+    # Only resumes are wanted once no new trials may start.
+    assert s.ask(new=False) is None
+    assert [t.number for t in s.prune_paused()] == [0, 2]
+
+
+def test_asha_brackets_are_drawn_from_the_seed_and_number():
+    s1, s2 = study("asha", {**RUNGS, "brackets": 3}, seed=5), study("asha", {**RUNGS, "brackets": 3}, seed=5)
+    b1 = [s1.scheduler.bracket_of(s1.ask()) for _ in range(40)]
+    b2 = [s2.scheduler.bracket_of(s2.ask()) for _ in range(40)]
+    assert b1 == b2 and set(b1) == {0, 1, 2}
+
+
+# -- SHA / HyperBand (synchronous) -----------------------------------------------
+
+
+def test_sha_pauses_until_the_rung_is_complete_then_promotes_and_prunes():
+    s = study("sha", RUNGS)  # 9 trials at epoch 1 -> 3 at epoch 3 -> 1 at epoch 9
+    first = [s.ask() for _ in range(9)]
+    assert {t.budget for t in first} == {1}
+    values = [0.1 * i for i in range(9)]
+    for t, v in zip(first[:8], values):
+        assert s.report(t, step=1, value=v).action == "pause"
+    # The rung is not complete: a free worker starts the next bracket instead of waiting.
+    other = s.ask()
+    assert other.number == 9 and other.events[0]["bracket"] == 1
+    s.report(first[8], step=1, value=values[8])
+    resumed = s.ask()
+    assert resumed is first[8] and resumed.budget == 3
+    # The six worst were pruned when the rung completed.
+    assert sorted(t.number for t in first if t.state == TrialState.PRUNED) == list(range(6))
+    assert s.ask() is first[7] and s.ask() is first[6]
+
+
+def test_hyperband_cycles_brackets_and_judges_short_brackets_when_no_new_trials_come():
+    s = study("hyperband", RUNGS)
+    sizes = s.scheduler.bracket_sizes(s.scheduler.s_max + 1)
+    assert sizes == [9, 5, 3]
+    trials = [s.ask() for _ in range(9 + 5 + 3)]
+    assert [t.budget for t in trials] == [1] * 9 + [3] * 5 + [9] * 3
+    t = s.ask()
+    assert t.events[0]["bracket"] == 3 and t.budget == 1  # the cycle starts again
+    for u in trials[9:14]:
+        assert s.report(u, step=3, value=curve(u.params, 3)).action == "pause"
+    best = max(trials[9:14], key=lambda u: curve(u.params, 3))
+    assert s.ask() is best and best.budget == 9
+    # A bracket that will never fill is judged with what it has.
+    s.report(t, step=1, value=0.5)
+    assert s.ask(new=False) is t
+
+
+def test_hyperband_asynchronous_mode_stops_instead_of_pausing():
+    s = study("hyperband", {**RUNGS, "mode": "asynchronous"})
+    assert not s.scheduler.needs_checkpoints
+    decisions = []
+    for _ in range(20):
+        t = s.ask()
+        for e in range(1, 10):
+            d = s.report(t, step=e, value=curve(t.params, e))
+            decisions.append(d.action)
+            if d.stop:
+                break
+    assert "pause" not in decisions and "stop" in decisions
+
+
+def test_bohb_is_hyperband_with_observations_for_a_model():
+    s = study("bohb", RUNGS)
+    for _ in range(9):
+        t = s.ask()
+        s.report(t, step=1, value=curve(t.params, 1))
+    obs = s.scheduler.observations(s.trials)
+    assert list(obs) == [1.0] and len(obs[1.0]) == 9
+    assert all(isinstance(p, dict) and loss <= 0 for p, loss in obs[1.0])  # losses: maximise -> negated
+
+
+# -- median -------------------------------------------------------------------
+
+
+def test_median_stops_a_trial_below_the_median_of_completed_trials():
+    s = study("median", {"startupTrials": 3, "warmupSteps": 2})
+    for v in (0.5, 0.6, 0.7):
+        t = s.ask()
+        for step in range(1, 6):
+            s.report(t, step=step, value=v * step / 5)
+        s.tell(t, v)
+    t = s.ask()
+    assert s.report(t, step=1, value=0.0).action == "continue"  # warm-up
+    assert s.report(t, step=3, value=0.37).action == "continue"  # 0.37 > median 0.36
+    assert s.report(t, step=4, value=0.40).stop  # best 0.40 < median 0.48
+    # Before startupTrials completed trials nothing is stopped.
+    s2 = study("median", {"startupTrials": 5})
+    t = s2.ask()
+    assert s2.report(t, step=10, value=-1).action == "continue"
+
+
+# -- PBT ----------------------------------------------------------------------
+
+
+def run_pbt(s, rounds=24, population=6):
+    pop = [s.ask() for _ in range(population)]
+    step = {t.number: 0 for t in pop}
+    acc = {t.number: 0.0 for t in pop}
+    log = []
+    for _ in range(rounds):
+        for t in pop:
+            step[t.number] += 1
+            acc[t.number] += curve(t.params, 3)
+            d = s.report(t, step=step[t.number], value=acc[t.number])
+            log.append((t.number, d))
+            if d.action == "exploit":  # carries on from the donor's checkpoint
+                step[t.number], acc[t.number] = step[d.donor], acc[d.donor]
+    for t in pop:
+        s.tell(t, acc[t.number])
+    return log
+
+
+def test_pbt_bottom_quantile_exploits_a_top_trial_and_explores():
+    s = study("pbt", {"perturbationInterval": 4, "quantileFraction": 0.25})
+    log = run_pbt(s)
+    exploits = [(n, d) for n, d in log if d.action == "exploit"]
+    assert exploits
+    for n, d in exploits:
+        assert d.donor != n
+        p = d.params
+        assert 1e-4 <= p["lr"] <= 1 and isinstance(p["units"], int) and 1 <= p["units"] <= 8
+        assert p["opt"] in ("adam", "sgd", "rms")
+    # Every exploit is in the trial's events, with the old and new parameters.
+    events = [e for t in s.trials for e in t.events if e["event"] == "exploit"]
+    assert len(events) == len(exploits) and all({"old", "new", "donor", "step"} <= set(e) for e in events)
+    assert s.lineage().startswith(f"trial ")  # the best trial's, by default
+    last = exploits[-1]
+    text = s.lineage(last[0]).splitlines()
+    assert len(text) >= 2 and text[-1].startswith(f"trial {last[0]}: from trial {last[1].donor}'s checkpoint")
+
+
+def test_pbt_explore_moves_values_to_neighbours_within_bounds():
+    s = study("pbt", {"resampleProbability": 0.0})
+    sched = s.scheduler
+    params = {"lr": 1.0, "units": 1, "opt": "adam"}
+    seen_lr, seen_units, seen_opt = set(), set(), set()
+    for i in range(50):
+        out = sched.explore(params, sched.rng(99, i))
+        seen_lr.add(round(out["lr"], 6))
+        seen_units.add(out["units"])
+        seen_opt.add(out["opt"])
+    assert seen_lr == {0.8, 1.0}  # 1.2 is clipped to the upper bound
+    assert seen_units == {1, 2}  # ints move by at least one, never below min
+    assert seen_opt == {"adam", "sgd"}  # neighbours only (clipped at the first value)
+
+
+# -- rebuild after a restart ----------------------------------------------------
+
+CONFIGS = [
+    ("asha", RUNGS),
+    ("asha", {**RUNGS, "mode": "promotion"}),
+    ("asha", {**RUNGS, "brackets": 3}),
+    ("sha", RUNGS),
+    ("hyperband", RUNGS),
+    ("hyperband", {**RUNGS, "mode": "asynchronous"}),
+    ("bohb", RUNGS),
+    ("median", {"startupTrials": 2}),
+    ("pbt", {"perturbationInterval": 3}),
+]
+
+
+def drive(s, ticks, workers=3, restart_at=None, factory=None):
+    """Round-robin workers, one report per tick; optionally rebuilds the Study mid-way."""
+    log, slots, step, acc = [], [None] * workers, {}, {}
+    for tick in range(ticks):
+        if tick == restart_at:
+            s = factory(copy.deepcopy(s.trials))
+            slots = [s.trials[t.number] if t is not None else None for t in slots]
+        for w in range(workers):
+            if slots[w] is None:
+                t = s.ask(new=len(s.trials) < 25)
+                if t is None:
+                    continue
+                slots[w] = t
+                step.setdefault(t.number, 0)
+                acc.setdefault(t.number, 0.0)
+                log.append(("ask", t.number, t.budget))
+            t = slots[w]
+            step[t.number] += 1
+            acc[t.number] += curve(t.params, step[t.number]) / 9
+            d = s.report(t, step=step[t.number], value=acc[t.number])
+            log.append(("report", t.number, step[t.number], d.to_dict()))
+            if d.action == "exploit":
+                step[t.number], acc[t.number] = step[d.donor], acc[d.donor]
+            if d.action in ("stop", "pause") or step[t.number] >= 9:
+                if d.action != "pause":
+                    s.tell(t, acc[t.number])
+                slots[w] = None
+    return log, [t.to_dict() for t in s.trials]
+
+
+@pytest.mark.parametrize("name,settings", CONFIGS, ids=[f"{n}-{s.get('mode', s.get('brackets', ''))}" for n, s in CONFIGS])
+def test_rebuilt_scheduler_takes_the_same_decisions(name, settings):
+    def factory(trials=()):
+        return study(name, settings, seed=11, trials=trials)
+
+    long_lived = drive(factory(), 60)
+    for restart in (7, 23, 41):
+        assert drive(factory(), 60, restart_at=restart, factory=factory) == long_lived
+    actions = {entry[3]["action"] for entry in long_lived[0] if entry[0] == "report"}
+    assert actions - {"continue"}, f"{name} took no decision at all"
+
+
+def test_same_seed_same_decisions_other_seed_other_configurations():
+    a = drive(study("asha", RUNGS, seed=3), 40)
+    assert a == drive(study("asha", RUNGS, seed=3), 40)
+    assert a != drive(study("asha", RUNGS, seed=4), 40)
+
+
+# -- settings validation --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,settings,field,words",
+    [
+        ("asha", {"min": 1, "reductionFactor": 3}, "early_stopping.settings.max", "required"),
+        ("asha", {"max": 27, "reductionFactor": 1}, "early_stopping.settings.reductionFactor", "at least 2"),
+        ("asha", {"max": 27, "min": 0}, "early_stopping.settings.min", "greater than 0"),
+        ("asha", {"max": 2, "min": 1}, "early_stopping.settings.max", "only one rung"),
+        ("asha", {"max": 27, "mode": "pause"}, "early_stopping.settings.mode", "stopping, promotion"),
+        ("asha", {"max": 27, "brackets": 9}, "early_stopping.settings.brackets", "at most 4"),
+        ("asha", {"max": 27, "reduction": 3}, "early_stopping.settings.reduction", "reductionFactor"),
+        ("hyperband", {"max": 27, "mode": "promotion"}, "early_stopping.settings.mode", "synchronous"),
+        ("sha", {"max": "27"}, "early_stopping.settings.max", "expected a number"),
+        ("median", {"percentile": 100}, "early_stopping.settings.percentile", "between 0 and 100"),
+        ("median", {"startupTrials": -1}, "early_stopping.settings.startupTrials", "at least 0"),
+        ("pbt", {"quantileFraction": 0.7}, "early_stopping.settings.quantileFraction", "0.5"),
+        ("pbt", {"resampleProbability": 2}, "early_stopping.settings.resampleProbability", "between 0 and 1"),
+        ("pbt", {"perturbationFactors": []}, "early_stopping.settings.perturbationFactors", "non-empty"),
+    ],
+)
+def test_settings_errors_name_the_field(name, settings, field, words):
+    with pytest.raises(SpecError) as err:
+        study(name, settings)
+    paths = [p.path for p in err.value.problems]
+    assert paths == [field], err.value
+    assert words in str(err.value)
+
+
+def test_spec_level_checks_see_the_budget():
+    spec = {"parameters": PARAMS, "budget": {"parallelTrials": 1}}
+    problems = check_early_stopping({"name": "pbt"}, spec, "spec.earlyStopping")
+    assert [p.path for p in problems] == ["budget.parallelTrials"]
+    problems = check_early_stopping({"name": "ashaa", "settings": {}}, spec, "spec.earlyStopping")
+    assert problems[0].path == "spec.earlyStopping.name" and "asha" in problems[0].message
+
+
+def test_every_scheduler_is_registered():
+    assert set(SCHEDULERS) == {"median", "sha", "hyperband", "asha", "bohb", "pbt"}
