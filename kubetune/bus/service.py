@@ -62,11 +62,24 @@ class SchedulerLoop:
         """persist: saves the trial list; called before reports are acknowledged."""
         self.bus, self.experiment, self.handler = bus, experiment, handler
         self.consumer, self.count, self.persist = consumer, count, persist
+        # Held from read to acknowledgement, so that drain() sees every report taken so far handled.
+        self.lock = threading.Lock()
         self._recovered = False
         self.handled = 0
 
     def run_once(self, block_s: float = 0.1) -> int:
         """Handles one batch of reports; returns how many."""
+        with self.lock:
+            return self._run_once(block_s)
+
+    def drain(self) -> int:
+        """Handles every report on the bus now, including any another thread is in the middle of."""
+        total = 0
+        while (n := self.run_once(block_s=0.0)) > 0:
+            total += n
+        return total
+
+    def _run_once(self, block_s: float) -> int:
         if not self._recovered:
             msgs = self.bus.read(self.experiment, self.consumer, self.count, pending=True)
             self._recovered = len(msgs) < self.count

@@ -33,11 +33,9 @@ def main(argv: list[str] | None = None) -> None:
         name, _, key = args.redis_password_secret.partition(":")
         bus["passwordSecret"] = {"name": name, "key": key or "password"}
     handlers.controller = Controller(Kube(), args.suggestion_url, bus)
-    asyncio.run(kopf.operator(
-        standalone=True,  # one replica; restarts are safe because all state is in the API
-        clusterwide=not args.namespace,
-        namespaces=args.namespace or None,
-    ))
+    scope = {"namespaces": args.namespace} if args.namespace else {"clusterwide": True}
+    # Standalone: one replica; restarts are safe because all state is in the API.
+    asyncio.run(kopf.operator(standalone=True, **scope))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
     main.setdefault("image", "kubetune/trial:latest")
     main["command"] = command
     if raw.get("resources"):
-        main["resources"] = raw["resources"]
+        # Quantities as the API writes them (users write `nvidia.com/gpu: 1`).
+        main["resources"] = {kind: {k: str(v) for k, v in (amounts or {}).items()}
+                             for kind, amounts in raw["resources"].items()}
     if template.working_dir:
         main["workingDir"] = template.working_dir
     env = [dict(e) for e in template.env]

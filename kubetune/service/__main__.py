@@ -31,11 +31,17 @@ def main(argv: list[str] | None = None) -> None:
         kube = Kube()
 
         def write(namespace: str, trials: list[Trial]) -> None:
+            from kubernetes.client.rest import ApiException
+
             for t in trials:
                 status = {"intermediate": t.intermediate[-1000:], "metrics": t.metrics}
                 if t.state.value == "Pruned":
                     status["stop"] = {"state": "Pruned", "reason": t.reason or "pruned"}
-                kube.patch_trial_status(namespace, t.name or "", status)
+                try:
+                    kube.patch_trial_status(namespace, t.name, status)
+                except ApiException as e:
+                    if e.status != 404:  # a trial deleted with its experiment has nothing to keep
+                        raise
 
     service = SuggestionService(bus, write)
     server = serve(service, args.host, args.port)

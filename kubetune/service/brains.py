@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 from ..api.spec import ExperimentSpec
 from ..api.trial import Trial, TrialState
+from ..operator.records import trial_name
 from ..study import SearchExhausted, Study
 
 
@@ -51,6 +52,7 @@ class Brain:
         try:
             for _ in range(count):
                 t = self.study.ask()
+                t.name = trial_name(self.key.split("/", 1)[1], t.number)
                 out.append({"number": t.number, "params": t.params})
         except SearchExhausted:
             return out, True

@@ -50,7 +50,7 @@ class SuggestionService:
             return {"known": False}
         loop = self._loops.get(key)
         if loop is not None:
-            loop[2].run_once(block_s=0.0)  # take what the trial sent just before it exited
+            loop[2].drain()  # take what the trial sent just before it exited
         number = int(req["trial"])
         with brain.lock:
             if not 0 <= number < len(brain.study.trials):
@@ -78,7 +78,7 @@ class SuggestionService:
     # -- scheduler loops -----------------------------------------------------
 
     def _start_loop(self, brain: Brain) -> None:
-        if self.bus is None or brain.study.scheduler is None:
+        if self.bus is None:
             return
         from ..bus import SchedulerLoop, StudyHandler
 

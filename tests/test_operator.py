@@ -1,0 +1,158 @@
+"""The operator and the suggestion service on the real test cluster.
+
+Everything is real but the kubelet: kube-apiserver, etcd and the controller
+manager (tests/cluster), Redis (tests/redis_server.py), the operator and the
+suggestion service as their own processes, and trial pods run by the test
+kubelet as local processes that report through the Redis bus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cluster.waiting import wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+TRIALS = ROOT / "tests" / "trials"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """The operator and the suggestion service as processes that tests may kill and restart."""
+
+    def __init__(self, cluster, redis, workdir: Path):
+        self.cluster, self.redis, self.workdir = cluster, redis, workdir
+        self.port = free_port()
+        self.env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, which: str) -> None:
+        if which == "suggestion":
+            argv = [sys.executable, "-m", "kubetune.service", "--host", "127.0.0.1", "--port", str(self.port),
+                    "--redis-url", self.redis.url]
+        else:
+            argv = [sys.executable, "-m", "kubetune.operator", "--suggestion-url", f"http://127.0.0.1:{self.port}",
+                    "--redis-url", self.redis.url]
+        log = open(self.workdir / f"{which}.log", "a")
+        self.procs[which] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+        if which == "suggestion":
+            import urllib.request
+
+            def ready():
+                try:
+                    return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status == 200
+                except OSError:
+                    return False
+            wait_until(ready, timeout=20, what="suggestion service ready")
+
+    def kill(self, which: str) -> None:
+        proc = self.procs.pop(which)
+        proc.kill()
+        proc.wait()
+
+    def stop(self) -> None:
+        for which in list(self.procs):
+            proc = self.procs.pop(which)
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in self.workdir.glob("*.log"))
+
+
+@pytest.fixture(scope="session")
+def crds(k8s_cluster):
+    k8s_cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+    k8s_cluster.kubectl("wait", "--for=condition=Established", "crd/experiments.kubetune.io", "crd/trials.kubetune.io")
+
+
+@pytest.fixture
+def stack(k8s_cluster, crds, redis_server, tmp_path):
+    s = Stack(k8s_cluster, redis_server, tmp_path)
+    s.start("suggestion")
+    s.start("operator")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def experiment(name, namespace, **spec):
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "Experiment",
+           "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    return yaml.safe_dump(doc)
+
+
+def get(cluster, kind, namespace, name=None):
+    args = ["get", kind, "-n", namespace, "-o", "json"] + ([name] if name else [])
+    return json.loads(cluster.kubectl(*args).stdout)
+
+
+def wait_phase(cluster, namespace, name, stack, timeout=120):
+    def over():
+        status = get(cluster, "experiment", namespace, name).get("status") or {}
+        return status.get("completionTime") is not None
+    try:
+        wait_until(over, timeout=timeout, interval=0.2, what=f"experiment {name} to finish")
+    except Exception:
+        print(stack.logs())
+        raise
+    return get(cluster, "experiment", namespace, name)["status"]
+
+
+def trial_states(cluster, namespace) -> str:
+    """What each trial came to, for an assertion message."""
+    return "\n".join(f"{t['metadata']['name']}: {(t.get('status') or {}).get('state')} "
+                     f"{(t.get('status') or {}).get('reason', '')}" for t in get(cluster, "trials", namespace)["items"])
+
+
+def curve_spec(**over):
+    spec = {
+        "objective": {"metric": "score", "goal": "maximize"},
+        "parameters": [{"name": "x", "type": "double", "min": 0.0, "max": 1.0}],
+        "algorithm": {"name": "random", "settings": {"seed": 3}},
+        "budget": {"maxTrials": 6, "parallelTrials": 2},
+        "trialTemplate": {"image": "kubetune/trial:test", "command": ["python", str(TRIALS / "curve.py")],
+                          "resources": {"limits": {"nvidia.com/gpu": 1}}},
+    }
+    spec.update(over)
+    return spec
+
+
+def test_an_experiment_runs_its_trials_as_pods_and_succeeds(k8s_cluster, k8s_namespace, make_kubelet, stack):
+    make_kubelet(gpus=2)
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("plain", k8s_namespace, **curve_spec()))
+    status = wait_phase(k8s_cluster, k8s_namespace, "plain", stack)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    assert status["succeeded"] == 6 and status["trials"] == 6, (trial_states(k8s_cluster, k8s_namespace), stack.logs())
+    trials = get(k8s_cluster, "trials", k8s_namespace)["items"]
+    values = [t["status"]["value"] for t in trials]
+    assert status["bestObjective"] == max(values)
+    assert status["bestTrial"]["name"] in {t["metadata"]["name"] for t in trials}
+    # Every trial's value is its best reported score, reported through Redis.
+    for t in trials:
+        x = t["spec"]["params"]["x"]
+        assert t["status"]["value"] == pytest.approx((1 - (x - 0.3) ** 2) * (1 - 0.5 ** 9))
+        assert len(t["status"]["intermediate"]) == 9
+    table = k8s_cluster.kubectl("get", "experiments", "-n", k8s_namespace).stdout
+    assert table.split()[:9] == ["NAME", "ALGORITHM", "STATUS", "RUNNING", "SUCCEEDED", "PRUNED", "FAILED", "BEST", "AGE"]
+    assert "plain" in table and "random" in table and "Succeeded" in table

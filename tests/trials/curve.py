@@ -1,0 +1,20 @@
+"""A trial for the cluster tests: a learning curve whose level depends on x.
+
+It reports `score` every step through the SDK (the Redis bus in a pod) and
+stops when the scheduler says so. STEP_SECONDS slows it down for tests that
+need trials in flight.
+"""
+
+import os
+import time
+
+from kubetune import trial
+
+p = trial.params()
+steps = int(os.environ.get("STEPS", "9"))
+for step in range(1, steps + 1):
+    time.sleep(float(os.environ.get("STEP_SECONDS", "0.05")))
+    level = 1.0 - (p["x"] - 0.3) ** 2
+    score = level * (1 - 0.5 ** step)
+    if trial.report(step=step, score=score).stop:
+        break
