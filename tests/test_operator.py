@@ -156,3 +156,90 @@ def test_an_experiment_runs_its_trials_as_pods_and_succeeds(k8s_cluster, k8s_nam
     table = k8s_cluster.kubectl("get", "experiments", "-n", k8s_namespace).stdout
     assert table.split()[:9] == ["NAME", "ALGORITHM", "STATUS", "RUNNING", "SUCCEEDED", "PRUNED", "FAILED", "BEST", "AGE"]
     assert "plain" in table and "random" in table and "Succeeded" in table
+
+
+def test_the_api_server_refuses_an_invalid_experiment_naming_the_field(k8s_cluster, k8s_namespace, crds):
+    bad = curve_spec(parameters=[{"name": "x", "type": "double", "min": 5, "max": 1}])
+    result = k8s_cluster.kubectl("apply", "-f", "-", input=experiment("bad", k8s_namespace, **bad), check=False)
+    assert result.returncode != 0
+    assert "spec.parameters[0].max" in result.stderr and "max must be greater than min" in result.stderr
+    typo = curve_spec(budget={"maxTrails": 3})
+    result = k8s_cluster.kubectl("apply", "-f", "-", input=experiment("typo", k8s_namespace, **typo), check=False)
+    assert result.returncode != 0 and 'unknown field "spec.budget.maxTrails"' in result.stderr
+
+
+def test_a_spec_only_the_operator_can_judge_fails_with_the_field_named(k8s_cluster, k8s_namespace, stack):
+    spec = curve_spec(algorithm={"name": "random", "settings": {"sead": 1}})
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("settings", k8s_namespace, **spec))
+    status = wait_phase(k8s_cluster, k8s_namespace, "settings", stack, timeout=30)
+    assert status["phase"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.algorithm.settings.sead: unknown setting (did you mean 'seed'?)" in failed["message"]
+    assert get(k8s_cluster, "trials", k8s_namespace)["items"] == []
+
+
+def test_two_gpus_run_at_most_two_trial_pods_at_once(k8s_cluster, k8s_namespace, make_kubelet, stack):
+    kubelet = make_kubelet(gpus=2)
+    spec = curve_spec(budget={"maxTrials": 6, "parallelTrials": 4})
+    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "0.15"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("gpus", k8s_namespace, **spec))
+    most = 0
+    pending_seen = False
+
+    def over():
+        nonlocal most, pending_seen
+        most = max(most, len(kubelet.running_pods()))
+        pods = get(k8s_cluster, "pods", k8s_namespace)["items"]
+        pending_seen |= any(p["status"].get("phase") == "Pending" for p in pods)
+        status = get(k8s_cluster, "experiment", k8s_namespace, "gpus").get("status") or {}
+        return status.get("completionTime")
+
+    wait_until(over, timeout=120, what="the experiment to finish", interval=0.05)
+    status = get(k8s_cluster, "experiment", k8s_namespace, "gpus")["status"]
+    assert status["phase"] == "Succeeded" and status["succeeded"] == 6
+    assert most == 2
+    assert pending_seen, "with 4 trials wanted and 2 GPUs, some pods wait Pending"
+
+
+def test_killing_operator_service_and_redis_loses_nothing_and_duplicates_nothing(
+        k8s_cluster, k8s_namespace, make_kubelet, stack, redis_server):
+    make_kubelet(gpus=2)
+    spec = curve_spec(budget={"maxTrials": 10, "parallelTrials": 2, "maxFailedTrials": 4})
+    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "0.12"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("survivor", k8s_namespace, **spec))
+
+    def finished():
+        items = get(k8s_cluster, "trials", k8s_namespace)["items"]
+        return {t["metadata"]["name"]: t["status"] for t in items
+                if (t.get("status") or {}).get("state") in ("Succeeded", "Failed")}
+
+    def kill_when(n_finished, which):
+        wait_until(lambda: len(finished()) >= n_finished, timeout=120, what=f"{n_finished} finished trials")
+        before = finished()
+        if which == "redis":
+            redis_server.kill()
+            redis_server.restart(keep_data=True)
+        else:
+            stack.kill(which)
+            stack.start(which)
+        return before
+
+    snapshots = [kill_when(2, "operator"), kill_when(4, "suggestion"), kill_when(6, "redis")]
+    status = wait_phase(k8s_cluster, k8s_namespace, "survivor", stack, timeout=180)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    trials = get(k8s_cluster, "trials", k8s_namespace)["items"]
+    names = sorted(t["metadata"]["name"] for t in trials)
+    assert names == [f"survivor-{n:04d}" for n in range(10)], "no duplicate and no missing trial"
+    numbers = [t["spec"]["number"] for t in trials]
+    assert len(set(numbers)) == 10
+    final = finished()
+    for snapshot in snapshots:
+        for name, recorded in snapshot.items():
+            assert final[name]["state"] == recorded["state"]
+            assert final[name].get("value") == recorded.get("value"), f"{name} changed after it finished"
+    succeeded = [t for t in trials if t["status"]["state"] == "Succeeded"]
+    assert len(succeeded) >= 10 - 4
+    for t in succeeded:
+        x = t["spec"]["params"]["x"]
+        assert t["status"]["value"] == pytest.approx((1 - (x - 0.3) ** 2) * (1 - 0.5 ** 9))

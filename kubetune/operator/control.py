@@ -56,7 +56,7 @@ class Controller:
             return True
         spec = ExperimentSpec.from_document(exp)
         if "seed" not in status:
-            status = self._start(exp, spec)
+            status = exp["status"] = self._start(exp, spec)
         trials = records(self.kube.list_trials(namespace, name))
         now = self.clock()
         self._trial_timeouts(exp, spec, trials, now)
@@ -97,15 +97,19 @@ class Controller:
         if wanted <= 0 or status.get("exhausted"):
             return bool(status.get("exhausted"))
         meta = exp["metadata"]
-        answer = self.ask_service("/v1/suggest", {
-            "experiment": {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
-            "document": exp, "seed": status["seed"], "count": wanted,
-            "trials": [t.to_dict() for t in trials], "prior": [t.to_dict() for t in self._prior(exp, spec)],
-        })
+        answer = self.ask_service("/v1/suggest", {**self._context(exp, trials), "count": wanted})
         for s in answer["suggestions"]:
             if self.kube.create_trial(trial_resource(exp, s["number"], s["params"])):
                 log.info("created trial %s-%04d", meta["name"], s["number"])
         return bool(answer.get("exhausted"))
+
+    def _context(self, exp: dict, trials: list[Trial]) -> dict:
+        """What the suggestion service needs to (re)build an experiment: spec, seed, trials, prior."""
+        meta = exp["metadata"]
+        spec = ExperimentSpec.from_document(exp)
+        return {"experiment": {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
+                "document": exp, "seed": (exp.get("status") or {})["seed"],
+                "trials": [t.to_dict() for t in trials], "prior": [t.to_dict() for t in self._prior(exp, spec)]}
 
     def _prior(self, exp: dict, spec: ExperimentSpec) -> list[Trial]:
         """Warm start: finished trials of the named earlier experiments in this namespace."""
@@ -228,9 +232,10 @@ class Controller:
     def _reported(self, exp: dict, record: Trial) -> dict:
         """The trial's reported values, once the suggestion service has taken all it sent."""
         meta = exp["metadata"]
+        trials = records(self.kube.list_trials(meta["namespace"], meta["name"]))
         try:
-            got = self.ask_service("/v1/flush", {"experiment": {"namespace": meta["namespace"], "name": meta["name"]},
-                                                 "trial": record.number})
+            # With the whole context, so that a restarted service can rebuild the experiment first.
+            got = self.ask_service("/v1/flush", {**self._context(exp, trials), "trial": record.number})
         except OSError as e:
             log.warning("suggestion service unreachable for %s: %s; using what the API holds", record.name, e)
             return {}

@@ -2,7 +2,7 @@
 
     GET  /healthz, /readyz
     POST /v1/suggest      {experiment, document, seed, prior, trials, count} -> {suggestions, exhausted}
-    POST /v1/flush        {experiment, trial} -> that trial's reported values, written to the API
+    POST /v1/flush        {experiment, document, seed, prior, trials, trial} -> that trial's reported values
     POST /v1/forget       {experiment} -> drops the experiment and its bus keys (the finalizer calls it)
 
 It also hosts one scheduler loop per experiment: reports from the metric bus
@@ -45,9 +45,12 @@ class SuggestionService:
 
     def flush(self, req: dict) -> dict:
         key = _key(req["experiment"])
-        brain = self.brains.get(key)
+        brain = self._brain(req) if "document" in req else self.brains.get(key)
         if brain is None:
             return {"known": False}
+        if "trials" in req:
+            with brain.lock:
+                brain.sync([Trial.from_dict(t) for t in req["trials"]])
         loop = self._loops.get(key)
         if loop is not None:
             loop[2].drain()  # take what the trial sent just before it exited
