@@ -243,3 +243,49 @@ def test_killing_operator_service_and_redis_loses_nothing_and_duplicates_nothing
     for t in succeeded:
         x = t["spec"]["params"]["x"]
         assert t["status"]["value"] == pytest.approx((1 - (x - 0.3) ** 2) * (1 - 0.5 ** 9))
+
+
+def test_asha_prunes_trials_through_the_redis_bus(k8s_cluster, k8s_namespace, make_kubelet, stack):
+    make_kubelet(gpus=4)
+    spec = curve_spec(budget={"maxTrials": 12, "parallelTrials": 4},
+                      earlyStopping={"name": "asha", "settings": {"resource": "step", "min": 1, "max": 9,
+                                                                  "reductionFactor": 3}})
+    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "0.1"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("asha", k8s_namespace, **spec))
+    status = wait_phase(k8s_cluster, k8s_namespace, "asha", stack)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    trials = get(k8s_cluster, "trials", k8s_namespace)["items"]
+    pruned = [t for t in trials if t["status"]["state"] == "Pruned"]
+    done = [t for t in trials if t["status"]["state"] == "Succeeded"]
+    assert pruned and done and status["pruned"] == len(pruned)
+    for t in pruned:
+        # Stopped at a rung: fewer reports than a full trial, and its process did exit.
+        assert len(t["status"]["intermediate"]) < 9
+    assert all(len(t["status"]["intermediate"]) == 9 for t in done)
+    best = max(done, key=lambda t: t["status"]["value"])
+    assert status["bestTrial"]["name"] == best["metadata"]["name"]
+
+
+def test_pbt_exploits_in_place_without_restarting_the_pod(k8s_cluster, k8s_namespace, make_kubelet, stack, tmp_path):
+    make_kubelet(gpus=4)
+    spec = curve_spec(
+        parameters=[{"name": "lr", "type": "double", "min": 0.001, "max": 0.3, "log": True}],
+        budget={"maxTrials": 4, "parallelTrials": 4},
+        earlyStopping={"name": "pbt", "settings": {"perturbationInterval": 4, "quantileFraction": 0.25}})
+    spec["trialTemplate"]["command"] = ["python", str(TRIALS / "pbt_toy.py")]
+    spec["trialTemplate"]["env"] = [{"name": "KUBETUNE_CHECKPOINT_DIR", "value": str(tmp_path / "checkpoints")},
+                                    {"name": "STEP_SECONDS", "value": "0.1"}]
+    spec["objective"]["strategy"] = "latest"
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("pbt", k8s_namespace, **spec))
+    status = wait_phase(k8s_cluster, k8s_namespace, "pbt", stack)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    trials = get(k8s_cluster, "trials", k8s_namespace)["items"]
+    exploited = [t for t in trials if any(e["event"] == "exploit" for e in t["status"].get("events", []))]
+    assert exploited, "the bottom quarter should have taken a better trial's checkpoint"
+    for t in exploited:
+        e = next(e for e in t["status"]["events"] if e["event"] == "exploit")
+        assert t["status"]["params"] != t["spec"]["params"]  # explored parameters are recorded
+        assert 0 <= e["donor"] < 4 and e["donor"] != t["spec"]["number"]
+        # One pod, one attempt: the trial went on in the same process.
+        assert t["spec"].get("attempt", 1) == 1 and t["status"]["podName"] == t["metadata"]["name"]
+        assert all(b[0] > a[0] for a, b in zip(t["status"]["intermediate"], t["status"]["intermediate"][1:]))

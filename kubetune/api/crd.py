@@ -99,6 +99,9 @@ TRIAL_STATUS = {
         "stop": {"type": "object", "properties": {"state": {"type": "string"}, "reason": {"type": "string"}}},
         # Parameters as changed by PBT's explore step (spec.params are the ones it started with).
         "params": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        # What the scheduler did to the trial (assigned budget, pause, resume, PBT exploit), oldest first.
+        "events": {"type": "array", "maxItems": 200,
+                   "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
         "startTime": {"type": "string", "format": "date-time"},
         "completionTime": {"type": "string", "format": "date-time"},
     },

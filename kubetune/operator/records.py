@@ -72,6 +72,7 @@ def to_record(resource: Mapping[str, Any]) -> Trial:
         started_at=parse_time(status.get("startTime")),
         finished_at=parse_time(status.get("completionTime")),
         name=resource["metadata"]["name"],
+        events=[dict(e) for e in status.get("events") or []],
     )
 
 

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> None:
             from kubernetes.client.rest import ApiException
 
             for t in trials:
-                status = {"intermediate": t.intermediate[-1000:], "metrics": t.metrics}
+                # Reported values, and what the scheduler did (PBT's new parameters and its exploits).
+                status = {"intermediate": t.intermediate[-1000:], "metrics": t.metrics,
+                          "params": t.params, "events": t.events[-200:]}
                 if t.state.value == "Pruned":
                     status["stop"] = {"state": "Pruned", "reason": t.reason or "pruned"}
                 try:

@@ -39,6 +39,8 @@ class Brain:
             if t is not None and t.attempt == r.attempt and len(t.intermediate) > len(r.intermediate):
                 r.intermediate = t.intermediate
                 r.metrics = {**r.metrics, **t.metrics}
+            if t is not None and t.attempt == r.attempt and len(t.events) > len(r.events):
+                r.events, r.params = t.events, t.params  # a PBT exploit not written back yet
                 if t.state == TrialState.PRUNED and r.state == TrialState.RUNNING:
                     r.state, r.reason = t.state, t.reason  # pruned here, pod not gone yet
             merged.append(r)

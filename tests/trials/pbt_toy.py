@@ -1,0 +1,25 @@
+"""A PBT trial for the cluster tests: a weight w trained toward 1.0 at rate lr.
+
+It checkpoints w every step; when PBT says exploit it copies the donor trial's
+checkpoint (verified) and continues with the new lr, in the same process.
+"""
+
+import os
+import time
+
+from kubetune import trial
+from kubetune.trial import checkpoint
+
+p = trial.params()
+lr, w = p["lr"], 0.0
+for step in range(1, int(os.environ.get("STEPS", "24")) + 1):
+    time.sleep(float(os.environ.get("STEP_SECONDS", "0.05")))
+    w += lr * (1.0 - w)
+    checkpoint.save({"w": w}, step)
+    d = trial.report(step=step, score=w)
+    if d.stop:
+        break
+    if d.action == "exploit":
+        checkpoint.copy_from(checkpoint.donor_name(d.donor))
+        w, lr = checkpoint.load()["w"], d.params["lr"]
+        print(f"step={step} exploited trial {d.donor}: w={w:.4f} lr={lr:.4f}", flush=True)
