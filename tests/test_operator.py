@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.chart import OPERATOR_SA, SUGGESTION_SA, chart  # noqa: F401 - the chart fixture
 from tests.cluster.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +36,10 @@ def free_port() -> int:
 class Stack:
     """The operator and the suggestion service as processes that tests may kill and restart."""
 
-    def __init__(self, cluster, redis, workdir: Path):
+    def __init__(self, cluster, redis, workdir: Path, kubeconfigs: dict[str, Path]):
         self.cluster, self.redis, self.workdir = cluster, redis, workdir
         self.port = free_port()
-        self.env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        self.kubeconfigs = kubeconfigs
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, which: str) -> None:
@@ -48,8 +49,9 @@ class Stack:
         else:
             argv = [sys.executable, "-m", "kubetune.operator", "--suggestion-url", f"http://127.0.0.1:{self.port}",
                     "--redis-url", self.redis.url]
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfigs[which]), "PYTHONUNBUFFERED": "1"}
         log = open(self.workdir / f"{which}.log", "a")
-        self.procs[which] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        self.procs[which] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                              start_new_session=True)
         if which == "suggestion":
             import urllib.request
@@ -79,15 +81,16 @@ class Stack:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in self.workdir.glob("*.log"))
 
 
-@pytest.fixture(scope="session")
-def crds(k8s_cluster):
-    k8s_cluster.kubectl("apply", "-f", str(ROOT / "crds"))
-    k8s_cluster.kubectl("wait", "--for=condition=Established", "crd/experiments.kubetune.io", "crd/trials.kubetune.io")
+@pytest.fixture
+def crds(chart):
+    return chart
 
 
 @pytest.fixture
-def stack(k8s_cluster, crds, redis_server, tmp_path):
-    s = Stack(k8s_cluster, redis_server, tmp_path)
+def stack(k8s_cluster, chart, redis_server, tmp_path):
+    """The operator and the suggestion service, each with its ServiceAccount from the chart."""
+    s = Stack(k8s_cluster, redis_server, tmp_path,
+              {"operator": chart(OPERATOR_SA), "suggestion": chart(SUGGESTION_SA)})
     s.start("suggestion")
     s.start("operator")
     try:
