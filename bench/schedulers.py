@@ -62,9 +62,11 @@ class Table:
         self.row = {}
         for i, c in enumerate(self.configs):
             self.row.setdefault(self.space.key(self.space.canonical(c)), i)
-        best = self.acc.max(axis=1)
-        self.target = float(np.quantile(best, 0.97))
-        self.best = float(best.max())
+        # Two readings of "a value about 3% of random configurations reach": their final
+        # value (after the full budget), or their best value at any epoch.
+        self.target = float(np.quantile(self.acc[:, -1], 0.97))
+        self.target_any = float(np.quantile(self.acc.max(axis=1), 0.97))
+        self.best = float(self.acc[:, -1].max())
 
 
 def mlp_table() -> Table:
@@ -238,9 +240,11 @@ class OptunaPruner:
 
 
 def simulate(method, workers: int, epoch_budget: int):
-    """Event loop over simulated time; returns (epochs to target, seconds to target, regret, idle share)."""
+    """Event loop over simulated time. Returns a dict: epochs and seconds until a trial
+    finished the full budget at or above the target, the same for any report at or above
+    target_any, regret of the best finished trial, and the share of idle worker time."""
     clock, epochs, best = 0.0, 0, -math.inf
-    hit_epochs = hit_time = None
+    hit = {"final": (None, None), "any": (None, None)}
     events = []  # (finish time, seq, worker, row, epoch, handle)
     seq = 0
     busy = 0.0
@@ -259,10 +263,12 @@ def simulate(method, workers: int, epoch_budget: int):
         clock = now
         epochs += 1
         value = float(TABLE.acc[row, epoch - 1])
-        best = max(best, value)
-        if hit_epochs is None and value >= TABLE.target:
-            hit_epochs, hit_time = epochs, now
+        if hit["any"][0] is None and value >= TABLE.target_any:
+            hit["any"] = (epochs, now)
         if epoch == EPOCHS:
+            best = max(best, value)
+            if hit["final"][0] is None and value >= TABLE.target:
+                hit["final"] = (epochs, now)
             method.done(handle, value)
             launch(w, now)
             continue
@@ -274,7 +280,7 @@ def simulate(method, workers: int, epoch_budget: int):
         else:
             heapq.heappush(events, (now + TABLE.secs[row, epoch], seq, w, row, epoch + 1, handle))
             seq += 1
-    return hit_epochs, hit_time, TABLE.best - best, 1 - busy / max(clock * workers, 1e-9)
+    return {**hit, "regret": TABLE.best - best, "idle": 1 - busy / max(clock * workers, 1e-9)}
 
 
 def methods():
@@ -306,17 +312,14 @@ def run_table(table: Table, seeds: int, workers: int, epoch_budget: int):
         for seed in range(seeds):
             res.append(simulate(make(seed), workers, epoch_budget))
         cpu = time.perf_counter() - t0
-        hits = [r for r in res if r[0] is not None]
-        ep = [r[0] for r in hits]
-        tt = [r[1] for r in hits]
-        rows.append({
-            "method": name, "reached": f"{len(hits)}/{seeds}",
-            "epochs": float(np.median(ep)) if ep else None,
-            "time": float(np.median(tt)) if tt else None,
-            "epochs_mean": float(np.mean(ep)) if ep else None,
-            "regret": float(np.median([r[2] for r in res])),
-            "idle": float(np.mean([r[3] for r in res])), "cpu": cpu,
-        })
+        row = {"method": name, "cpu": cpu, "regret": float(np.median([r["regret"] for r in res])),
+               "idle": float(np.mean([r["idle"] for r in res]))}
+        for kind in ("final", "any"):
+            hits = [r[kind] for r in res if r[kind][0] is not None]
+            row[kind] = {"reached": f"{len(hits)}/{seeds}",
+                         "epochs": float(np.median([h[0] for h in hits])) if hits else None,
+                         "time": float(np.median([h[1] for h in hits])) if hits else None}
+        rows.append(row)
     return rows
 
 
@@ -326,14 +329,19 @@ def fmt(v, spec):
 
 def report(table, rows, workers, budget, seeds):
     out = [f"\n### {table.name}: {workers} workers, {seeds} seeds, {budget} epochs per run\n",
-           f"Target {table.target:.4f} (reached by {100 * np.mean(table.acc.max(1) >= table.target):.1f}% of "
-           f"{len(table.configs)} configurations); best in table {table.best:.4f}. Medians over the seeds that "
-           "reached the target.\n",
-           "| method | reached | epochs to target | sim. seconds to target | final regret (median) | idle workers | replay CPU s |",
-           "|---|---|---|---|---|---|---|"]
+           f"Targets: final accuracy {table.target:.4f} (the 97th percentile of the {len(table.configs)} "
+           f"configurations' final accuracy), any-epoch accuracy {table.target_any:.4f} (97th percentile of their "
+           f"best epoch); best final accuracy in the table {table.best:.4f}. \"Finished\": a trial trained to the "
+           "full budget ends at or above the target (what the user gets: a fully trained model); \"any report\": "
+           "some report, at any epoch, is at or above target_any. Medians over seeds (of those that reached it).\n",
+           "| method | finished: reached | epochs | sim. s | any report: epochs | sim. s | regret at end "
+           "(median) | idle workers | replay CPU s |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['method']} | {r['reached']} | {fmt(r['epochs'], '.0f')} | {fmt(r['time'], '.1f')} | "
-                   f"{r['regret']:.4f} | {100 * r['idle']:.0f}% | {r['cpu']:.1f} |")
+        f, a = r["final"], r["any"]
+        out.append(f"| {r['method']} | {f['reached']} | {fmt(f['epochs'], '.0f')} | {fmt(f['time'], '.2f')} | "
+                   f"{fmt(a['epochs'], '.0f')} | {fmt(a['time'], '.2f')} | {r['regret']:.4f} | "
+                   f"{100 * r['idle']:.0f}% | {r['cpu']:.1f} |")
     return "\n".join(out)
 
 
@@ -346,14 +354,17 @@ def checks(rows):
     def line(ok, text):
         lines.append(f"- [{'met' if ok else 'MISSED'}] {text}")
 
-    if a["epochs"] and rs["epochs"]:
-        line(a["epochs"] <= rs["epochs"] / 3, f"ASHA epochs to target {a['epochs']:.0f} <= 1/3 of random search's "
-             f"{rs['epochs']:.0f} ({rs['epochs'] / 3:.0f}) -- ratio {a['epochs'] / rs['epochs']:.2f}")
-    if a["epochs"] and osha["epochs"]:
-        line(a["epochs"] <= osha["epochs"], f"ASHA epochs {a['epochs']:.0f} <= Optuna SuccessiveHalvingPruner's "
-             f"{osha['epochs']:.0f}")
-    if a["time"] and ray["time"]:
-        line(a["time"] <= ray["time"], f"ASHA simulated time {a['time']:.1f} s <= Ray Tune ASHA's {ray['time']:.1f} s")
+    for kind, label in (("final", "finished trial"), ("any", "any report")):
+        A, R, O, Y = a[kind], rs[kind], osha[kind], ray[kind]
+        if A["epochs"] and R["epochs"]:
+            line(A["epochs"] <= R["epochs"] / 3, f"({label}) ASHA epochs to target {A['epochs']:.0f} <= 1/3 of "
+                 f"random search's {R['epochs']:.0f} -- ratio {A['epochs'] / R['epochs']:.2f}")
+        if A["epochs"] and O["epochs"]:
+            line(A["epochs"] <= O["epochs"], f"({label}) ASHA epochs {A['epochs']:.0f} <= Optuna "
+                 f"SuccessiveHalvingPruner's {O['epochs']:.0f}")
+        if A["time"] and Y["time"]:
+            line(A["time"] <= Y["time"], f"({label}) ASHA simulated time {A['time']:.2f} s <= Ray Tune ASHA's "
+                 f"{Y['time']:.2f} s")
     return "\n".join(lines)
 
 
@@ -363,7 +374,7 @@ def main():
     ap.add_argument("--seeds", type=int)
     ap.add_argument("--out", help="write the Markdown here too")
     a = ap.parse_args()
-    seeds = a.seeds or (5 if a.quick else 30)
+    seeds = a.seeds or (5 if a.quick else 20)
     text = []
     for table in (mlp_table(), synthetic_table()):
         for workers in ((4,) if a.quick else (4, 16)):

@@ -29,17 +29,15 @@ class Report:
     step: float | None
     metrics: dict[str, float] = field(default_factory=dict)
 
+    # One field per stream entry (a compact JSON array): half the parsing of one field per value.
     def encode(self) -> dict[str, str]:
-        out = {"t": str(self.trial), "q": str(self.seq), "m": json.dumps(self.metrics, separators=(",", ":"))}
-        if self.step is not None:
-            out["s"] = repr(float(self.step))
-        return out
+        return {"r": json.dumps([self.trial, self.seq, self.step, self.metrics], separators=(",", ":"))}
 
     @classmethod
     def decode(cls, f: dict) -> "Report":
-        f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-             for k, v in f.items()}
-        return cls(int(f["t"]), int(f["q"]), float(f["s"]) if "s" in f else None, json.loads(f["m"]))
+        raw = f.get(b"r") if b"r" in f else f["r"]
+        trial, seq, step, metrics = json.loads(raw)
+        return cls(trial, seq, None if step is None else float(step), metrics)
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ class RedisBus(MetricBus):
         if not first and block_s > 0:
             got = self.r.blpop([key], timeout=block_s)  # redis >= 6 takes fractional seconds
             if got:
-                first = [got[1]] + (self.r.lpop(key, self.decisions_kept) or [])
+                first = [got[1]]  # any later ones come with the next call
         return [decode_decision(raw) for raw in first or []]
 
     def publish_and_take(self, experiment, reports, trial):

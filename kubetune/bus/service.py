@@ -45,6 +45,8 @@ class StudyHandler:
 
 
 def _already_applied(trial: Trial, step: float, value: float) -> bool:
+    if not trial.intermediate or step > trial.intermediate[-1][0]:
+        return False  # the usual case: a new, later step
     return any(s == step and v == value for s, v in trial.intermediate[-8:])
 
 

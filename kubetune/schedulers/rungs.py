@@ -72,6 +72,12 @@ class RungScheduler(Scheduler):
 
     def ladder(self, first: int) -> list[float]:
         """Rung milestones from min * eta**first up to max."""
+        cache = self.__dict__.setdefault("_ladders", {})
+        if first not in cache:
+            cache[first] = self._ladder(first)
+        return cache[first]
+
+    def _ladder(self, first: int) -> list[float]:
         out, k = [], first
         while True:
             r = self.min * self.eta**k
