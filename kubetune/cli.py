@@ -149,6 +149,13 @@ def best_trial(spec: ExperimentSpec, trials: list[Trial]) -> Trial | None:
 def _finish(result: RunResult, as_json: bool, out, show_all: bool) -> int:
     info = summary(result)
     print(_table(result, show_all), file=out)
+    best = best_trial(result.spec, result.trials)
+    if best is not None and any(e.get("event") == "exploit" for t in result.trials for e in t.events):
+        from .schedulers.lineage import format_lineage, lineage
+
+        print(f"lineage of the best trial ({best.name}):", file=out)
+        print(format_lineage(result.trials, best.number), file=out)
+        info["lineage"] = lineage(result.trials, best.number)
     if as_json:
         print(json.dumps(info, indent=2, default=str))
     failed = result.completion is not None and not result.completion.succeeded \

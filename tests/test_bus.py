@@ -13,8 +13,6 @@ from kubetune import Study
 from kubetune.api.trial import Decision, Trial, TrialState
 from kubetune.bus import MemoryBus, Report, SchedulerLoop, StudyHandler, TrialClient
 
-# Until tests/conftest.py carries `pytest_plugins = ["tests.redis_server"]`.
-from redis_server import redis_server, redis_server_factory  # noqa: F401
 
 EXP = "mnist-asha"
 

@@ -13,7 +13,7 @@ from kubetune.engine import Engine, Launch, Stop
 from kubetune.study import Study
 
 
-def make_spec(budget=None, objective=None, parameters=None, algorithm=None):
+def make_spec(budget=None, objective=None, parameters=None, algorithm=None, early_stopping=None):
     doc = {
         "apiVersion": "kubetune.io/v1alpha1", "kind": "Experiment", "metadata": {"name": "sim"},
         "spec": {
@@ -25,11 +25,14 @@ def make_spec(budget=None, objective=None, parameters=None, algorithm=None):
             "trialTemplate": {"command": ["true"]},
         },
     }
+    if early_stopping:
+        doc["spec"]["earlyStopping"] = early_stopping
     return ExperimentSpec.from_document(doc)
 
 
 def make_engine(spec, trials=(), now=0.0):
-    study = Study(parameters=spec.parameters, algorithm=spec.algorithm, goal=spec.objective.goal, trials=trials)
+    study = Study(parameters=spec.parameters, algorithm=spec.algorithm, goal=spec.objective.goal, trials=trials,
+                  early_stopping=spec.early_stopping)
     return Engine(spec, study, now)
 
 
@@ -46,9 +49,11 @@ class Simulator:
         self.max_running = 0
         self.launches: list[int] = []
         self.cancelled: set[int] = set()
+        self.decisions: list[tuple[int, float, str]] = []
+        self.run_of: dict[int, int] = {}
 
     def push(self, t, kind, number, payload=None):
-        heapq.heappush(self.queue, (t, next(self.seq), kind, number, payload))
+        heapq.heappush(self.queue, (t, next(self.seq), kind, number, (self.run_of.get(number, 0), payload)))
 
     def apply(self, actions):
         for a in actions:
@@ -57,8 +62,12 @@ class Simulator:
                 self.launches.append(n)
                 self.engine.on_started(n, self.now)
                 duration, values, code = self.behaviour(a.trial.params)
+                self.cancelled.discard(n)
+                self.run_of[n] = self.run_of.get(n, 0) + 1  # events of an earlier run of it are stale
+                done = int(a.trial.last_step or 0)  # a resumed trial goes on from its checkpoint
                 for i, v in enumerate(values, 1):
-                    self.push(self.now + duration * i / (len(values) + 1), "report", n, (i, v))
+                    if i > done:
+                        self.push(self.now + duration * (i - done) / (len(values) + 1), "report", n, (i, v))
                 if code is not None:
                     self.push(self.now + duration, "exit", n, code)
             elif isinstance(a, Stop):
@@ -80,15 +89,20 @@ class Simulator:
 
     def advance(self):
         """Delivers the next scheduled event to the engine."""
-        t, _, kind, n, payload = heapq.heappop(self.queue)
+        t, _, kind, n, (run, payload) = heapq.heappop(self.queue)
         self.now = max(self.now, t)
-        if self.engine.trials[n].state != TrialState.RUNNING:
-            return  # an event of a trial that is already over
+        if self.engine.trials[n].state != TrialState.RUNNING or run != self.run_of.get(n, 0):
+            return  # an event of a trial that is already over, or of an earlier run of it
         if kind == "report" and n not in self.cancelled:
             step, value = payload
-            assert not self.engine.on_report(n, {"loss": value}, step).stop
-        elif kind == "exit" and (n not in self.cancelled or payload == -15):
-            self.engine.on_exit(n, payload, self.now)
+            decision = self.engine.on_report(n, {"loss": value}, step)
+            self.decisions.append((n, step, decision.action))
+            if decision.stop or decision.pause:
+                # The trial hears it, saves its checkpoint and exits.
+                self.cancelled.add(n)
+                self.push(self.now + 0.1, "exit", n, "told")
+        elif kind == "exit" and (n not in self.cancelled or payload in (-15, "told")):
+            self.engine.on_exit(n, 0 if payload == "told" else payload, self.now)
 
 
 def quadratic(params):
@@ -254,3 +268,44 @@ def test_a_trial_that_finishes_as_it_is_interrupted_counts_as_finished():
     engine.on_exit(1, -15, 1.0)  # killed by the interruption
     assert engine.trials[0].state == TrialState.SUCCEEDED and engine.trials[0].value == 1.5
     assert engine.trials[1].state == TrialState.KILLED and engine.trials[1].reason == "interrupted"
+
+
+def curve(params):
+    """Nine reports of a loss that falls toward a level set by x and y."""
+    level = (params["x"] - 1) ** 2 + params["y"]
+    return 9.0, [level + 4.0 / step for step in range(1, 10)], 0
+
+
+@pytest.mark.parametrize("mode", ["stopping", "promotion"])
+def test_asha_through_the_engine_never_reruns_a_step(mode):
+    spec = make_spec(budget={"maxTrials": 18, "parallelTrials": 3}, early_stopping={
+        "name": "asha", "settings": {"resource": "step", "min": 1, "max": 9, "reductionFactor": 3, "mode": mode}})
+    sim = Simulator(make_engine(spec), curve)
+    sim.run()
+    e = sim.engine
+    assert e.completion.reason == "MaxTrialsReached"
+    assert e.count(TrialState.PAUSED) == 0 and not any(t.state.active for t in e.trials)
+    assert e.count(TrialState.PRUNED) >= 9 and e.count(TrialState.SUCCEEDED) >= 1
+    for t in e.trials:
+        steps = [s for s, _ in t.intermediate]
+        assert steps == sorted(set(steps)), f"trial {t.number} ran a step twice: {steps}"
+        if t.state == TrialState.SUCCEEDED:
+            assert steps == list(range(1, 10))
+    if mode == "promotion":
+        paused = {n for n, _, action in sim.decisions if action == "pause"}
+        resumed = [n for n in sim.launches if sim.launches.count(n) > 1]
+        assert paused and resumed, "promotion pauses trials at rungs and resumes the best"
+        assert set(resumed) <= paused
+
+
+def test_synchronous_hyperband_resumes_paused_winners_after_the_budget_is_spent():
+    spec = make_spec(budget={"maxTrials": 9, "parallelTrials": 3}, early_stopping={
+        "name": "sha", "settings": {"resource": "step", "min": 1, "max": 9, "reductionFactor": 3}})
+    sim = Simulator(make_engine(spec), curve)
+    sim.run()
+    e = sim.engine
+    assert e.completion.reason == "MaxTrialsReached"
+    assert len(e.trials) == 9
+    finished = [t for t in e.trials if t.state == TrialState.SUCCEEDED]
+    assert len(finished) == 1 and [s for s, _ in finished[0].intermediate] == list(range(1, 10))
+    assert e.count(TrialState.PRUNED) == 8

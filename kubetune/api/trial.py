@@ -91,6 +91,11 @@ class Decision:
     def stop(self) -> bool:
         return self.action == "stop"
 
+    @property
+    def pause(self) -> bool:
+        """Save a checkpoint and exit; the scheduler may resume this trial from it later."""
+        return self.action == "pause"
+
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
 

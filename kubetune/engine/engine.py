@@ -117,10 +117,13 @@ class Engine:
         if step is None:
             step = _step_from(metrics, trial)
         decision = self.study.report(trial, step, float(metrics[metric]), **others)
-        if decision.stop:
-            # The Study marked it Pruned; keep it Running until its process is gone.
+        if decision.stop or decision.action == "pause":
+            # The Study marked it Pruned or Paused; keep it Running until its process is gone.
             trial.state = TrialState.RUNNING
-            self._stopping[number] = (TrialState.PRUNED, decision.reason or "pruned")
+            if decision.stop:
+                self._stopping[number] = (TrialState.PRUNED, decision.reason or "pruned")
+            else:
+                self._stopping[number] = (TrialState.PAUSED, f"paused at step {step:g}")
         return decision
 
     def on_exit(self, number: int, exit_code: int | None, now: float, error: str = "") -> None:
@@ -132,6 +135,12 @@ class Engine:
         if number in self._stopping and self._stopping[number][0] == TrialState.KILLED and exit_code == 0:
             # It finished on its own before the stop reached it: a normal ending, not a kill.
             del self._stopping[number]
+        if number in self._stopping and self._stopping[number][0] == TrialState.PAUSED:
+            del self._stopping[number]
+            if exit_code in (0, None) or exit_code < 0:
+                # Checkpointed and gone: the scheduler may resume it later. Not told: it is not over.
+                trial.state, trial.finished_at = TrialState.PAUSED, None
+                return
         if number in self._stopping:
             state, reason = self._stopping.pop(number)
             value = self.objective.pick(values) if values else None
@@ -149,12 +158,15 @@ class Engine:
         actions: list[Launch | Stop] = []
         actions += self._trial_timeouts(now)
         if self.completion is None:
+            early = self._check_end(now)
+            # Out of new trials, a paused one may still be promoted; anything else ends it now.
+            if early is None or (early.reason in (MAX_TRIALS, EXHAUSTED) and self.count(TrialState.PAUSED)):
+                actions += self._fill_slots(now)
             self.completion = self._check_end(now)
             if self.completion is not None:
+                for t in self.study.prune_paused():
+                    self.changed.add(t.number)
                 actions += self._stop_all(TrialState.KILLED, f"experiment ended: {self.completion.reason}")
-        if self.completion is None:
-            actions += self._fill_slots(now)
-            self.completion = self._check_end(now)
         return actions
 
     def interrupt(self) -> list[Stop]:
@@ -204,11 +216,15 @@ class Engine:
             if t.state == TrialState.PENDING and t.number not in self._launched:
                 out.append(self._launch(t))
                 free -= 1
-        while free > 0 and len(self.trials) < self.budget.max_trials and not self._exhausted:
+        while free > 0:
+            # A new configuration while the budget allows; else only a paused trial to resume.
+            new = len(self.trials) < self.budget.max_trials and not self._exhausted
             try:
-                trial = self.study.ask()
+                trial = self.study.ask(new=new)
             except SearchExhausted:
                 self._exhausted = True
+                continue
+            if trial is None:
                 break
             self.changed.add(trial.number)
             out.append(self._launch(trial))

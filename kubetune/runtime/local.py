@@ -40,9 +40,12 @@ class _Proc:
 
 
 class LocalRuntime:
-    def __init__(self, spec: ExperimentSpec, trial_dir, base_dir: Path, kill_after: float = KILL_AFTER):
-        """trial_dir: a function giving each trial its own folder; base_dir: default working directory."""
+    def __init__(self, spec: ExperimentSpec, trial_dir, base_dir: Path, kill_after: float = KILL_AFTER,
+                 checkpoints: Path | None = None):
+        """trial_dir: a function giving each trial its own folder; base_dir: default working directory;
+        checkpoints: the folder every trial's checkpoints go under (PBT copies between them)."""
         self.spec = spec
+        self.checkpoints = checkpoints
         self._trial_dir = trial_dir
         self.base_dir = Path(base_dir)
         self.kill_after = kill_after
@@ -67,6 +70,10 @@ class LocalRuntime:
         env.update({e["name"]: e.get("value", "") for e in self.spec.trial_template.env if "value" in e})
         env.update(trial_env(trial.params, builtins))
         env.update({"KUBETUNE_TRIAL_DIR": str(folder), "PYTHONUNBUFFERED": "1"})
+        if self.checkpoints is not None:
+            env["KUBETUNE_CHECKPOINT_DIR"] = str(self.checkpoints)
+        if trial.budget is not None:
+            env["KUBETUNE_BUDGET"] = f"{trial.budget:g}"  # how far this run should go (HyperBand)
         if self.channel is not None:
             env["KUBETUNE_CHANNEL"] = self.channel.path
         cwd = self.base_dir / (self.spec.trial_template.working_dir or ".")

@@ -90,7 +90,8 @@ def run_experiment(
     on_progress: Callable[[Engine, float], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> RunResult:
-    state_root = Path(state_root)
+    # Absolute: trials run in another working directory and get these paths.
+    state_root = Path(state_root).resolve()
     store = StateStore(state_root, spec.name)
     study, state = open_study(spec, store, state_root)
     if state.get("completion") and not _can_continue(state, study, spec):
@@ -98,7 +99,7 @@ def run_experiment(
         return RunResult(spec, study.trials, Completion(**state["completion"]), state["elapsed"], store.dir)
     start = clock()
     engine = Engine(spec, study, start, elapsed_before=state.get("elapsed", 0.0))
-    runtime = LocalRuntime(spec, store.trial_dir, Path(base_dir))
+    runtime = LocalRuntime(spec, store.trial_dir, Path(base_dir), checkpoints=store.dir / "checkpoints")
     try:
         _loop(engine, runtime, store, clock, on_progress)
     except KeyboardInterrupt:
@@ -167,8 +168,9 @@ def _handle(engine: Engine, runtime: LocalRuntime, event, now: float) -> None:
         decision = engine.on_report(event.number, event.metrics, event.step)
         if event.reply is not None:
             event.reply(decision)
-        if decision.stop:
-            # An SDK trial hears the decision and gets time to exit; a stdout trial is stopped now.
+        if decision.stop or decision.action == "pause":
+            # An SDK trial hears the decision and gets time to exit (saving its checkpoint on a
+            # pause); a stdout trial is stopped now.
             runtime.stop(event.number, SDK_GRACE if event.reply is not None else 0.0)
     elif isinstance(event, Exited):
         engine.on_exit(event.number, event.exit_code, now, event.error)
