@@ -34,6 +34,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Build the cluster tools (if the cache is cold) before any test's timeout starts,
     and only when a selected test needs the cluster."""
+    if session.config.option.collectonly:
+        return
     if any("k8s_cluster" in getattr(item, "fixturenames", ()) for item in session.items):
         capture = session.config.pluginmanager.getplugin("capturemanager")
         with capture.global_and_fixture_disabled():  # show the build's progress
