@@ -55,8 +55,11 @@ class ControlPlaneTimings:
 
 @dataclass
 class ControlPlane:
-    # How long a silent node stays Ready; short so node-failure tests run quickly.
+    # How long a silent node stays Ready, and how long pods stay on a NotReady or
+    # unreachable node before eviction (defaults: 50 s, 300 s); short here so that
+    # node-failure tests run quickly.
     node_monitor_grace_period: str = "8s"
+    eviction_toleration_seconds: int = 10
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kubetune-k8s-")))
     timings: ControlPlaneTimings = field(default_factory=ControlPlaneTimings)
 
@@ -207,6 +210,8 @@ class ControlPlane:
             f"--kubelet-certificate-authority={self.ca.cert}",
             "--kubelet-preferred-address-types=InternalIP",
             f"--cert-dir={pki / 'apiserver-generated'}",
+            f"--default-not-ready-toleration-seconds={self.eviction_toleration_seconds}",
+            f"--default-unreachable-toleration-seconds={self.eviction_toleration_seconds}",
             "--allow-privileged=true", "--profiling=false",
             # The endpoint reconciler refuses a loopback advertise address; pods here
             # reach the API server through KUBERNETES_SERVICE_HOST=127.0.0.1 instead.

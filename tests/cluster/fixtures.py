@@ -31,6 +31,19 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "fixture's TestKubelet (gpus, cpu, memory, max_pods...)")
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the cluster tools (if the cache is cold) before any test's timeout starts,
+    and only when a selected test needs the cluster."""
+    if session.config.option.collectonly:
+        return
+    if any("k8s_cluster" in getattr(item, "fixturenames", ()) for item in session.items):
+        capture = session.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled():  # show the build's progress
+            started = time.monotonic()
+            tools = bin_dir()
+        _report.append(f"tools in {tools} ready in {time.monotonic() - started:.1f} s")
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if _report:
         terminalreporter.section("kubetune test cluster")
@@ -40,9 +53,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 @pytest.fixture(scope="session")
 def k8s_cluster():
-    started = time.monotonic()
-    tools = bin_dir()  # builds the binaries on a cold machine (hack/cluster-tools.sh)
-    _report.append(f"tools in {tools} ready in {time.monotonic() - started:.1f} s")
+    bin_dir()  # normally already done at collection (hack/cluster-tools.sh, cached)
     cluster = ControlPlane()
     cluster.start()
     _report.append(cluster.timings.summary())
@@ -66,6 +77,9 @@ def make_kubelet(k8s_cluster):
     finally:
         for kubelet in kubelets:
             kubelet.stop()
+            if kubelet.errors:  # retried, so not fatal; but worth a look
+                _report.append(f"test kubelet {kubelet.name}: {len(kubelet.errors)} failed sync "
+                               f"pass(es), last:\n{kubelet.errors[-1]}")
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ from tests.cluster.log_server import LogServer
 from tests.cluster.podspec import (GPU, ConfigError, command_line, container_env, object_data,
                                    pod_requests, selects_node, shortfall, tolerates)
 from tests.cluster.quantity import parse_quantity
-from tests.cluster.rest import ApiError, Rest
+from tests.cluster.rest import ApiError
 from tests.cluster.waiting import GiveUp, wait_until
 
 HOST_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "TMPDIR")
@@ -339,7 +339,9 @@ class TestKubelet:
                      "metadata": {"name": meta["name"], "uid": meta["uid"]},
                      "target": {"apiVersion": "v1", "kind": "Node", "name": self.name}})
             except ApiError as error:
-                if error.status in (404, 409):  # deleted, or bound elsewhere meanwhile
+                # 404/409: deleted, or bound elsewhere meanwhile; 403: its namespace
+                # is being deleted. Either way, not this pod.
+                if error.status in (403, 404, 409):
                     continue
                 raise
             for name, amount in requests.items():
@@ -375,17 +377,16 @@ class TestKubelet:
             return  # finished before this kubelet knew it (e.g. reported by an earlier one)
         if run is None:
             container = pod["spec"]["containers"][0]
+            scratch = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{uid[:8]}"
             run = ContainerRun(meta["namespace"], meta["name"], uid, container["name"],
-                               container.get("image", ""),
-                               self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{uid[:8]}")
+                               container.get("image", ""), scratch)
             with self._lock:
                 self._runs[uid] = run
-        if run.terminal:
-            pass
-        elif not run.attempted or (run.restart_at and time.monotonic() >= run.restart_at):
-            self._start_container(pod, run)
-        elif run.process is not None and not run.running() and run.exit_code is None:
-            self._container_exited(pod, run)
+        if not run.terminal:
+            if not run.attempted or (run.restart_at and time.monotonic() >= run.restart_at):
+                self._start_container(pod, run)
+            elif run.process is not None and not run.running() and run.exit_code is None:
+                self._container_exited(pod, run)
         self._report(pod, run)
 
     def _start_container(self, pod: dict, run: ContainerRun) -> None:

@@ -74,20 +74,16 @@ class _LogHandler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data)
             return
-        self.send_header("Transfer-Encoding", "chunked")
+        # HTTP/1.0 without a length: the body is everything until the connection closes.
         self.end_headers()
         self._follow(path, data, offset, running)
 
     def _follow(self, path: Path, first: bytes, offset: int,
                 running: Callable[[], bool]) -> None:
         """Stream the log until the container has exited and everything is sent."""
-        def chunk(data: bytes) -> None:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-
         try:
-            if first:
-                chunk(first)
+            self.wfile.write(first)
+            self.wfile.flush()
             while True:
                 alive = running()
                 with open(path, "rb") as log:
@@ -95,11 +91,11 @@ class _LogHandler(BaseHTTPRequestHandler):
                     data = log.read()
                 if data:
                     offset += len(data)
-                    chunk(data)
+                    self.wfile.write(data)
+                    self.wfile.flush()
                 elif not alive:
                     break
                 else:
                     time.sleep(0.1)
-            self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             pass  # the client stopped following

@@ -18,7 +18,3 @@ def parse_quantity(text: str | int | float) -> Fraction:
             return Fraction(Decimal(text[: -len(suffix)])) * _SUFFIXES[suffix]
     return Fraction(Decimal(text))  # plain number or decimal exponent ("1e3")
 
-
-def format_cpu(value: Fraction) -> str:
-    millis = value * 1000
-    return str(int(value)) if value.denominator == 1 else f"{int(millis)}m"

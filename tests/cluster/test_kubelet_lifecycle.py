@@ -1,6 +1,4 @@
 """The test kubelet's pod termination and node heartbeats behave like a kubelet's."""
-import pytest
-
 from tests.cluster.helpers import get_pod, manifest, python_pod
 from tests.cluster.rest import ApiError
 from tests.cluster.waiting import wait_until
@@ -53,28 +51,37 @@ def test_pod_deletion_sends_sigterm_then_sigkill(k8s_cluster, k8s_namespace, tes
     assert test_kubelet.running_pods() == []
 
 
-@pytest.mark.test_kubelet(gpus=1)
-def test_lost_node_goes_not_ready_and_its_processes_die(k8s_cluster, k8s_namespace,
-                                                        test_kubelet):
+def test_lost_node_goes_not_ready_and_its_trial_is_evicted(k8s_cluster, k8s_namespace,
+                                                           make_kubelet):
     ns, admin = k8s_namespace, k8s_cluster.rest()
+    # Two nodes: if every node of a zone goes silent, the node lifecycle controller
+    # suspects its own connectivity and evicts nothing (as in a real cluster).
+    make_kubelet(gpus=1)
+    doomed = make_kubelet(gpus=1)
     lease = admin.get(f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/"
-                      f"{test_kubelet.name}")
-    assert lease["spec"]["holderIdentity"] == test_kubelet.name
-    k8s_cluster.kubectl("apply", "-n", ns, "-f", "-", input=manifest(
-        python_pod("trial", "import time\nwhile True: time.sleep(1)", gpus=1)))
-    wait_until(lambda: test_kubelet.running_pods(), 30, "the trial to run")
-    process = test_kubelet.run_of(ns, "trial").process
+                      f"{doomed.name}")
+    assert lease["spec"]["holderIdentity"] == doomed.name
+    trial = python_pod("trial", "import time\nwhile True: time.sleep(1)", gpus=1)
+    trial["spec"]["nodeSelector"] = {"kubernetes.io/hostname": doomed.name}
+    k8s_cluster.kubectl("apply", "-n", ns, "-f", "-", input=manifest(trial))
+    wait_until(lambda: doomed.running_pods(), 30, "the trial to run")
+    process = doomed.run_of(ns, "trial").process
 
-    test_kubelet.lose()
+    doomed.lose()
     assert process.poll() is not None
 
     def ready_status() -> str:
-        node = admin.get(f"/api/v1/nodes/{test_kubelet.name}")
+        node = admin.get(f"/api/v1/nodes/{doomed.name}")
         return next(c["status"] for c in node["status"]["conditions"] if c["type"] == "Ready")
 
     # The controller-manager's node lifecycle controller notices the silence
-    # (grace period 8 s here) and marks the node unknown and unreachable.
+    # (grace period 8 s here), marks the node Unknown and taints it unreachable.
     wait_until(lambda: ready_status() == "Unknown", 40, "the node to be marked Unknown")
-    node = admin.get(f"/api/v1/nodes/{test_kubelet.name}")
-    taints = {t["key"] for t in node["spec"].get("taints", [])}
-    assert "node.kubernetes.io/unreachable" in taints
+    # Once the trial's toleration of that taint runs out (10 s in the test cluster),
+    # it is evicted; with no kubelet to confirm, it then stays Terminating.
+    evicted = wait_until(lambda: (p := get_pod(admin, ns, "trial"))["metadata"].get(
+        "deletionTimestamp") and p, 60, "the trial to be evicted")
+    assert any(c["type"] == "DisruptionTarget" for c in evicted["status"]["conditions"])
+    node = admin.get(f"/api/v1/nodes/{doomed.name}")
+    assert {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"} in [
+        {"key": t["key"], "effect": t["effect"]} for t in node["spec"]["taints"]]

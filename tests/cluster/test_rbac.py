@@ -3,7 +3,6 @@ import kubernetes.client
 import pytest
 
 from tests.cluster.helpers import manifest
-from tests.cluster.waiting import wait_until
 
 
 def test_namespaced_role_allows_its_namespace_only(k8s_cluster, sa_token):

@@ -72,6 +72,27 @@ def test_job_like_pods_succeed_and_fail_with_exit_codes(k8s_cluster, k8s_namespa
     assert "diverged" in test_kubelet.log_path(ns, "broken").read_text()
 
 
+def test_logs_follow_a_running_pod(k8s_cluster, k8s_namespace, test_kubelet):
+    ns = k8s_namespace
+    slow = "import time\nfor epoch in range(3):\n    print(f'epoch={epoch}', flush=True)\n" \
+           "    time.sleep(0.5)"
+    k8s_cluster.kubectl("apply", "-n", ns, "-f", "-", input=manifest(python_pod("slow", slow)))
+    wait_for_phase(k8s_cluster.rest(), ns, "slow", "Running")
+    # -f returns only when the container has exited and its output is all sent.
+    followed = k8s_cluster.kubectl("logs", "-f", "-n", ns, "slow").stdout
+    assert followed.split() == ["epoch=0", "epoch=1", "epoch=2"]
+
+
+def test_missing_command_fails_the_pod(k8s_cluster, k8s_namespace, test_kubelet):
+    ns = k8s_namespace
+    pod = python_pod("nope", "")
+    pod["spec"]["containers"][0]["command"] = ["/nonexistent/trainer"]
+    k8s_cluster.kubectl("apply", "-n", ns, "-f", "-", input=manifest(pod))
+    failed = wait_for_phase(k8s_cluster.rest(), ns, "nope", "Failed")
+    assert terminated_state(failed)["reason"] == "StartError"
+    assert terminated_state(failed)["exitCode"] == 128
+
+
 def test_job_completes(k8s_cluster, k8s_namespace, test_kubelet):
     ns = k8s_namespace
     template = python_pod("unused", "print('trial done')")
