@@ -292,3 +292,26 @@ def test_pbt_exploits_in_place_without_restarting_the_pod(k8s_cluster, k8s_names
         # One pod, one attempt: the trial went on in the same process.
         assert t["spec"].get("attempt", 1) == 1 and t["status"]["podName"] == t["metadata"]["name"]
         assert all(b[0] > a[0] for a, b in zip(t["status"]["intermediate"], t["status"]["intermediate"][1:]))
+
+
+def test_a_trial_lost_with_its_node_runs_again_elsewhere(k8s_cluster, k8s_namespace, make_kubelet, stack):
+    # Two nodes: when every node goes silent the node controller evicts nothing (as in a real cluster).
+    survivor = make_kubelet(gpus=1)
+    doomed = make_kubelet(gpus=1)
+    spec = curve_spec(budget={"maxTrials": 4, "parallelTrials": 2})
+    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "0.6"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("nodeloss", k8s_namespace, **spec))
+    wait_until(lambda: doomed.running_pods(), timeout=60, what="a trial on the node to be lost")
+    lost_pod = doomed.running_pods()[0].split("/")[1]
+    doomed.lose()
+    status = wait_phase(k8s_cluster, k8s_namespace, "nodeloss", stack, timeout=180)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    assert status.get("retries") == 1
+    trials = {t["metadata"]["name"]: t for t in get(k8s_cluster, "trials", k8s_namespace)["items"]}
+    assert sorted(trials) == [f"nodeloss-{n:04d}" for n in range(4)]
+    retried = trials[lost_pod]
+    assert retried["spec"]["attempt"] == 2 and retried["status"]["state"] == "Succeeded"
+    assert retried["status"]["podName"] == f"{lost_pod}-r2"
+    assert survivor.run_of(k8s_namespace, f"{lost_pod}-r2") is not None
+    events = k8s_cluster.kubectl("get", "events", "-n", k8s_namespace, "--field-selector", "reason=TrialRetried").stdout
+    assert lost_pod in events

@@ -23,7 +23,7 @@ from ..api import schema
 from ..engine import check_end, judge_exit
 from .kube import Kube
 from .pods import trial_pod
-from .records import now_iso, parse_time, records, trial_resource, to_record
+from .records import now_iso, parse_time, pod_name, records, trial_resource, to_record
 
 log = logging.getLogger("kubetune.operator")
 
@@ -172,6 +172,11 @@ class Controller:
             return None
         phase = (pod.get("status") or {}).get("phase")
         experiment = trial["spec"]["experiment"]
+        if meta.get("deletionTimestamp") and phase not in ("Succeeded", "Failed") and not status.get("stop"):
+            # Evicted (its node was lost) or deleted by someone: the trial runs again in a new pod.
+            self._retry(trial, f"pod {meta['name']} was evicted or deleted before it finished")
+            self.kube.delete_pod(meta["namespace"], meta["name"], grace=0)
+            return experiment
         if phase == "Running" and status.get("state") != "Running" and not deleted:
             self.kube.patch_trial_status(meta["namespace"], trial_name, {"state": "Running", "startTime": now_iso()})
             return experiment
@@ -197,12 +202,12 @@ class Controller:
             return
         if not status.get("stop"):
             self.kube.patch_trial_status(namespace, name, {"stop": {"state": state.value, "reason": reason}})
-        pod_name = status.get("podName")
-        if pod_name is None or self.kube.get_pod(namespace, pod_name) is None:
+        current = status.get("podName")
+        if current is None or self.kube.get_pod(namespace, current) is None:
             trial["status"] = {**status, "stop": {"state": state.value, "reason": reason}}
             self._finish_trial(trial, None, "")
         else:
-            self.kube.delete_pod(namespace, pod_name)
+            self.kube.delete_pod(namespace, current)
 
     def _finish_trial(self, trial: dict, exit_code: int | None, error: str) -> None:
         meta, status = trial["metadata"], trial.get("status") or {}
@@ -254,9 +259,11 @@ class Controller:
             return
         attempt = int(trial["spec"].get("attempt", 1)) + 1
         self.kube.patch_experiment_status(meta["namespace"], exp["metadata"]["name"], {"retries": retries + 1})
+        # The new pod's name first, so events of the old pod are ignored from now on.
+        self.kube.patch_trial_status(meta["namespace"], meta["name"], {
+            "state": "Pending", "podName": pod_name(meta["name"], attempt), "startTime": None,
+            "intermediate": [], "metrics": {}})
         self.kube.patch_trial(meta["namespace"], meta["name"], {"spec": {"attempt": attempt}})
-        self.kube.patch_trial_status(meta["namespace"], meta["name"],
-                                     {"state": "Pending", "podName": None, "startTime": None})
         self.event(exp, "Warning", "TrialRetried", f"trial {meta['name']}: {why}; attempt {attempt}")
         trial["spec"]["attempt"] = attempt
         trial["status"] = {"state": "Pending"}
