@@ -315,3 +315,16 @@ def test_a_trial_lost_with_its_node_runs_again_elsewhere(k8s_cluster, k8s_namesp
     assert survivor.run_of(k8s_namespace, f"{lost_pod}-r2") is not None
     events = k8s_cluster.kubectl("get", "events", "-n", k8s_namespace, "--field-selector", "reason=TrialRetried").stdout
     assert lost_pod in events
+
+
+def test_a_trial_without_the_sdk_reports_through_its_log(k8s_cluster, k8s_namespace, make_kubelet, stack):
+    make_kubelet(gpus=2)
+    spec = curve_spec(budget={"maxTrials": 2, "parallelTrials": 2})
+    spec["trialTemplate"]["command"] = ["sh", "-c", "echo 'epoch=1 score=0.5'; echo epoch=2 score=${x}"]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("stdout", k8s_namespace, **spec))
+    status = wait_phase(k8s_cluster, k8s_namespace, "stdout", stack)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    for t in get(k8s_cluster, "trials", k8s_namespace)["items"]:
+        x = t["spec"]["params"]["x"]
+        assert t["status"]["intermediate"] == [[1.0, 0.5], [2.0, pytest.approx(x)]]
+        assert t["status"]["value"] == pytest.approx(max(0.5, x))

@@ -21,6 +21,7 @@ from ..api.trial import Trial, TrialState
 from ..api.validation import check_spec, check_structure
 from ..api import schema
 from ..engine import check_end, judge_exit
+from ..engine.metric_lines import parse_metric_line
 from .kube import Kube
 from .pods import trial_pod
 from .records import now_iso, parse_time, pod_name, records, trial_resource, to_record
@@ -217,6 +218,8 @@ class Controller:
         spec = ExperimentSpec.from_document(exp)
         record = to_record(trial)
         reported = self._reported(exp, record)
+        if not reported.get("intermediate") and not record.intermediate and spec.collector_kind in ("auto", "stdout"):
+            reported = {**reported, **self._from_log(spec, meta["namespace"], status.get("podName"))}
         values = [v for _, v in reported.get("intermediate", record.intermediate)]
         stop = status.get("stop") or (
             {"state": "Pruned", "reason": reported.get("reason") or "pruned"} if reported.get("state") == "Pruned" else None)
@@ -245,6 +248,19 @@ class Controller:
             log.warning("suggestion service unreachable for %s: %s; using what the API holds", record.name, e)
             return {}
         return got if got.get("known") else {}
+
+    def _from_log(self, spec: ExperimentSpec, namespace: str, pod: str | None) -> dict:
+        """Metrics printed by a trial that does not use the SDK (`epoch=3 val_accuracy=0.91`)."""
+        if not pod:
+            return {}
+        intermediate, metrics = [], {}
+        for line in self.kube.pod_log(namespace, pod).splitlines():
+            found = parse_metric_line(line, spec.metric_format)
+            if spec.objective.metric in found:
+                step = next((found[k] for k in ("step", "epoch", "iteration") if k in found), len(intermediate) + 1)
+                intermediate.append([float(step), found.pop(spec.objective.metric)])
+            metrics.update(found)
+        return {"intermediate": intermediate, "metrics": metrics} if intermediate else {}
 
     def _retry(self, trial: dict, why: str) -> None:
         """A pod lost before it finished (its node went away): run the trial again, as a new attempt."""
