@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import kopf
 
@@ -35,7 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     handlers.controller = Controller(Kube(), args.suggestion_url, bus)
     scope = {"namespaces": args.namespace} if args.namespace else {"clusterwide": True}
     # Standalone: one replica; restarts are safe because all state is in the API.
-    asyncio.run(kopf.operator(standalone=True, **scope))
+    asyncio.run(_operate(scope))
+
+
+async def _operate(scope: dict) -> None:
+    # Handlers run blocking API calls in threads; the default pool (CPUs + 4) would queue them.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=32))
+    await kopf.operator(standalone=True, **scope)
 
 
 if __name__ == "__main__":

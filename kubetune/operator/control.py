@@ -41,8 +41,11 @@ class Controller:
 
     # -- experiments ---------------------------------------------------------
 
-    def reconcile_experiment(self, namespace: str, name: str) -> bool:
-        """One pass over an experiment; True once it is over and nothing of it runs."""
+    def reconcile_experiment(self, namespace: str, name: str, trials: list[dict] | None = None) -> bool:
+        """One pass over an experiment; True once it is over and nothing of it runs.
+
+        trials: its Trial resources as the operator's watch cache holds them (listed when not given).
+        """
         exp = self.kube.get_experiment(namespace, name)
         if exp is None or exp["metadata"].get("deletionTimestamp"):
             return True
@@ -58,7 +61,7 @@ class Controller:
         spec = ExperimentSpec.from_document(exp)
         if "seed" not in status:
             status = exp["status"] = self._start(exp, spec)
-        trials = records(self.kube.list_trials(namespace, name))
+        trials = records(self.kube.list_trials(namespace, name) if trials is None else trials)
         now = self.clock()
         self._trial_timeouts(exp, spec, trials, now)
         best = best_trial(spec, trials)
@@ -240,10 +243,13 @@ class Controller:
     def _reported(self, exp: dict, record: Trial) -> dict:
         """The trial's reported values, once the suggestion service has taken all it sent."""
         meta = exp["metadata"]
-        trials = records(self.kube.list_trials(meta["namespace"], meta["name"]))
+        request = {"experiment": {"namespace": meta["namespace"], "name": meta["name"]}, "trial": record.number}
         try:
-            # With the whole context, so that a restarted service can rebuild the experiment first.
-            got = self.ask_service("/v1/flush", {**self._context(exp, trials), "trial": record.number})
+            got = self.ask_service("/v1/flush", request)
+            if not got.get("known"):
+                # A restarted service: send the whole context so it rebuilds the experiment first.
+                trials = records(self.kube.list_trials(meta["namespace"], meta["name"]))
+                got = self.ask_service("/v1/flush", {**self._context(exp, trials), **request})
         except OSError as e:
             log.warning("suggestion service unreachable for %s: %s; using what the API holds", record.name, e)
             return {}

@@ -32,13 +32,20 @@ def wake(namespace: str, experiment: str | None) -> None:
         _event(namespace, experiment).set()
 
 
+@kopf.index(G, V, "trials")
+def trials_by_experiment(namespace, spec, body, **_):
+    """The operator's cache of every Trial, by experiment: a reconcile never lists them from the API."""
+    return {(namespace, spec.get("experiment")): dict(body)}
+
+
 @kopf.daemon(G, V, "experiments", cancellation_timeout=5.0, initial_delay=0)
-async def run_experiment(namespace, name, stopped, logger, **_):
+async def run_experiment(namespace, name, stopped, logger, trials_by_experiment: kopf.Index, **_):
     wakeup = _event(namespace, name)
     while not stopped:
         wakeup.clear()
+        trials = list(trials_by_experiment.get((namespace, name), []))
         try:
-            if await asyncio.to_thread(controller.reconcile_experiment, namespace, name):
+            if await asyncio.to_thread(controller.reconcile_experiment, namespace, name, trials):
                 logger.info("experiment %s is over", name)
                 return
         except Exception as e:  # noqa: BLE001 - the next pass may succeed (API or service restarting)
@@ -47,6 +54,7 @@ async def run_experiment(namespace, name, stopped, logger, **_):
             await asyncio.wait_for(wakeup.wait(), timeout=1.0)
         except asyncio.TimeoutError:
             pass
+        await asyncio.sleep(0.05)  # let a burst of trial changes land in the cache before the next pass
 
 
 @kopf.on.delete(G, V, "experiments")

@@ -1,0 +1,165 @@
+"""How fast the operator turns an applied Experiment into trial pods, on the real test cluster.
+
+    python -m bench.operator [--quick]
+
+Starts the test cluster (kube-apiserver, etcd, controller-manager), a test
+kubelet, Redis, the suggestion service and the operator, then measures:
+  - latency: from the create call of an Experiment to its first trial pod, and
+    to all `parallelTrials` pods (median of several experiments);
+  - throughput: trials (and their pods) created per second over a large
+    experiment of no-op trials.
+Pod creation times are taken when a watch delivers the ADDED event here.
+Targets (issue): first pod within 1 s of apply (median); at least 20 trials/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from kubernetes import client, config, watch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.cluster.control_plane import ControlPlane  # noqa: E402
+from tests.cluster.kubelet import TestKubelet  # noqa: E402
+from tests.redis_server import RedisServer, free_port  # noqa: E402
+
+NOOP = ["sh", "-c", "echo score=1"]
+
+
+class Watcher:
+    """Records when each pod / trial of a namespace first appears."""
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+        self.pods: dict[str, float] = {}
+        self.trials: dict[str, float] = {}
+        self._stop = threading.Event()
+        for kind in ("pods", "trials"):
+            threading.Thread(target=self._run, args=(kind,), daemon=True).start()
+
+    def _run(self, kind: str) -> None:
+        core, custom = client.CoreV1Api(), client.CustomObjectsApi()
+        seen = self.pods if kind == "pods" else self.trials
+        w = watch.Watch()
+        if kind == "pods":
+            stream = w.stream(core.list_namespaced_pod, self.namespace, timeout_seconds=3600)
+        else:
+            stream = w.stream(custom.list_namespaced_custom_object, "kubetune.io", "v1alpha1", self.namespace,
+                              "trials", timeout_seconds=3600)
+        for event in stream:
+            if self._stop.is_set():
+                break
+            obj = event["object"]
+            name = obj.metadata.name if kind == "pods" else obj["metadata"]["name"]
+            seen.setdefault(name, time.monotonic())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def experiment(name: str, namespace: str, trials: int, parallel: int) -> dict:
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "Experiment",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"objective": {"metric": "score", "goal": "maximize"},
+                     "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
+                     "algorithm": {"name": "random", "settings": {"seed": 1}},
+                     "budget": {"maxTrials": trials, "parallelTrials": parallel, "maxFailedTrials": trials},
+                     "trialTemplate": {"command": NOOP}}}
+
+
+def wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer and smaller experiments (about a minute)")
+    args = parser.parse_args()
+    runs, big = (3, 200) if args.quick else (9, 1000)
+    parallel = 8
+
+    cluster = ControlPlane().start()
+    work = Path(tempfile.mkdtemp(prefix="kt-bench-"))
+    redis = RedisServer(work / "redis")
+    redis.start()
+    kubelet = TestKubelet(cluster, "bench-node", cpu="1000", memory="1000Gi", max_pods=2000).start()
+    procs = []
+    try:
+        cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/experiments.kubetune.io", "crd/trials.kubetune.io")
+        port = free_port()
+        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        for argv in ([sys.executable, "-m", "kubetune.service", "--host", "127.0.0.1", "--port", str(port),
+                      "--redis-url", redis.url],
+                     [sys.executable, "-m", "kubetune.operator", "--suggestion-url", f"http://127.0.0.1:{port}",
+                      "--redis-url", redis.url]):
+            procs.append(subprocess.Popen(argv, env=env, stdout=open(work / f"{argv[2]}.log", "w"),
+                                          stderr=subprocess.STDOUT))
+        config.load_kube_config(str(cluster.kubeconfig))
+        custom = client.CustomObjectsApi()
+        cluster.kubectl("create", "namespace", "bench")
+        watcher = Watcher("bench")
+        time.sleep(2.0)  # let the operator's watches start before the first measurement
+
+        first, full = [], []
+        for i in range(runs):
+            name = f"latency-{i}"
+            t0 = time.monotonic()
+            custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", "bench", "experiments",
+                                                   experiment(name, "bench", parallel, parallel))
+            mine = lambda: sorted(t for p, t in watcher.pods.items() if p.startswith(name + "-"))  # noqa: E731
+            wait_for(lambda: len(mine()) >= parallel, 60)
+            times = mine()
+            first.append(times[0] - t0)
+            full.append(times[parallel - 1] - t0)
+
+        t0 = time.monotonic()
+        custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", "bench", "experiments",
+                                               experiment("throughput", "bench", big, 50))
+        done = wait_for(lambda: sum(1 for p in watcher.pods if p.startswith("throughput-")) >= big, 900)
+        trial_times = sorted(t for n, t in watcher.trials.items() if n.startswith("throughput-"))
+        pod_times = sorted(t for n, t in watcher.pods.items() if n.startswith("throughput-"))
+        span = (trial_times[-1] - t0) if trial_times else float("nan")
+        print(f"\nOperator on the test cluster (kube-apiserver {cluster_version(cluster)}), "
+              f"{os.cpu_count()} CPUs; {'quick' if args.quick else 'full'} run\n")
+        print("| measure | result | target |")
+        print("| --- | --- | --- |")
+        print(f"| create -> first trial pod, median of {runs} (min-max) | {statistics.median(first):.3f} s "
+              f"({min(first):.3f}-{max(first):.3f}) | <= 1 s |")
+        print(f"| create -> all {parallel} parallel pods, median | {statistics.median(full):.3f} s | |")
+        print(f"| {big} no-op trials: trials created per second | {len(trial_times) / span:.1f} /s "
+              f"({len(trial_times)} in {span:.1f} s{'' if done else ', incomplete'}) | >= 20 /s |")
+        if pod_times:
+            print(f"| {big} no-op trials: pods created per second | {len(pod_times) / (pod_times[-1] - t0):.1f} /s | |")
+        watcher.stop()
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+        kubelet.stop()
+        redis.stop()
+        cluster.stop()
+
+
+def cluster_version(cluster) -> str:
+    return cluster.kubectl("version", "-o", "json").stdout.split('"gitVersion": "')[2].split('"')[0]
+
+
+if __name__ == "__main__":
+    main()
