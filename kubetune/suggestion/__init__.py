@@ -14,8 +14,9 @@ from .base import Sampler, SearchExhausted
 from .grid import GridSampler
 from .random import RandomSampler
 from .sobol import SobolSampler
+from .tpe import TPESampler
 
-SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (RandomSampler, GridSampler, SobolSampler)}
+SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (RandomSampler, GridSampler, SobolSampler, TPESampler)}
 
 
 def check_algorithm(algorithm: Mapping[str, Any] | None, parameters: list, path: str) -> list[Problem]:
