@@ -14,10 +14,11 @@ from .base import Sampler, SearchExhausted
 from .grid import GridSampler
 from .random import RandomSampler
 from .sobol import SobolSampler
+from .cmaes import CMAESSampler
 from .gp import GPSampler
 from .tpe import TPESampler
 
-SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (RandomSampler, GridSampler, SobolSampler, TPESampler, GPSampler)}
+SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (RandomSampler, GridSampler, SobolSampler, TPESampler, GPSampler, CMAESSampler)}
 
 
 def check_algorithm(algorithm: Mapping[str, Any] | None, parameters: list, path: str) -> list[Problem]:
