@@ -161,3 +161,16 @@ def neighbour_sigma(centres: np.ndarray) -> np.ndarray:
     s[order] = np.maximum(left, right)
     out[ok] = np.clip(s, 1.0 / min(100, n + 1), 1.0)
     return out
+
+
+# Past this many bad observations, g(x) is estimated from a weighted subsample: the
+# density barely changes, and the cost of an ask stops growing with the trial count.
+MAX_BAD = 2048
+
+
+def thin(rows: np.ndarray, weights: np.ndarray, cap: int, rng: np.random.Generator):
+    """At most `cap` rows, drawn in proportion to their weights (then weighted equally)."""
+    if len(rows) <= cap:
+        return rows, weights
+    keep = np.sort(rng.choice(len(rows), size=cap, replace=False, p=weights / weights.sum()))
+    return rows[keep], np.ones(cap)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..api.settings import Setting, at_least, fraction, positive
 from ._encoding import ModelSampler
-from ._parzen import Parzen, neighbour_sigma, scott_sigma
+from ._parzen import MAX_BAD, Parzen, neighbour_sigma, scott_sigma, thin
 from .base import SEED
 
 
@@ -31,19 +31,6 @@ def recency_weights(n: int, flat: int = 25) -> np.ndarray:
     if n <= flat:
         return np.ones(n)
     return np.concatenate([np.linspace(1.0 / n, 1.0, n - flat), np.ones(flat)])
-
-
-# Past this many bad observations, g(x) is estimated from a weighted subsample: the
-# density barely changes, and the cost of an ask stops growing with the trial count.
-MAX_BAD = 2048
-
-
-def thin(rows: np.ndarray, weights: np.ndarray, cap: int, rng: np.random.Generator):
-    """At most `cap` rows, drawn in proportion to their weights (then weighted equally)."""
-    if len(rows) <= cap:
-        return rows, weights
-    keep = np.sort(rng.choice(len(rows), size=cap, replace=False, p=weights / weights.sum()))
-    return rows[keep], np.ones(cap)
 
 
 class TPESampler(ModelSampler):
