@@ -26,6 +26,7 @@ from ..api.settings import Setting, at_least, fraction, positive
 from ..api.trial import Trial, TrialState, finite
 from ._encoding import ModelSampler
 from ._parzen import MAX_BAD, Parzen, thin
+from ._threads import small_linear_algebra
 from .base import SEED
 
 CLUSTER_FLOOR = 0.5
@@ -64,6 +65,7 @@ class BOHBSampler(ModelSampler):
         "minBandwidth": Setting(float, 1e-3, "smallest kernel bandwidth", positive),
     }
 
+    @small_linear_algebra
     def ask(self, trials):
         rng = self.rng(trials)
         if rng.random() < self.settings["randomFraction"]:

@@ -31,6 +31,7 @@ from ..api.settings import Setting, at_least, fraction, positive
 from ..api.trial import TrialState, finite
 from ._cma import CMA, default_popsize, warm_start
 from ._encoding import ModelSampler
+from ._threads import small_linear_algebra
 from .base import SEED
 
 
@@ -104,6 +105,7 @@ class CMAESSampler(ModelSampler):
 
     # -- asking ---------------------------------------------------------------------
 
+    @small_linear_algebra
     def ask(self, trials):
         rng = self.rng(trials)
         enc = self.encoder

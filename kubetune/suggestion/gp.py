@@ -22,6 +22,7 @@ from scipy.stats import qmc
 from ..api.settings import Setting, at_least
 from ._encoding import Encoder, ModelSampler
 from ._gp import GP, log_ei
+from ._threads import small_linear_algebra
 from .base import SEED
 
 
@@ -62,6 +63,7 @@ class GPSampler(ModelSampler):
         "candidates": Setting(int, 1024, "quasi-random candidates scored per ask before local refinement", at_least(1)),
     }
 
+    @small_linear_algebra
     def ask(self, trials):
         rng = self.rng(trials)
         s = self.settings

@@ -23,6 +23,7 @@ import numpy as np
 from ..api.settings import Setting, at_least, fraction, positive
 from ._encoding import ModelSampler
 from ._parzen import MAX_BAD, Parzen, neighbour_sigma, scott_sigma, thin
+from ._threads import small_linear_algebra
 from .base import SEED
 
 
@@ -46,6 +47,7 @@ class TPESampler(ModelSampler):
         "constantLiar": Setting(bool, True, "count pending trials as bad, so parallel asks differ"),
     }
 
+    @small_linear_algebra
     def ask(self, trials):
         rng = self.rng(trials)
         s = self.settings
