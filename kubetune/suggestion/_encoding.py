@@ -122,6 +122,25 @@ class Encoder:
             rows[:, j] = snap_unit(self.params[j], rows[:, j])
         return rows
 
+    def cells(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Unit-scale bounds of the cell of the value each ordered entry stands for.
+
+        Continuous columns get NaN: their values are points, not cells.
+        """
+        lo, hi = np.full(rows.shape, np.nan), np.full(rows.shape, np.nan)
+        for j in self.num_cols:
+            p = self.params[j]
+            u = np.clip(rows[:, j], 0.0, 1.0)
+            if p.type == "int" and p.log:
+                a, b = math.log(p.low - 0.5), math.log(p.high + 0.5)
+                v = np.clip(np.round(np.exp(a + u * (b - a))), p.low, p.high)
+                lo[:, j], hi[:, j] = (np.log(v - 0.5) - a) / (b - a), (np.log(v + 0.5) - a) / (b - a)
+            elif p.n_choices is not None:
+                n = p.n_choices
+                k = np.minimum(np.floor(u * n), n - 1)
+                lo[:, j], hi[:, j] = k / n, (k + 1) / n
+        return lo, hi
+
     def random_rows(self, rng: np.random.Generator, n: int) -> np.ndarray:
         rows = rng.random((n, self.dim))
         for j in self.cat_cols:

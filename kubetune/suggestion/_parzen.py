@@ -44,8 +44,8 @@ class Parzen:
         self._safe_mu = safe_mu
         self._log_w = np.log(np.maximum(self.w, 1e-300))
         # Columns that allow the fast path of log_pdf_joint.
-        self._plain = [not self.k[j] and not self.missing[:, j].any() and bool(np.all(self.sigma[:, j] == self.sigma[0, j]))
-                       for j in range(self.d)] if self.n else [False] * self.d
+        self._plain = [not self.k[j] and not self.missing[:, j].any() for j in range(self.d)]
+        self._inv_var = 1.0 / self.sigma ** 2
 
     # -- sampling --------------------------------------------------------------
 
@@ -85,13 +85,29 @@ class Parzen:
 
     # -- densities -------------------------------------------------------------
 
-    def _log_kernel(self, x: np.ndarray, j: int) -> np.ndarray:
-        """m x n log densities of column j of the rows x under each kernel."""
+    def _log_kernel(self, x: np.ndarray, j: int, cell=None) -> np.ndarray:
+        """m x n log densities of column j of the rows x under each kernel.
+
+        With `cell` (lower and upper unit bounds per row), the log probability of that
+        cell instead: the mass of an integer or stepped value, which a narrow kernel
+        cannot inflate the way it inflates a density at a point.
+        """
         if self.k[j]:
             same = np.round(x[:, None]) == self.mu[None, :, j]
             k, a = self.k[j], self.alpha[j]
             out = np.where(same, np.log(1 - a + a / k), np.log(max(a, 1e-12) / k))
             return np.where(self.missing[None, :, j], -np.log(k), out)
+        if cell is not None:
+            mu, sd = self._safe_mu[None, :, j], self.sigma[None, :, j]
+            a, b = (cell[0][:, None] - mu) / sd, (cell[1][:, None] - mu) / sd
+            # Subtract in the tail where the CDF is small, for precision on either side.
+            upper = a > 0
+            mass = np.where(upper, ndtr(-a) - ndtr(-b), ndtr(b) - ndtr(a))
+            out = np.log(np.maximum(mass, 1e-300)) - np.log(np.maximum(self._cdf_hi[None, :, j] - self._cdf_lo[None, :, j], 1e-300))
+            width = cell[1] - cell[0]
+            # Relative to the uniform component's mass of the cell (its density is 1).
+            out = out - np.log(width)[:, None]
+            return np.where(self.missing[None, :, j], 0.0, out)
         z = (x[:, None] - self._safe_mu[None, :, j]) / self.sigma[None, :, j]
         out = -0.5 * z * z - self._log_norm[None, :, j]
         return np.where(self.missing[None, :, j], 0.0, out)
@@ -99,36 +115,45 @@ class Parzen:
     def _log_uniform(self, j: int) -> float:
         return -np.log(self.k[j]) if self.k[j] else 0.0
 
-    def log_pdf_joint(self, x: np.ndarray, active: np.ndarray) -> np.ndarray:
-        """Log density of the active columns of each row of x (m x d)."""
+    def log_pdf_joint(self, x: np.ndarray, active: np.ndarray, cells=None) -> np.ndarray:
+        """Log density of the active columns of each row of x (m x d).
+
+        cells: (lower, upper) unit bounds per entry, NaN for continuous columns (`Encoder.cells`).
+        """
         m = len(x)
+        discrete = np.zeros(self.d, dtype=bool) if cells is None else ~np.isnan(cells[0]).all(axis=0)
         total = np.zeros((m, self.n))
         uniform = np.zeros(m)
-        # Fast path: ordered columns, active everywhere, one kernel width: a matrix product.
-        fast = [j for j in range(self.d) if self._plain[j] and active[:, j].all()]
+        # Fast path: ordered columns active everywhere. The squared distances of all
+        # (candidate, kernel) pairs are then three matrix products.
+        fast = [j for j in range(self.d) if self._plain[j] and active[:, j].all() and not discrete[j]]
         if fast and self.n:
-            xs, mu, inv = x[:, fast], self.mu[:, fast], 1.0 / self.sigma[0, fast] ** 2
-            quad = (xs * xs * inv).sum(1)[:, None] - 2.0 * (xs * inv) @ mu.T + (mu * mu * inv).sum(1)[None, :]
+            xs, mu, inv = x[:, fast], self.mu[:, fast], self._inv_var[:, fast]
+            quad = (xs * xs) @ inv.T - 2.0 * xs @ (mu * inv).T + (mu * mu * inv).sum(1)[None, :]
             total -= 0.5 * np.maximum(quad, 0.0) + self._log_norm[:, fast].sum(1)[None, :]
         for j in range(self.d):
             if j in fast:
                 continue
             a = active[:, j]
             if self.n:
-                total += np.where(a[:, None], self._log_kernel(x[:, j], j), 0.0)
+                cell = (np.nan_to_num(cells[0][:, j]), np.nan_to_num(cells[1][:, j], nan=1.0)) if discrete[j] else None
+                total += np.where(a[:, None], self._log_kernel(x[:, j], j, cell), 0.0)
             uniform += np.where(a, self._log_uniform(j), 0.0)
         total += self._log_w[None, :]
         top = np.maximum(total.max(axis=1, initial=-np.inf), uniform + np.log(self.uniform_weight))
         mass = np.exp(total - top[:, None]).sum(axis=1) + np.exp(uniform + np.log(self.uniform_weight) - top)
         return top + np.log(mass) - np.log(self.w.sum() + self.uniform_weight)
 
-    def log_pdf_marginal(self, x: np.ndarray) -> np.ndarray:
+    def log_pdf_marginal(self, x: np.ndarray, cells=None) -> np.ndarray:
         """m x d: log density of each column under that column's own mixture."""
         out = np.empty(x.shape)
         for j in range(self.d):
+            cell = None
+            if cells is not None and not np.isnan(cells[0][:, j]).all():
+                cell = (np.nan_to_num(cells[0][:, j]), np.nan_to_num(cells[1][:, j], nan=1.0))
             w = np.where(self.missing[:, j], 0.0, self.w)
             logw = np.log(np.maximum(w, 1e-300)) + np.where(w > 0, 0.0, -np.inf)
-            terms = np.concatenate([self._log_kernel(x[:, j], j) + logw[None, :],
+            terms = np.concatenate([self._log_kernel(x[:, j], j, cell) + logw[None, :],
                                     np.full((len(x), 1), self._log_uniform(j) + np.log(self.uniform_weight))], axis=1)
             out[:, j] = logsumexp(terms, axis=1) - np.log(w.sum() + self.uniform_weight)
         return out

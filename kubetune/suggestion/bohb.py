@@ -78,7 +78,8 @@ class BOHBSampler(ModelSampler):
         enc = self.encoder
         cand = enc.snap(good_wide.sample_joint(rng, self.settings["candidates"]))
         active = enc.active(cand)
-        score = good.log_pdf_joint(cand, active) - bad.log_pdf_joint(cand, active)
+        cells = enc.cells(cand)
+        score = good.log_pdf_joint(cand, active, cells) - bad.log_pdf_joint(cand, active, cells)
         return self.pick_unseen(cand[np.argsort(-score, kind="stable")], hist, trials, rng)
 
     def model(self, trials: Sequence[Trial], hist=None):

@@ -4,9 +4,12 @@ Finished trials are split into a good group (the best `gamma` fraction, at most
 `maxGood`) and the rest. A Parzen density is fitted to each, l(x) and g(x);
 candidates are drawn from l and the one with the highest l(x)/g(x) wins.
 
-- multivariate (default): one joint density over all parameters, so
-  interactions between parameters are kept; conditional parameters that are
-  inactive in an observation count as uniform there.
+- multivariate (default): one joint density over the unconditional
+  parameters, so their interactions are kept; conditional parameters (active
+  in only some trials) are chosen one by one, as in the univariate form.
+  Kernel widths follow the gaps between neighbouring observations.
+- Integer, stepped and discrete values are scored by the probability of their
+  cell, not the density at a point (a narrow kernel cannot inflate it).
 - univariate: one density per parameter, each chosen independently.
 - Pending trials join the bad group (a constant liar), so parallel workers
   asking at once are steered away from each other's points.
@@ -22,7 +25,7 @@ import numpy as np
 
 from ..api.settings import Setting, at_least, fraction, positive
 from ._encoding import ModelSampler
-from ._parzen import MAX_BAD, Parzen, neighbour_sigma, scott_sigma, thin
+from ._parzen import MAX_BAD, Parzen, neighbour_sigma, thin
 from ._threads import small_linear_algebra
 from .base import SEED
 
@@ -47,6 +50,10 @@ class TPESampler(ModelSampler):
         "constantLiar": Setting(bool, True, "count pending trials as bad, so parallel asks differ"),
     }
 
+    def __init__(self, space, **kwargs):
+        super().__init__(space, **kwargs)
+        self._conditional = np.array([bool(p.when) for p in space.params])
+
     @small_linear_algebra
     def ask(self, trials):
         rng = self.rng(trials)
@@ -70,11 +77,23 @@ class TPESampler(ModelSampler):
         if s["multivariate"]:
             cand = enc.snap(l.sample_joint(rng, s["candidates"]))
             active = enc.active(cand)
-            score = l.log_pdf_joint(cand, active) - g.log_pdf_joint(cand, active)
+            if self._conditional.any():
+                # Conditional parameters are chosen one by one (as univariate TPE does); the joint
+                # density ranks the rest. Densities that mix 'inactive' with values blur both.
+                marg = enc.snap(l.sample_marginal(rng, s["candidates"]))
+                cells = enc.cells(marg)
+                per_column = l.log_pdf_marginal(marg, cells) - g.log_pdf_marginal(marg, cells)
+                best = marg[np.argmax(per_column, axis=0), np.arange(enc.dim)]
+                cand[:, self._conditional] = best[self._conditional]
+                active = enc.active(cand)
+                active[:, self._conditional] = False
+            cells = enc.cells(cand)
+            score = l.log_pdf_joint(cand, active, cells) - g.log_pdf_joint(cand, active, cells)
             ranked = cand[np.argsort(-score, kind="stable")]
         else:
             cand = enc.snap(l.sample_marginal(rng, s["candidates"]))
-            per_column = l.log_pdf_marginal(cand) - g.log_pdf_marginal(cand)
+            cells = enc.cells(cand)
+            per_column = l.log_pdf_marginal(cand, cells) - g.log_pdf_marginal(cand, cells)
             best = cand[np.argmax(per_column, axis=0), np.arange(enc.dim)]
             total = np.where(enc.active(cand), per_column, 0.0).sum(axis=1)
             ranked = np.vstack([best, cand[np.argsort(-total, kind="stable")]])
@@ -83,12 +102,12 @@ class TPESampler(ModelSampler):
     def _density(self, rows: np.ndarray, weights: np.ndarray) -> Parzen:
         enc = self.encoder
         n = len(rows)
-        if self.settings["multivariate"]:
-            sigma = scott_sigma(n, enc.dim)
-        else:
-            sigma = np.column_stack([neighbour_sigma(rows[:, j]) for j in range(enc.dim)]) if n else 1.0
-            sigma = np.where(np.isnan(sigma), 1.0, sigma)
-        # Categorical kernels sharpen as evidence grows (prior mass spread over n observations).
-        spread = enc.n_choices * self.settings["priorWeight"] / max(n, 1)
+        # Per point and parameter: the larger gap to a neighbouring observation (Optuna's rule,
+        # which beat Scott's single joint width on every benchmark function we tried).
+        sigma = np.column_stack([neighbour_sigma(rows[:, j]) for j in range(enc.dim)]) if n else 1.0
+        sigma = np.where(np.isnan(sigma), 1.0, sigma)
+        # Categorical kernels sharpen as evidence grows (prior mass spread over n + 1 kernels).
+        pw = self.settings["priorWeight"]
+        spread = enc.n_choices * pw / (n + 1)
         alpha = spread / (1 + spread)
-        return Parzen(rows, weights, sigma, alpha, enc.n_choices, self.settings["priorWeight"])
+        return Parzen(rows, weights, sigma, alpha, enc.n_choices, pw)
