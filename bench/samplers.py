@@ -14,6 +14,7 @@ A cell is a tie when the two medians differ by at most 1e-3 x max(1, |optimum|)
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -37,6 +38,7 @@ FULL = {
     # Optuna's GPSampler costs O(n^3) per ask (~0.15 s at 100 trials, ~7 s at 1,000): 10 seeds x 8
     # problems at 200 trials would take hours on 2 cores, so both GPs are compared at 50 and 100.
     "gp_budget": 100,
+    "gp_seeds": 5,
     "latency": {100: 20, 1000: 10, 10000: 5},
     "optuna_gp_latency": {100: 5, 1000: 2},  # 10,000: hours per ask, skipped
     "kubetune_gp_latency": {100: 10, 1000: 5, 10000: 3},
@@ -49,6 +51,7 @@ QUICK = {
     "seeds": 3,
     "budgets": [50],
     "gp_budget": 50,
+    "gp_seeds": 3,
     "latency": {100: 10, 1000: 5},
     "optuna_gp_latency": {100: 3},
     "kubetune_gp_latency": {100: 5, 1000: 2},
@@ -72,15 +75,31 @@ def dispatch(job):
     return quality_job(job[1:])
 
 
+def dispatch_keyed(job):
+    return job, dispatch(job)
+
+
+def _plain(res):
+    """JSON-ready copy of a job's result (tuples as lists, numpy floats as floats)."""
+    if isinstance(res, (list, tuple)):
+        return [_plain(r) for r in res]
+    if isinstance(res, (np.floating, float)):
+        return float(res)
+    if isinstance(res, np.integer):
+        return int(res)
+    return res
+
+
 def jobs_for(cfg) -> list:
     jobs = []
     top = max(cfg["budgets"])
     for problem in cfg["problems"]:
         for seed in range(cfg["seeds"]):
-            for name in KUBETUNE:
-                jobs.append(("quality", "kubetune", name, problem, seed, cfg["gp_budget"] if name == "gp" else top))
-            for name in OPTUNA:
-                jobs.append(("quality", "optuna", name, problem, seed, cfg["gp_budget"] if name == "gp" else top))
+            for lib, names in (("kubetune", KUBETUNE), ("optuna", OPTUNA)):
+                for name in names:
+                    if name == "gp" and seed >= cfg["gp_seeds"]:
+                        continue
+                    jobs.append(("quality", lib, name, problem, seed, cfg["gp_budget"] if name == "gp" else top))
     for problem in cfg["warm_problems"]:
         for seed in range(cfg["warm_seeds"]):
             for name in cfg["warm_samplers"]:
@@ -209,21 +228,38 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
     ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--log", help="append each finished run to this JSON-lines file, and skip runs already in it")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     started = time.time()
     jobs = jobs_for(cfg)
+    done = []
+    if args.log and os.path.exists(args.log):
+        with open(args.log) as f:
+            done = [json.loads(line, parse_constant=float) for line in f if line.strip()]
+    finished = {tuple(d["job"]) for d in done}
+    todo = [j for j in jobs if tuple(j) not in finished]
+    log = open(args.log, "a") if args.log else None
     results, warm, took = {}, [], defaultdict(float)
+
+    def record(job, res):
+        if res[0] == "quality":
+            _, key, curve, seconds = res
+            results[tuple(key)] = curve
+            took[(key[0], key[1])] += seconds
+        else:
+            warm.append(tuple(res))
+
+    for d in done:
+        record(d["job"], d["result"])
     with Pool(args.procs) as pool:
-        for i, res in enumerate(pool.imap_unordered(dispatch, jobs), 1):
-            if res[0] == "quality":
-                _, job, curve, seconds = res
-                results[job] = curve
-                took[(job[0], job[1])] += seconds
-            else:
-                warm.append(res)
-            if i % 50 == 0 or i == len(jobs):
-                print(f"{i}/{len(jobs)} jobs, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+        for i, (job, res) in enumerate(pool.imap_unordered(dispatch_keyed, todo), 1):
+            record(job, res)
+            if log:
+                log.write(json.dumps({"job": list(job), "result": _plain(res)}) + "\n")
+                log.flush()
+            if i % 25 == 0 or i == len(todo):
+                print(f"{i}/{len(todo)} jobs, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
 
     from .warm_start import warm_table
 
@@ -231,13 +267,13 @@ def main(argv=None) -> None:
     lines = ["## Samplers", "",
              f"Command: `python -m bench.samplers{' --quick' if args.quick else ''}` "
              f"({args.procs} processes over seeds). Machine: {machine()}.", "",
-             f"Problems: {', '.join(cfg['problems'])}. Seeds 0-{cfg['seeds'] - 1} for every sampler; "
+             f"Problems: {', '.join(cfg['problems'])}. Seeds 0-{cfg['seeds'] - 1} for every sampler but GP; "
              f"budgets {', '.join(map(str, cfg['budgets']))} (median best value, lower is better).",
-             f"GP (both libraries) runs to {cfg['gp_budget']} trials only: Optuna's GPSampler is O(n^3) per ask and "
-             "200-trial runs on 10 seeds x 8 problems would take hours on 2 cores." if cfg["gp_budget"] < max(cfg["budgets"]) else
-             "GP runs at every budget.",
-             "Optuna samplers use their defaults (TPE univariate, CMA-ES falls back to random for categorical "
-             "and conditional parameters, as does its GP for conditional ones); kubetune's use theirs (TPE multivariate).",
+             f"GP (both libraries) runs on seeds 0-{cfg['gp_seeds'] - 1} and to {cfg['gp_budget']} trials only: "
+             "Optuna's GPSampler is O(n^3) per ask (about 7 s at 1,000 trials), and 200-trial runs on 10 seeds x 8 "
+             "problems would take hours on 2 shared cores.",
+             "Every sampler runs with its library's defaults (Optuna 5's TPE is multivariate with a constant liar; "
+             "its CMA-ES samples categorical and conditional parameters at random, its GP conditional ones).",
              "Ties: medians within 1e-3 x max(1, |optimum|).", "",
              "### Summary", ""] + summary_table(summary) + [""]
     lines += ["### Warm start (shifted functions)", ""] + warm_table(warm) + [""]

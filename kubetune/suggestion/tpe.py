@@ -8,9 +8,9 @@ candidates are drawn from l and the one with the highest l(x)/g(x) wins.
   parameters, so their interactions are kept; conditional parameters (active
   in only some trials) are chosen one by one, as in the univariate form.
   Kernel widths follow the gaps between neighbouring observations.
+- univariate: one density per parameter, each chosen independently.
 - Integer, stepped and discrete values are scored by the probability of their
   cell, not the density at a point (a narrow kernel cannot inflate it).
-- univariate: one density per parameter, each chosen independently.
 - Pending trials join the bad group (a constant liar), so parallel workers
   asking at once are steered away from each other's points.
 - Warm start: prior trials are observations like any other, so the model is
@@ -41,7 +41,7 @@ class TPESampler(ModelSampler):
     name = "tpe"
     SETTINGS = {
         "seed": SEED,
-        "multivariate": Setting(bool, True, "one joint density over all parameters (false: one per parameter)"),
+        "multivariate": Setting(bool, True, "one joint density over the unconditional parameters (false: one per parameter)"),
         "startupTrials": Setting(int, 10, "random trials before the model is used (prior trials count)", at_least(2)),
         "candidates": Setting(int, 24, "candidates drawn from the good density per ask", at_least(1)),
         "gamma": Setting(float, 0.1, "fraction of finished trials in the good group", fraction),
