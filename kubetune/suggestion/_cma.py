@@ -1,0 +1,143 @@
+"""CMA-ES on the unit cube (Hansen's tutorial, arXiv:1604.00772), with WS-CMA-ES initialisation.
+
+`CMA` is the evolution state: mean, step size, covariance and evolution paths.
+Solutions are told one at a time and the state updates once a generation
+(`popsize` solutions) is complete. Told solutions need not be the ones this
+state sampled (they come from trials, possibly asked under an older state), so
+each step is clipped to a plausible Mahalanobis length first, as Hansen
+recommends for injected solutions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def default_popsize(dim: int) -> int:
+    return 4 + int(3 * math.log(max(dim, 1)))
+
+
+class CMA:
+    def __init__(self, mean: np.ndarray, sigma: float, cov: np.ndarray | None = None, popsize: int | None = None):
+        self.dim = d = len(mean)
+        self.mean = np.array(mean, dtype=float)
+        self.sigma = float(sigma)
+        self.cov = np.eye(d) if cov is None else np.array(cov, dtype=float)
+        self.popsize = lam = popsize or default_popsize(d)
+        mu = lam // 2
+        raw = math.log((lam + 1) / 2) - np.log(np.arange(1, mu + 1))
+        self.weights = raw / raw.sum()
+        self.mu_eff = 1.0 / (self.weights ** 2).sum()
+        me = self.mu_eff
+        self.c_sigma = (me + 2) / (d + me + 5)
+        self.d_sigma = 1 + 2 * max(0.0, math.sqrt((me - 1) / (d + 1)) - 1) + self.c_sigma
+        self.c_c = (4 + me / d) / (d + 4 + 2 * me / d)
+        self.c_1 = 2 / ((d + 1.3) ** 2 + me)
+        self.c_mu = min(1 - self.c_1, 2 * (me - 2 + 1 / me) / ((d + 2) ** 2 + me))
+        self.chi_n = math.sqrt(d) * (1 - 1 / (4 * d) + 1 / (21 * d * d))
+        self.max_step = math.sqrt(d) + 2 * d / (d + 2)  # Mahalanobis clip for told solutions
+        self.p_sigma = np.zeros(d)
+        self.p_c = np.zeros(d)
+        self.generation = 0
+        self.pending: list[tuple[np.ndarray, float]] = []
+        self.best_history: list[float] = []  # best loss of each generation, for the stop test
+        self._decompose()
+
+    def _decompose(self) -> None:
+        self.cov = (self.cov + self.cov.T) / 2
+        eigval, self.basis = np.linalg.eigh(self.cov)
+        self.scales = np.sqrt(np.maximum(eigval, 1e-20))  # D: standard deviations along the basis
+
+    # -- sampling ------------------------------------------------------------------
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        z = rng.standard_normal((n, self.dim))
+        return self.mean + self.sigma * (z * self.scales) @ self.basis.T
+
+    # -- learning ------------------------------------------------------------------
+
+    def tell(self, x: np.ndarray, loss: float) -> bool:
+        """Adds one solution; True when it completed a generation (and the state moved)."""
+        self.pending.append((np.asarray(x, dtype=float), float(loss)))
+        if len(self.pending) < self.popsize:
+            return False
+        self._update(self.pending)
+        self.pending = []
+        return True
+
+    def _whiten(self, y: np.ndarray) -> np.ndarray:
+        """C^-1/2 y."""
+        return self.basis @ ((self.basis.T @ y) / self.scales)
+
+    def _update(self, batch) -> None:
+        d, w = self.dim, self.weights
+        batch = sorted(batch, key=lambda item: item[1])  # stable: ties keep their trial order
+        ys = []
+        for x, _ in batch[: len(w)]:
+            y = (x - self.mean) / self.sigma
+            length = np.linalg.norm(self._whiten(y))
+            if length > self.max_step:
+                y = y * (self.max_step / length)
+            ys.append(y)
+        ys = np.array(ys)
+        y_w = w @ ys
+        self.mean = self.mean + self.sigma * y_w
+
+        g = self.generation + 1
+        cs = self.c_sigma
+        self.p_sigma = (1 - cs) * self.p_sigma + math.sqrt(cs * (2 - cs) * self.mu_eff) * self._whiten(y_w)
+        norm_ps = np.linalg.norm(self.p_sigma)
+        h_sigma = norm_ps / math.sqrt(1 - (1 - cs) ** (2 * g)) < (1.4 + 2 / (d + 1)) * self.chi_n
+        cc = self.c_c
+        self.p_c = (1 - cc) * self.p_c + h_sigma * math.sqrt(cc * (2 - cc) * self.mu_eff) * y_w
+        delta = (1 - h_sigma) * cc * (2 - cc)
+        rank_mu = (ys.T * w) @ ys
+        self.cov = ((1 + self.c_1 * delta - self.c_1 - self.c_mu) * self.cov
+                    + self.c_1 * np.outer(self.p_c, self.p_c) + self.c_mu * rank_mu)
+        self.sigma *= math.exp(min(1.0, (cs / self.d_sigma) * (norm_ps / self.chi_n - 1)))
+        self.sigma = min(self.sigma, 1e3)
+        self.generation = g
+        self.best_history.append(batch[0][1])
+        self._last_losses = [loss for _, loss in batch]
+        self._decompose()
+
+    def should_stop(self) -> bool:
+        """Converged or stuck (the IPOP restart test)."""
+        if self.generation == 0:
+            return False
+        d = self.dim
+        spread = self.sigma * self.scales.max()
+        if spread < 1e-12 or spread > 1e4:
+            return True
+        if self.scales.max() / self.scales.min() > 1e7:  # condition number of C above 1e14
+            return True
+        window = 10 + math.ceil(30 * d / self.popsize)
+        recent = self.best_history[-window:] + self._last_losses
+        if len(self.best_history) >= window and max(recent) - min(recent) < 1e-12:
+            return True
+        # Nothing improved over many generations.
+        long_window = 20 + math.ceil(60 * d / self.popsize)
+        if len(self.best_history) > long_window:
+            history = self.best_history
+            if min(history[-long_window // 2:]) >= min(history[-long_window: -long_window // 2]):
+                return True
+        return False
+
+
+def warm_start(rows: np.ndarray, loss: np.ndarray, gamma: float = 0.1, alpha: float = 0.1):
+    """WS-CMA-ES (Nomura et al., AAAI 2021): mean, step size and covariance from good prior solutions.
+
+    The promising solutions (best `gamma` fraction) each stand for a Gaussian of
+    width `alpha`; the single Gaussian closest to their mixture has the mean of
+    the points and their covariance plus alpha^2 I.
+    """
+    n, d = rows.shape
+    top = max(math.ceil(gamma * n), min(n, 2))
+    best = rows[np.argsort(loss, kind="stable")[:top]]
+    mean = best.mean(axis=0)
+    centred = best - mean
+    sigma_mat = alpha ** 2 * np.eye(d) + centred.T @ centred / top
+    sigma = float(np.linalg.det(sigma_mat) ** (1.0 / (2 * d)))
+    return mean, sigma, sigma_mat / sigma ** 2

@@ -1,0 +1,128 @@
+"""BOHB's model (Falkner et al., ICML 2018): a multivariate KDE over good configurations per budget.
+
+Trials report intermediate values at steps (the budget spent: epochs, samples);
+a trial seen at step b is an observation "this configuration reached this loss
+with budget b". The model uses the largest budget that has enough observations
+(more than d + 1), splits them into the best `topFraction` and the rest, fits a
+product-kernel KDE to each (normal-reference bandwidths, a floor of
+`minBandwidth`), draws candidates from the good one with widened kernels and
+keeps the one with the highest good/bad ratio. A `randomFraction` of asks are
+random, so the search never stops exploring.
+
+Trials without intermediate values count at the final budget (their objective
+value), so `bohb` also works standalone; with the HyperBand scheduler it sees
+each rung's results. Pending trials count as bad at the chosen budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+
+from ..api.settings import Setting, at_least, fraction, positive
+from ..api.trial import Trial, TrialState, finite
+from ._encoding import ModelSampler
+from ._parzen import MAX_BAD, Parzen, thin
+from ._threads import small_linear_algebra
+from .base import SEED
+
+CLUSTER_FLOOR = 0.5
+FINAL = math.inf  # the budget of a trial's objective value when it reported no steps
+
+
+def budget_observations(trials: Sequence[Trial], sign: float) -> dict[float, dict[int, float]]:
+    """budget -> {trial index: loss}: each trial's last value reported at each step."""
+    out: dict[float, dict[int, float]] = defaultdict(dict)
+    for i, t in enumerate(trials):
+        if t.intermediate:
+            for step, value in t.intermediate:
+                if finite(value):
+                    out[float(step)][i] = sign * float(value)
+        elif t.state == TrialState.SUCCEEDED and finite(t.value):
+            out[FINAL][i] = sign * float(t.value)
+    return out
+
+
+def normal_reference(column: np.ndarray, n: int) -> float:
+    """Scott/Silverman's normal-reference bandwidth of one column (NaN ignored)."""
+    x = column[~np.isnan(column)]
+    sd = x.std() if len(x) > 1 else 0.0
+    return 1.06 * sd * max(len(x), 1) ** (-1.0 / 5.0) if n else 0.0
+
+
+class BOHBSampler(ModelSampler):
+    name = "bohb"
+    SETTINGS = {
+        "seed": SEED,
+        "minPointsInModel": Setting(int, None, "observations a budget needs before its model is used (default d + 1)", at_least(1)),
+        "topFraction": Setting(float, 0.15, "fraction of observations in the good density", fraction),
+        "candidates": Setting(int, 64, "candidates drawn from the good density per ask", at_least(1)),
+        "randomFraction": Setting(float, 1 / 3, "fraction of asks that are purely random", fraction),
+        "bandwidthFactor": Setting(float, 3.0, "widening of the good kernels when drawing candidates", positive),
+        "minBandwidth": Setting(float, 1e-3, "smallest kernel bandwidth", positive),
+    }
+
+    @small_linear_algebra
+    def ask(self, trials):
+        rng = self.rng(trials)
+        if rng.random() < self.settings["randomFraction"]:
+            return self.first_unseen((self.space.sample(rng) for _ in range(64)), trials)
+        hist = self.history(trials)
+        model = self.model(trials, hist)
+        if model is None:
+            return self.first_unseen((self.space.sample(rng) for _ in range(64)), trials)
+        good, bad, good_wide = model
+        enc = self.encoder
+        cand = enc.snap(good_wide.sample_joint(rng, self.settings["candidates"]))
+        active = enc.active(cand)
+        cells = enc.cells(cand)
+        score = good.log_pdf_joint(cand, active, cells) - bad.log_pdf_joint(cand, active, cells)
+        return self.pick_unseen(cand[np.argsort(-score, kind="stable")], hist, trials, rng)
+
+    def model(self, trials: Sequence[Trial], hist=None):
+        """(good density, bad density, widened good density) at the largest usable budget, or None."""
+        enc = self.encoder
+        hist = hist or self.history(trials)
+        trial_rows = enc._rows[hist.slots]
+        min_points = self.settings["minPointsInModel"] or enc.dim + 1
+        by_budget = budget_observations(trials, self.sign)
+        prior = len(self._prior_loss)
+        if prior:
+            # Warm start: earlier experiments' results count at the final budget.
+            final = by_budget.setdefault(FINAL, {})
+            for k in range(prior):
+                final[-1 - k] = float(self._prior_loss[k])
+        usable = [b for b, obs in by_budget.items() if len(obs) >= min_points + 2]
+        if not usable:
+            return None
+        budget = max(usable)
+        obs = by_budget[budget]
+        index = sorted(obs)
+        index = np.array(index, dtype=int)
+        rows = np.vstack([self._prior_rows[-1 - index[index < 0]], trial_rows[index[index >= 0]]])
+        loss = np.array([obs[i] for i in index if i < 0] + [obs[i] for i in index if i >= 0])
+        n = len(loss)
+        n_good = min(max(min_points, math.ceil(self.settings["topFraction"] * n)), n - 1)
+        order = np.argsort(loss, kind="stable")
+        good_rows, bad_rows = rows[order[:n_good]], rows[order[n_good:]]
+        pending = [i for i, t in enumerate(trials) if t.state.active and not t.intermediate]
+        if pending:
+            bad_rows = np.vstack([bad_rows, trial_rows[pending]])
+        bad_rows, _ = thin(bad_rows, np.ones(len(bad_rows)), MAX_BAD, np.random.default_rng([self.seed, len(trials), 1]))
+        return self._kde(good_rows), self._kde(bad_rows), self._kde(good_rows, self.settings["bandwidthFactor"])
+
+    def _kde(self, rows: np.ndarray, widen: float = 1.0) -> Parzen:
+        enc = self.encoder
+        n = len(rows)
+        # Besides the absolute floor, one like TPE's: n close points must not collapse the
+        # density to a spike that candidates can never leave.
+        floor = max(self.settings["minBandwidth"], CLUSTER_FLOOR / min(100, n + 1))
+        bw = np.array([max(normal_reference(rows[:, j], n), floor) for j in range(enc.dim)])
+        k = np.maximum(enc.n_choices, 1)
+        alpha = np.clip(bw * widen, floor, (k - 1) / k)
+        sigma = np.clip(bw * widen, floor, 1.0)
+        # A small uniform component keeps the ratio finite far from every observation.
+        return Parzen(rows, np.ones(n), sigma[None, :], alpha, enc.n_choices, uniform_weight=1e-3 * max(n, 1))
