@@ -6,7 +6,8 @@ _kt_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _kt_cache="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
 _kt_key="$(sha256sum "$_kt_root/pyproject.toml" | cut -c1-12)"
 _kt_venv="$_kt_cache/venv-$_kt_key"
-_kt_extras="${KUBETUNE_EXTRAS:-test,bench}"
+# KUBETUNE_EXTRAS=test,bench adds the peers (Optuna, Ray Tune) for bench/.
+_kt_extras="${KUBETUNE_EXTRAS:-test}"
 if [ ! -x "$_kt_venv/bin/python" ] || [ ! -f "$_kt_venv/.ready-$_kt_extras" ]; then
     echo "hack/env.sh: building Python environment $_kt_venv [$_kt_extras]" >&2
     mkdir -p "$_kt_cache"

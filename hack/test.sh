@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source hack/env.sh
 hack/install-redis.sh
-if [ -x hack/cluster-tools.sh ]; then hack/cluster-tools.sh; fi
+hack/cluster-tools.sh
 exec python -m pytest "$@"

@@ -328,3 +328,45 @@ def test_a_trial_without_the_sdk_reports_through_its_log(k8s_cluster, k8s_namesp
         x = t["spec"]["params"]["x"]
         assert t["status"]["intermediate"] == [[1.0, 0.5], [2.0, pytest.approx(x)]]
         assert t["status"]["value"] == pytest.approx(max(0.5, x))
+
+
+def example_for_test_cluster(name: str, namespace: str, tmp_path: Path, **budget) -> str:
+    """An examples/k8s experiment as the test kubelet can run it: the image's trainer path points
+    at trial_image/trainers, checkpoints go to a temporary folder instead of a volume."""
+    doc = yaml.safe_load((ROOT / "examples" / "k8s" / name).read_text())
+    doc["metadata"]["namespace"] = namespace
+    spec = doc["spec"]
+    spec["budget"].update(budget)
+    template = spec["trialTemplate"]
+    template["command"] = [a.replace("/kubetune/trainers", str(ROOT / "trial_image" / "trainers"))
+                           for a in template["command"]]
+    template.pop("podSpec", None)
+    env = {e["name"]: e["value"] for e in template.get("env", [])}
+    env["EPOCHS"] = str(min(int(env.get("EPOCHS", "9")), 9))
+    if "KUBETUNE_CHECKPOINT_DIR" in env:
+        env["KUBETUNE_CHECKPOINT_DIR"] = str(tmp_path / "checkpoints")
+    template["env"] = [{"name": k, "value": v} for k, v in env.items()]
+    if spec.get("earlyStopping", {}).get("name") == "asha":
+        spec["earlyStopping"]["settings"]["max"] = 9
+    return yaml.safe_dump(doc)
+
+
+@pytest.mark.parametrize("name,budget", [("tpe.yaml", {"maxTrials": 6, "parallelTrials": 2}),
+                                         ("asha.yaml", {"maxTrials": 9, "parallelTrials": 3}),
+                                         ("pbt.yaml", {"maxTrials": 4, "parallelTrials": 4})])
+def test_the_k8s_examples_run_the_pytorch_trainer(k8s_cluster, k8s_namespace, make_kubelet, stack, tmp_path,
+                                                   name, budget):
+    make_kubelet(gpus=4)
+    manifest = example_for_test_cluster(name, k8s_namespace, tmp_path, **budget)
+    experiment_name = yaml.safe_load(manifest)["metadata"]["name"]
+    k8s_cluster.kubectl("apply", "-f", "-", input=manifest)
+    status = wait_phase(k8s_cluster, k8s_namespace, experiment_name, stack, timeout=400)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    assert status["bestObjective"] > 0.5  # a real network learned the digits
+    trials = get(k8s_cluster, "trials", k8s_namespace)["items"]
+    if name == "asha.yaml":
+        assert status["pruned"] >= 3
+    if name == "pbt.yaml":
+        assert any(e["event"] == "exploit" for t in trials for e in t["status"].get("events", []))
+    if name == "tpe.yaml":
+        assert status["succeeded"] == 6

@@ -68,28 +68,46 @@ async def forget_experiment(namespace, name, logger, **_):
     _wake.pop((namespace, name), None)
 
 
-@kopf.on.resume(G, V, "trials")
-@kopf.on.create(G, V, "trials")
-@kopf.on.field(G, V, "trials", field="spec.attempt")
-async def start_trial(body, **_):
-    await asyncio.to_thread(controller.ensure_pod, dict(body))
+# Trials are handled on raw watch events: kopf keeps no per-trial bookkeeping (no annotations
+# written back on every change), and what this process already did is remembered here.
+_started: set[tuple] = set()   # (namespace, trial, attempt) whose pod was ensured
+_stopping: set[tuple] = set()  # (namespace, trial) whose pod is being stopped
+_states: dict[tuple, str] = {}  # last state seen, to wake the experiment on a change
+FINAL_STATES = ("Succeeded", "Failed", "Pruned", "Killed")
 
 
-@kopf.on.field(G, V, "trials", field="status.stop")
-async def stop_trial(body, new, namespace, **_):
-    """The scheduler pruned it (or the experiment ended): the SDK has been told; stop the pod if it lingers."""
-    if not new:
+@kopf.on.event(G, V, "trials")
+async def trial_changed(event, body, namespace, name, **_):
+    key = (namespace, name)
+    if event.get("type") == "DELETED":
+        _states.pop(key, None)
+        _stopping.discard(key)
         return
     status = body.get("status") or {}
-    pod = status.get("podName")
-    if pod and status.get("state") not in ("Succeeded", "Failed", "Pruned", "Killed"):
-        await asyncio.sleep(STOP_GRACE if new.get("state") == "Pruned" else 0)
-        await asyncio.to_thread(controller.kube.delete_pod, namespace, pod)
+    state, experiment = status.get("state"), body["spec"]["experiment"]
+    if _states.get(key) != state:
+        _states[key] = state
+        wake(namespace, experiment)
+    if state in FINAL_STATES:
+        return
+    stop = status.get("stop")
+    if stop and key not in _stopping and status.get("podName"):
+        # Pruned (or the experiment ended): the SDK has been told; stop the pod if it lingers.
+        _stopping.add(key)
+        asyncio.create_task(_stop_pod(namespace, status["podName"], stop))
+    attempt = (namespace, name, body["spec"].get("attempt", 1))
+    if not stop and attempt not in _started:
+        _started.add(attempt)
+        try:
+            await asyncio.to_thread(controller.ensure_pod, dict(body))
+        except Exception:
+            _started.discard(attempt)  # try again on the next event
+            raise
 
 
-@kopf.on.field(G, V, "trials", field="status.state")
-async def trial_state_changed(body, namespace, **_):
-    wake(namespace, body["spec"]["experiment"])
+async def _stop_pod(namespace: str, pod: str, stop: dict) -> None:
+    await asyncio.sleep(STOP_GRACE if stop.get("state") == "Pruned" else 0)
+    await asyncio.to_thread(controller.kube.delete_pod, namespace, pod)
 
 
 @kopf.on.event("", "v1", "pods", labels=TRIAL_POD)

@@ -40,7 +40,8 @@ def set_hyperparameters(params):
 
 start = int(ckpt.restore(model, optimizer, map_location=device) or 0)  # resume after a pause
 print(f"device={device} starting at epoch {start + 1}", flush=True)
-epochs = int(float(os.environ.get("KUBETUNE_BUDGET", p["epochs"])))
+# How far to train: the scheduler's budget for this run (HyperBand), else EPOCHS, else the parameter.
+epochs = int(float(os.environ.get("KUBETUNE_BUDGET") or os.environ.get("EPOCHS") or p["epochs"]))
 for epoch in range(start + 1, epochs + 1):
     model.train()
     for batch in torch.split(train[torch.randperm(len(train), generator=g).to(device)], 64):
