@@ -89,6 +89,7 @@ def wait_for(condition, timeout: float) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer and smaller experiments (about a minute)")
+    parser.add_argument("--parallel", type=int, default=100, help="parallelTrials of the throughput experiment")
     args = parser.parse_args()
     runs, big = (3, 200) if args.quick else (9, 1000)
     parallel = 8
@@ -130,7 +131,7 @@ def main() -> None:
 
         t0 = time.monotonic()
         custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", "bench", "experiments",
-                                               experiment("throughput", "bench", big, 50))
+                                               experiment("throughput", "bench", big, args.parallel))
         done = wait_for(lambda: sum(1 for p in watcher.pods if p.startswith("throughput-")) >= big, 900)
         trial_times = sorted(t for n, t in watcher.trials.items() if n.startswith("throughput-"))
         pod_times = sorted(t for n, t in watcher.pods.items() if n.startswith("throughput-"))
@@ -142,7 +143,7 @@ def main() -> None:
         print(f"| create -> first trial pod, median of {runs} (min-max) | {statistics.median(first):.3f} s "
               f"({min(first):.3f}-{max(first):.3f}) | <= 1 s |")
         print(f"| create -> all {parallel} parallel pods, median | {statistics.median(full):.3f} s | |")
-        print(f"| {big} no-op trials: trials created per second | {len(trial_times) / span:.1f} /s "
+        print(f"| {big} no-op trials, {args.parallel} at a time: trials created per second | {len(trial_times) / span:.1f} /s "
               f"({len(trial_times)} in {span:.1f} s{'' if done else ', incomplete'}) | >= 20 /s |")
         if pod_times:
             print(f"| {big} no-op trials: pods created per second | {len(pod_times) / (pod_times[-1] - t0):.1f} /s | |")

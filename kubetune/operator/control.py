@@ -164,11 +164,19 @@ class Controller:
             self.kube.patch_trial_status(meta["namespace"], meta["name"],
                                          {"state": status.get("state") or "Pending", "podName": pod["metadata"]["name"]})
 
-    def on_pod(self, pod: Mapping[str, Any], deleted: bool = False) -> str | None:
-        """A trial pod changed; returns its experiment's name when the trial's state changed."""
+    def on_pod(self, pod: Mapping[str, Any], deleted: bool = False, cached: Mapping | None = None) -> str | None:
+        """A trial pod changed; returns its experiment's name when the trial's state changed.
+
+        cached: the trial from the operator's watch cache, good enough while the pod merely runs;
+        an ending pod is judged against the trial as the API holds it now.
+        """
         meta = pod["metadata"]
         trial_name = (meta.get("labels") or {}).get("kubetune.io/trial")
-        trial = self.kube.get_trial(meta["namespace"], trial_name) if trial_name else None
+        ending = deleted or meta.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+        if cached is not None and not ending:
+            trial = dict(cached)
+        else:
+            trial = self.kube.get_trial(meta["namespace"], trial_name) if trial_name else None
         if trial is None:
             return None
         status = trial.get("status") or {}

@@ -38,6 +38,11 @@ def trials_by_experiment(namespace, spec, body, **_):
     return {(namespace, spec.get("experiment")): dict(body)}
 
 
+@kopf.index(G, V, "trials")
+def trial_by_name(namespace, name, body, **_):
+    return {(namespace, name): dict(body)}
+
+
 @kopf.daemon(G, V, "experiments", cancellation_timeout=5.0, initial_delay=0)
 async def run_experiment(namespace, name, stopped, logger, trials_by_experiment: kopf.Index, **_):
     wakeup = _event(namespace, name)
@@ -111,9 +116,10 @@ async def _stop_pod(namespace: str, pod: str, stop: dict) -> None:
 
 
 @kopf.on.event("", "v1", "pods", labels=TRIAL_POD)
-async def pod_changed(event, body, namespace, **_):
+async def pod_changed(event, body, namespace, labels, trial_by_name: kopf.Index, **_):
     deleted = event.get("type") == "DELETED"
-    experiment = await asyncio.to_thread(controller.on_pod, dict(body), deleted)
+    cached = next(iter(trial_by_name.get((namespace, labels.get("kubetune.io/trial")), [])), None)
+    experiment = await asyncio.to_thread(controller.on_pod, dict(body), deleted, cached)
     wake(namespace, experiment)
 
 
