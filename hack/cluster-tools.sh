@@ -34,6 +34,14 @@ done
 key="$(cat "$module_dir/go.mod" "$module_dir/go.sum" "$module_dir/versions.env" <(
     echo "$kube_ldflags|$helm_ldflags|cgo=0|trimpath") | sha256sum | cut -c1-16)"
 
+# The test cluster's certificates are made with openssl.
+if ! command -v openssl >/dev/null 2>&1; then
+    log "installing openssl"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssl >/dev/null
+fi
+
 all_present() { for t in "${tools[@]}"; do [ -x "$dest/$t" ] || return 1; done; }
 if all_present && [ "$(cat "$dest/.build-key" 2>/dev/null)" = "$key" ]; then
     log "cached in $dest (Kubernetes $KUBERNETES_VERSION, etcd $ETCD_VERSION, Helm $HELM_VERSION); nothing to build"
@@ -62,8 +70,10 @@ step_start="$(seconds)"
 log "downloading the Go modules the tools need"
 # Listing the packages fetches only the modules they use (go mod download would
 # also fetch every test-only dependency in the graph: several hundred MB more).
-go list -deps "${packages[@]}" >/dev/null
-log "modules ready ($(elapsed "$step_start"))"
+downloads="$(mktemp)"
+go list -deps "${packages[@]}" >/dev/null 2>"$downloads" || { cat "$downloads" >&2; exit 1; }
+log "modules ready: $(grep -c '^go: downloading' "$downloads" || true) downloaded ($(elapsed "$step_start"))"
+rm -f "$downloads"
 
 # One `go build` for the Kubernetes commands shares their common packages.
 step_start="$(seconds)"

@@ -26,65 +26,25 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from fractions import Fraction
 from pathlib import Path
 
 from tests.cluster import processes
 from tests.cluster.control_plane import ControlPlane
 from tests.cluster.log_server import LogServer
-from tests.cluster.podspec import (GPU, ConfigError, command_line, container_env, object_data,
-                                   pod_requests, selects_node, shortfall, tolerates)
+from tests.cluster.pod_status import (TERMINAL_PHASES, ContainerRun, now, now_micro, pod_status,
+                                      with_transition_times)
+from tests.cluster.podspec import GPU, ConfigError, command_line, container_env, object_data
 from tests.cluster.quantity import parse_quantity
 from tests.cluster.rest import ApiError
+from tests.cluster.scheduling import NodeBinder
 from tests.cluster.waiting import GiveUp, wait_until
 
 HOST_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "TMPDIR")
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases"
 LEASE_DURATION_SECONDS = 40
-TERMINAL_PHASES = ("Succeeded", "Failed")
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def now_micro() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@dataclass
-class ContainerRun:
-    """The local process behind a pod's (first) container, and what was reported."""
-    namespace: str
-    pod: str
-    uid: str
-    container: str
-    image: str
-    workdir: Path
-    restart_count: int = 0
-    attempted: bool = False  # a start was tried (restarts count from there)
-    process: subprocess.Popen | None = None
-    log_path: Path | None = None
-    previous_log_path: Path | None = None
-    started_at: str = ""
-    finished_at: str = ""
-    exit_code: int | None = None
-    last_terminated: dict | None = None
-    waiting: tuple[str, str] | None = None  # (reason, message)
-    restart_at: float = 0.0
-    terminal: bool = False
-    kill_at: float | None = None
-    reported: dict | None = None
-    start_time: str = field(default_factory=now)
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
 
 class TestKubelet:
@@ -110,7 +70,6 @@ class TestKubelet:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._unschedulable_reported: dict[str, str] = {}
         self.lost = False
 
     # ----- lifecycle -------------------------------------------------------------
@@ -120,7 +79,9 @@ class TestKubelet:
         identity = {"user": f"system:node:{self.name}", "groups": ("system:nodes",)}
         self.node_api = self.cluster.rest(**identity)
         self.heartbeat_api = self.cluster.rest(**identity)
-        self.scheduler_api = self.cluster.rest(user="system:kube-scheduler")
+        self.binder = NodeBinder(self.name, self.allocatable, self.labels,
+                                 scheduler_api=self.cluster.rest(user="system:kube-scheduler"),
+                                 node_api=self.node_api)
         serving = self.cluster.ca.server(f"kubelet-{self.name}", self.name,
                                          ("127.0.0.1", self.name))
         self.log_server = LogServer(serving, self.cluster.ca.cert, self._find_log)
@@ -300,70 +261,8 @@ class TestKubelet:
                 processes.stop(run.process, grace_seconds=0)
             with self._lock:
                 del self._runs[uid]
-        self._bind_pending(pods)
-
-    def _bind_pending(self, own_pods: list[dict]) -> None:
-        if self._stop.is_set():
-            return
-        used: dict[str, Fraction] = {}
-        for pod in own_pods:
-            if pod.get("status", {}).get("phase") not in TERMINAL_PHASES:
-                for name, amount in pod_requests(pod).items():
-                    used[name] = used.get(name, Fraction(0)) + amount
-        pending = self.scheduler_api.get(
-            "/api/v1/pods", fieldSelector="spec.nodeName=,status.phase=Pending")["items"]
-        if not pending:
-            return
-        pending.sort(key=lambda p: (p["metadata"]["creationTimestamp"], p["metadata"]["name"]))
-        # Fresh taints: the node lifecycle controller lifts "not-ready" soon after registration.
-        node = self.node_api.get(f"/api/v1/nodes/{self.name}")
-        taints = node["spec"].get("taints") or []
-        for pod in pending:
-            meta, spec = pod["metadata"], pod["spec"]
-            if spec.get("schedulerName", "default-scheduler") != "default-scheduler" \
-                    or meta.get("deletionTimestamp"):
-                continue
-            if not selects_node(pod, self.labels) or not tolerates(pod, taints):
-                self._mark_unschedulable(pod, "node(s) didn't match the pod's node "
-                                              "selector or had untolerated taints")
-                continue
-            requests = pod_requests(pod)
-            lacking = shortfall(requests, used, self.allocatable)
-            if lacking:
-                self._mark_unschedulable(pod, ", ".join(f"Insufficient {r}" for r in lacking))
-                continue
-            try:
-                self.scheduler_api.post(
-                    f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/binding",
-                    {"apiVersion": "v1", "kind": "Binding",
-                     "metadata": {"name": meta["name"], "uid": meta["uid"]},
-                     "target": {"apiVersion": "v1", "kind": "Node", "name": self.name}})
-            except ApiError as error:
-                # 404/409: deleted, or bound elsewhere meanwhile; 403: its namespace
-                # is being deleted. Either way, not this pod.
-                if error.status in (403, 404, 409):
-                    continue
-                raise
-            for name, amount in requests.items():
-                used[name] = used.get(name, Fraction(0)) + amount
-
-    def _mark_unschedulable(self, pod: dict, why: str) -> None:
-        """Say why it waits, in the PodScheduled condition, as kube-scheduler does."""
-        uid = pod["metadata"]["uid"]
-        message = f"0/1 nodes are available: 1 {why}."
-        if self._unschedulable_reported.get(uid) == message:
-            return
-        meta = pod["metadata"]
-        try:
-            self.scheduler_api.strategic_patch(
-                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
-                {"status": {"conditions": [{"type": "PodScheduled", "status": "False",
-                                            "reason": "Unschedulable", "message": message,
-                                            "lastTransitionTime": now()}]}})
-            self._unschedulable_reported[uid] = message
-        except ApiError as error:
-            if error.status != 404:
-                raise
+        if not self._stop.is_set():
+            self.binder.bind_pending(pods)
 
     def _sync_pod(self, pod: dict) -> None:
         meta = pod["metadata"]
@@ -473,51 +372,16 @@ class TestKubelet:
 
     # ----- status -----------------------------------------------------------------------
 
-    def _container_status(self, pod: dict, run: ContainerRun) -> dict:
-        status = {"name": run.container, "image": run.image, "imageID": "",
-                  "restartCount": run.restart_count, "ready": False, "started": False}
-        if run.process is not None:
-            status["containerID"] = f"local-process://{run.process.pid}"
-        if run.waiting:
-            status["state"] = {"waiting": {"reason": run.waiting[0], "message": run.waiting[1]}}
-        elif run.running():
-            status["state"] = {"running": {"startedAt": run.started_at}}
-            status["ready"] = status["started"] = True
-        elif run.exit_code is not None:
-            status["state"] = {"terminated": dict(run.last_terminated,
-                                                  containerID=status.get("containerID", ""))}
-        else:
-            status["state"] = {"waiting": {"reason": "ContainerCreating"}}
-        if run.last_terminated and (run.waiting or run.running()) and run.restart_count:
-            status["lastState"] = {"terminated": run.last_terminated}
-        return status
-
     def _report(self, pod: dict, run: ContainerRun) -> None:
-        container = self._container_status(pod, run)
-        running = run.running()
-        if run.terminal:
-            phase = "Succeeded" if run.exit_code == 0 else "Failed"
-        elif running or run.restart_count or run.waiting and run.waiting[0] == "CrashLoopBackOff":
-            phase = "Running"
-        else:
-            phase = "Pending"
-        ready = "True" if running else "False"
-        conditions = [{"type": t, "status": s} for t, s in (
-            ("PodReadyToStartContainers", "True"), ("Initialized", "True"),
-            ("ContainersReady", ready), ("Ready", ready), ("PodScheduled", "True"))]
-        status = {"phase": phase, "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
-                  "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-                  "startTime": run.start_time, "conditions": conditions,
-                  "containerStatuses": [container]}
+        status = pod_status(run)
         if status == run.reported:
             return
-        stamped = dict(status, conditions=[dict(c, lastTransitionTime=now()) for c in conditions
-                                           if not _same_condition(run.reported, c)])
         meta = pod["metadata"]
         try:
             self.node_api.strategic_patch(
                 f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
-                {"metadata": {"uid": meta["uid"]}, "status": stamped})
+                {"metadata": {"uid": meta["uid"]},
+                 "status": with_transition_times(status, run.reported)})
             run.reported = status
         except ApiError as error:
             if error.status != 404:
@@ -529,13 +393,6 @@ class TestKubelet:
             return None
         path = run.previous_log_path if previous else run.log_path
         return None if path is None else (path, run.running)
-
-
-def _same_condition(reported: dict | None, condition: dict) -> bool:
-    if not reported:
-        return False
-    return any(c["type"] == condition["type"] and c["status"] == condition["status"]
-               for c in reported["conditions"])
 
 
 def _kubernetes_version() -> str:

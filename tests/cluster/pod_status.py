@@ -1,0 +1,95 @@
+"""A pod's container run by the test kubelet, and the status it reports for it."""
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def now_micro() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class ContainerRun:
+    """The local process behind a pod's (first) container, and what was reported."""
+    namespace: str
+    pod: str
+    uid: str
+    container: str
+    image: str
+    workdir: Path
+    restart_count: int = 0
+    attempted: bool = False  # a start was tried (restarts count from there)
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+    previous_log_path: Path | None = None
+    started_at: str = ""
+    finished_at: str = ""
+    exit_code: int | None = None
+    last_terminated: dict | None = None
+    waiting: tuple[str, str] | None = None  # (reason, message)
+    restart_at: float = 0.0
+    terminal: bool = False
+    kill_at: float | None = None
+    reported: dict | None = None
+    start_time: str = field(default_factory=now)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def container_status(run: ContainerRun) -> dict:
+    status = {"name": run.container, "image": run.image, "imageID": "",
+              "restartCount": run.restart_count, "ready": False, "started": False}
+    if run.process is not None:
+        status["containerID"] = f"local-process://{run.process.pid}"
+    if run.waiting:
+        status["state"] = {"waiting": {"reason": run.waiting[0], "message": run.waiting[1]}}
+    elif run.running():
+        status["state"] = {"running": {"startedAt": run.started_at}}
+        status["ready"] = status["started"] = True
+    elif run.exit_code is not None:
+        status["state"] = {"terminated": dict(run.last_terminated,
+                                              containerID=status.get("containerID", ""))}
+    else:
+        status["state"] = {"waiting": {"reason": "ContainerCreating"}}
+    if run.last_terminated and (run.waiting or run.running()) and run.restart_count:
+        status["lastState"] = {"terminated": run.last_terminated}
+    return status
+
+
+def pod_status(run: ContainerRun) -> dict:
+    """The pod's status as a kubelet reports it (transition times are added on change)."""
+    running = run.running()
+    if run.terminal:
+        phase = "Succeeded" if run.exit_code == 0 else "Failed"
+    elif running or run.restart_count or (run.waiting and run.waiting[0] == "CrashLoopBackOff"):
+        phase = "Running"
+    else:
+        phase = "Pending"
+    ready = "True" if running else "False"
+    conditions = [{"type": t, "status": s} for t, s in (
+        ("PodReadyToStartContainers", "True"), ("Initialized", "True"),
+        ("ContainersReady", ready), ("Ready", ready), ("PodScheduled", "True"))]
+    return {"phase": phase, "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+            "startTime": run.start_time, "conditions": conditions,
+            "containerStatuses": [container_status(run)]}
+
+
+def with_transition_times(status: dict, previous: dict | None) -> dict:
+    """status, its conditions that changed since previous stamped with the time now."""
+    def changed(condition: dict) -> bool:
+        return not previous or not any(
+            c["type"] == condition["type"] and c["status"] == condition["status"]
+            for c in previous["conditions"])
+    return dict(status, conditions=[dict(c, lastTransitionTime=now()) if changed(c) else c
+                                    for c in status["conditions"]])
