@@ -50,18 +50,22 @@ class Watcher:
     def _run(self, kind: str) -> None:
         core, custom = client.CoreV1Api(), client.CustomObjectsApi()
         seen = self.pods if kind == "pods" else self.trials
-        w = watch.Watch()
-        if kind == "pods":
-            stream = w.stream(core.list_namespaced_pod, self.namespace, timeout_seconds=3600)
-        else:
-            stream = w.stream(custom.list_namespaced_custom_object, "kubetune.io", "v1alpha1", self.namespace,
-                              "trials", timeout_seconds=3600)
-        for event in stream:
-            if self._stop.is_set():
-                break
-            obj = event["object"]
-            name = obj.metadata.name if kind == "pods" else obj["metadata"]["name"]
-            seen.setdefault(name, time.monotonic())
+        while not self._stop.is_set():  # a watch the server ends is started again; first sightings are kept
+            w = watch.Watch()
+            if kind == "pods":
+                stream = w.stream(core.list_namespaced_pod, self.namespace, timeout_seconds=3600)
+            else:
+                stream = w.stream(custom.list_namespaced_custom_object, "kubetune.io", "v1alpha1",
+                                  self.namespace, "trials", timeout_seconds=3600)
+            try:
+                for event in stream:
+                    if self._stop.is_set():
+                        return
+                    obj = event["object"]
+                    name = obj.metadata.name if kind == "pods" else obj["metadata"]["name"]
+                    seen.setdefault(name, time.monotonic())
+            except Exception:  # noqa: BLE001 - "response ended prematurely" under load: watch again
+                continue
 
     def stop(self) -> None:
         self._stop.set()
@@ -123,7 +127,7 @@ def main() -> None:
             t0 = time.monotonic()
             custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", "bench", "experiments",
                                                    experiment(name, "bench", parallel, parallel))
-            mine = lambda: sorted(t for p, t in watcher.pods.items() if p.startswith(name + "-"))  # noqa: E731
+            mine = lambda: sorted(t for p, t in list(watcher.pods.items()) if p.startswith(name + "-"))  # noqa: E731
             wait_for(lambda: len(mine()) >= parallel, 60)
             times = mine()
             first.append(times[0] - t0)
@@ -132,9 +136,9 @@ def main() -> None:
         t0 = time.monotonic()
         custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", "bench", "experiments",
                                                experiment("throughput", "bench", big, args.parallel))
-        done = wait_for(lambda: sum(1 for p in watcher.pods if p.startswith("throughput-")) >= big, 900)
-        trial_times = sorted(t for n, t in watcher.trials.items() if n.startswith("throughput-"))
-        pod_times = sorted(t for n, t in watcher.pods.items() if n.startswith("throughput-"))
+        done = wait_for(lambda: sum(1 for p in list(watcher.pods) if p.startswith("throughput-")) >= big, 900)
+        trial_times = sorted(t for n, t in list(watcher.trials.items()) if n.startswith("throughput-"))
+        pod_times = sorted(t for n, t in list(watcher.pods.items()) if n.startswith("throughput-"))
         span = (trial_times[-1] - t0) if trial_times else float("nan")
         print(f"\nOperator on the test cluster (kube-apiserver {cluster_version(cluster)}), "
               f"{os.cpu_count()} CPUs; {'quick' if args.quick else 'full'} run\n")
