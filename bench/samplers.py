@@ -47,7 +47,7 @@ FULL = {
     "warm_problems": list(WARM_PROBLEMS),
 }
 QUICK = {
-    "problems": ["branin-2d", "hartmann-6d", "mixed-conditional", "sgd-wine"],
+    "problems": ["branin-2d", "hartmann-6d", "mixed-conditional"],
     "seeds": 3,
     "budgets": [50],
     "gp_budget": 50,

@@ -168,8 +168,9 @@ def scott_sigma(n: int, d: int) -> float:
 def neighbour_sigma(centres: np.ndarray) -> np.ndarray:
     """Per-point widths for one column: the larger gap to a neighbour, clipped.
 
-    Dense regions get narrow kernels, lone points wide ones; the floor keeps a
-    cluster of near-equal points from collapsing into a spike.
+    Dense regions get narrow kernels, lone points wide ones; the floor (which
+    counts the prior as one more kernel) keeps a cluster of near-equal points
+    from collapsing into a spike. A single point reaches to the farther bound.
     """
     out = np.full(len(centres), np.nan)
     ok = ~np.isnan(centres)
@@ -177,14 +178,17 @@ def neighbour_sigma(centres: np.ndarray) -> np.ndarray:
     n = len(x)
     if n == 0:
         return out
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    gaps = np.diff(xs)
-    left = np.concatenate([[gaps[0] if n > 1 else 1.0], gaps])
-    right = np.concatenate([gaps, [gaps[-1] if n > 1 else 1.0]])
-    s = np.empty(n)
-    s[order] = np.maximum(left, right)
-    out[ok] = np.clip(s, 1.0 / min(100, n + 1), 1.0)
+    if n == 1:
+        s = np.maximum(x, 1.0 - x)
+    else:
+        order = np.argsort(x, kind="stable")
+        xs = x[order]
+        gaps = np.diff(xs)
+        left = np.concatenate([[gaps[0]], gaps])
+        right = np.concatenate([gaps, [gaps[-1]]])
+        s = np.empty(n)
+        s[order] = np.maximum(left, right)
+    out[ok] = np.clip(s, 1.0 / min(100, n + 2), 1.0)
     return out
 
 

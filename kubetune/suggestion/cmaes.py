@@ -109,7 +109,10 @@ class CMAESSampler(ModelSampler):
     def ask(self, trials):
         rng = self.rng(trials)
         enc = self.encoder
-        hist = self.history(trials)
+        # The history serves the categorical marginals and the duplicate check; a space with a
+        # continuous parameter cannot repeat a Gaussian draw, so it skips both (and their cost).
+        needs_history = len(enc.cat_cols) > 0 or all(p.n_choices is not None for p in self.space)
+        hist = self.history(trials) if needs_history else None
         n = 64
         rows = np.empty((n, enc.dim))
         if len(self.num):
@@ -121,6 +124,8 @@ class CMAESSampler(ModelSampler):
             rows[:, self.num] = x
         for j in enc.cat_cols:
             rows[:, j] = rng.choice(enc.n_choices[j], size=n, p=self._marginal(hist, j))
+        if hist is None:
+            return enc.decode(enc.snap(rows[:1])[0])
         return self.pick_unseen(enc.snap(rows), hist, trials, rng)
 
     def _marginal(self, hist, j: int) -> np.ndarray:
