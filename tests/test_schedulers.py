@@ -327,7 +327,7 @@ def test_settings_errors_name_the_field(name, settings, field, words):
 def test_spec_level_checks_see_the_budget():
     spec = {"parameters": PARAMS, "budget": {"parallelTrials": 1}}
     problems = check_early_stopping({"name": "pbt"}, spec, "spec.earlyStopping")
-    assert [p.path for p in problems] == ["budget.parallelTrials"]
+    assert [p.path for p in problems] == ["spec.budget.parallelTrials"]
     problems = check_early_stopping({"name": "ashaa", "settings": {}}, spec, "spec.earlyStopping")
     assert problems[0].path == "spec.earlyStopping.name" and "asha" in problems[0].message
 

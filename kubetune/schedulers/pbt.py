@@ -54,7 +54,8 @@ class PBT(Scheduler):
                                                 f"expected a non-empty list of positive numbers; got {factors!r}"))
         parallel = ((spec or {}).get("budget") or {}).get("parallelTrials")
         if parallel is not None and parallel < 2:
-            problems.append(Problem("budget.parallelTrials", "PBT needs a population of at least 2 trials "
+            where = f"{path.rsplit('.', 1)[0]}.budget.parallelTrials" if "." in path else "budget.parallelTrials"
+            problems.append(Problem(where, "PBT needs a population of at least 2 trials "
                                     f"running side by side; got {parallel}"))
         return problems
 
