@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .api.durations import format_duration
 from .api.spec import ExperimentSpec, load_spec
-from .api.trial import Trial, TrialState
+from .api.trial import Trial, TrialState, best_of
 from .api.validation import SpecError
 from .runtime.runner import RunResult, run_experiment
 from .runtime.store import DEFAULT_STATE_DIR, StateError, StateStore
@@ -140,10 +140,7 @@ def summary(result: RunResult) -> dict:
 
 
 def best_trial(spec: ExperimentSpec, trials: list[Trial]) -> Trial | None:
-    done = [t for t in trials if t.state == TrialState.SUCCEEDED and t.value is not None and math.isfinite(t.value)]
-    if not done:
-        return None
-    return min(done, key=lambda t: (spec.objective.sign * t.value, t.number))
+    return best_of(trials, spec.objective.goal)
 
 
 def _finish(result: RunResult, as_json: bool, out, show_all: bool) -> int:

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .api import schema
 from .api.space import SearchSpace
-from .api.trial import CONTINUE, Decision, Trial, TrialState, finite
+from .api.trial import CONTINUE, Decision, Trial, TrialState, best_of, finite
 from .api.validation import Problem, SpecError, check_parameters, check_structure
 from .suggestion import SearchExhausted, check_algorithm, make_sampler
 
@@ -166,11 +166,7 @@ class Study:
 
     @property
     def best_trial(self) -> Trial | None:
-        done = [t for t in self.trials if t.state == TrialState.SUCCEEDED and finite(t.value)]
-        if not done:
-            return None
-        sign = -1.0 if self.goal == "maximize" else 1.0
-        return min(done, key=lambda t: (sign * t.value, t.number))
+        return best_of(self.trials, self.goal)
 
     @property
     def best_value(self) -> float | None:
@@ -182,6 +178,17 @@ class Study:
         if not 0 <= number < len(self.trials):
             raise KeyError(f"no trial number {number} in this study")
         return self.trials[number]
+
+
+def prior_from(space: SearchSpace, earlier: Iterable[Trial]) -> list[Trial]:
+    """Warm start: the succeeded trials of earlier experiments whose configuration fits `space`."""
+    prior: list[Trial] = []
+    for t in earlier:
+        if t.state == TrialState.SUCCEEDED and finite(t.value):
+            params = space.fitting(t.params)
+            if params is not None:
+                prior.append(Trial(number=len(prior), params=params, value=t.value, state=TrialState.SUCCEEDED))
+    return prior
 
 
 def _check_study(parameters, algorithm, goal, early_stopping) -> list[Problem]:

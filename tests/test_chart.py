@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.chart import CHART, NAMESPACE, OPERATOR_SA, SUGGESTION_SA, chart, helm, render  # noqa: F401
+from tests.chart import CHART, NAMESPACE, OPERATOR_SA, SUGGESTION_SA, helm, render
 from tests.cluster.rest import ApiError
 
 

@@ -225,3 +225,33 @@ def test_changing_the_search_of_an_existing_experiment_is_refused(tmp_path):
     assert again.returncode == 2
     assert "differs from the earlier run" in again.stderr
     assert (tmp_path / "state" / "fixed" / "trials.jsonl").read_text() == before
+
+
+def test_warm_start_takes_the_earlier_experiments_finished_trials(tmp_path):
+    from kubetune.api.spec import load_spec
+    from kubetune.runtime.runner import load_prior
+
+    base = {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "lr", "type": "double", "min": 0.001, "max": 0.1, "log": True}],
+        "algorithm": {"name": "tpe", "settings": {"seed": 1}},
+        "budget": {"maxTrials": 4, "parallelTrials": 2},
+        "trialTemplate": {"command": ["python", str(TRIALS / "echo_args.py")]},
+    }
+    first = write_spec(tmp_path / "first.yaml", "first", base)
+    assert kubetune("run", str(first), "--state-dir", str(tmp_path / "state"), cwd=tmp_path).returncode == 0
+    # Today's space is narrower: trials outside it are left out.
+    narrower = dict(base, parameters=[{"name": "lr", "type": "double", "min": 0.001, "max": 0.05, "log": True}],
+                    warmStart={"fromExperiments": ["first"]})
+    second = write_spec(tmp_path / "second.yaml", "second", narrower)
+    earlier = journal(tmp_path / "state", "first")
+    fitting = sorted(r["value"] for r in earlier.values() if r["params"]["lr"] <= 0.05)
+    assert fitting, "seed 1 gives the first experiment trials inside the narrower range"
+    prior = load_prior(load_spec(second), tmp_path / "state")
+    assert sorted(t.value for t in prior) == fitting
+    assert kubetune("run", str(second), "--state-dir", str(tmp_path / "state"), cwd=tmp_path).returncode == 0
+
+    missing = write_spec(tmp_path / "third.yaml", "third", dict(base, warmStart={"fromExperiments": ["nope"]}))
+    result = kubetune("run", str(missing), "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "spec.warmStart.fromExperiments[0]: no earlier experiment 'nope'" in result.stderr

@@ -12,13 +12,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.chart import OPERATOR_SA, SUGGESTION_SA, chart  # noqa: F401 - the chart fixture
+from tests.chart import OPERATOR_SA, SUGGESTION_SA
 from tests.cluster.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

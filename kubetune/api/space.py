@@ -200,6 +200,17 @@ class SearchSpace:
                 out[p.name] = p.snap(assignment[p.name])
         return out
 
+    def fitting(self, assignment: Mapping[str, Any]) -> dict | None:
+        """An earlier experiment's configuration as one of this space, or None if it does not fit
+        (warm start: a parameter it lacked, or a value outside today's bounds)."""
+        try:
+            params = self.canonical(assignment)
+        except ValueError:
+            return None
+        if all(self.by_name[k].contains(v) for k, v in params.items()):
+            return params
+        return None
+
     def key(self, assignment: Mapping[str, Any]) -> tuple:
         """A hashable identity of a configuration (to spot duplicates)."""
         return tuple((name, repr(assignment[name])) for name in self.names if name in assignment)

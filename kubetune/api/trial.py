@@ -75,6 +75,15 @@ def finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def best_of(trials, goal: str) -> "Trial | None":
+    """The succeeded trial with the best value (the earliest of equals)."""
+    done = [t for t in trials if t.state == TrialState.SUCCEEDED and finite(t.value)]
+    if not done:
+        return None
+    sign = -1.0 if goal == "maximize" else 1.0
+    return min(done, key=lambda t: (sign * t.value, t.number))
+
+
 @dataclass(frozen=True)
 class Decision:
     """What a scheduler answers to a reported metric; `report()` hands it to the trial."""

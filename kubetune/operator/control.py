@@ -17,10 +17,11 @@ import urllib.request
 from typing import Any, Mapping
 
 from ..api.spec import ExperimentSpec
-from ..api.trial import Trial, TrialState
+from ..api.trial import Trial, TrialState, best_of
 from ..api.validation import check_spec, check_structure
 from ..api import schema
 from ..engine import check_end, judge_exit
+from ..study import prior_from
 from ..engine.metric_lines import parse_metric_line
 from .kube import Kube
 from .pods import trial_pod
@@ -117,19 +118,9 @@ class Controller:
 
     def _prior(self, exp: dict, spec: ExperimentSpec) -> list[Trial]:
         """Warm start: finished trials of the named earlier experiments in this namespace."""
-        prior: list[Trial] = []
-        space = spec.space
-        for name in spec.warm_start_from:
-            for t in records(self.kube.list_trials(exp["metadata"]["namespace"], name)):
-                if t.state != TrialState.SUCCEEDED or t.value is None:
-                    continue
-                try:
-                    params = space.canonical(t.params)
-                except ValueError:
-                    continue
-                if all(space.by_name[k].contains(v) for k, v in params.items()):
-                    prior.append(Trial(len(prior), params, TrialState.SUCCEEDED, value=t.value))
-        return prior
+        namespace = exp["metadata"]["namespace"]
+        earlier = [t for name in spec.warm_start_from for t in records(self.kube.list_trials(namespace, name))]
+        return prior_from(spec.space, earlier)
 
     def _trial_timeouts(self, exp: dict, spec: ExperimentSpec, trials: list[Trial], now: float) -> None:
         limit = spec.budget.trial_timeout
@@ -315,10 +306,7 @@ class Controller:
 
 
 def best_trial(spec: ExperimentSpec, trials: list[Trial]) -> Trial | None:
-    done = [t for t in trials if t.state == TrialState.SUCCEEDED and t.value is not None]
-    if not done:
-        return None
-    return min(done, key=lambda t: (spec.objective.sign * t.value, t.number))
+    return best_of(trials, spec.objective.goal)
 
 
 def counts(spec: ExperimentSpec, trials: list[Trial]) -> dict:

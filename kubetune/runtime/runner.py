@@ -7,7 +7,6 @@ from the store and never run again; trials cut short are run again.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from ..api.spec import ExperimentSpec
 from ..api.trial import Trial, TrialState
 from ..api.validation import Problem, SpecError
 from ..engine import Completion, Engine, Launch, Stop
-from ..study import Study
+from ..study import Study, prior_from
 from .events import Exited, Reported, Started
 from .local import LocalRuntime
 from .store import StateStore
@@ -60,27 +59,18 @@ def open_study(spec: ExperimentSpec, store: StateStore, state_root: Path) -> tup
 
 def load_prior(spec: ExperimentSpec, state_root: Path) -> list[Trial]:
     """Finished trials of the experiments named in warmStart, that fit this search space."""
-    prior: list[Trial] = []
+    earlier_trials: list[Trial] = []
     problems = []
-    space = spec.space
     for i, name in enumerate(spec.warm_start_from):
         earlier = StateStore(state_root, name)
         if not earlier.exists:
             problems.append(Problem(f"spec.warmStart.fromExperiments[{i}]",
                                     f"no earlier experiment {name!r} under {state_root}"))
             continue
-        for t in earlier.load_trials():
-            if t.state != TrialState.SUCCEEDED or t.value is None or not math.isfinite(t.value):
-                continue
-            try:
-                params = space.canonical(t.params)
-            except ValueError:
-                continue  # a parameter of ours that it did not have
-            if all(space.by_name[k].contains(v) for k, v in params.items()):
-                prior.append(Trial(number=len(prior), params=params, value=t.value, state=TrialState.SUCCEEDED))
+        earlier_trials += earlier.load_trials()
     if problems:
         raise SpecError(problems)
-    return prior
+    return prior_from(spec.space, earlier_trials)
 
 
 def run_experiment(

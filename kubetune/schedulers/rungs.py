@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-import numpy as np
-
 from ..api.settings import Setting, at_least, positive
 from ..api.trial import Trial
 from ..api.validation import Problem

@@ -21,30 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    bus, write = None, None
-    if args.redis_url:
-        from ..bus import redis_bus
-        from ..operator.kube import Kube, load_config
-
-        bus = redis_bus(url=args.redis_url, password=args.redis_password)
-        load_config()
-        kube = Kube()
-
-        def write(namespace: str, trials: list[Trial]) -> None:
-            from kubernetes.client.rest import ApiException
-
-            for t in trials:
-                # Reported values, and what the scheduler did (PBT's new parameters and its exploits).
-                status = {"intermediate": t.intermediate[-1000:], "metrics": t.metrics,
-                          "params": t.params, "events": t.events[-200:]}
-                if t.state.value == "Pruned":
-                    status["stop"] = {"state": "Pruned", "reason": t.reason or "pruned"}
-                try:
-                    kube.patch_trial_status(namespace, t.name, status)
-                except ApiException as e:
-                    if e.status != 404:  # a trial deleted with its experiment has nothing to keep
-                        raise
-
+    bus, write = _bus_and_writer(args.redis_url, args.redis_password)
     service = SuggestionService(bus, write)
     server = serve(service, args.host, args.port)
     logging.getLogger("kubetune.suggestion").info("serving on %s:%d", args.host, server.server_port)
@@ -54,6 +31,34 @@ def main(argv: list[str] | None = None) -> None:
     done.wait()
     server.shutdown()
     service.close()
+
+
+def _bus_and_writer(url: str, password: str | None):
+    """The Redis metric bus, and how reported values reach the Trial resources; (None, None) without Redis."""
+    if not url:
+        return None, None
+    from kubernetes.client.rest import ApiException
+
+    from ..bus import redis_bus
+    from ..operator.kube import Kube, load_config
+
+    load_config()
+    kube = Kube()
+
+    def write(namespace: str, trials: list[Trial]) -> None:
+        for t in trials:
+            # Reported values, and what the scheduler did (PBT's new parameters and its exploits).
+            status = {"intermediate": t.intermediate[-1000:], "metrics": t.metrics,
+                      "params": t.params, "events": t.events[-200:]}
+            if t.state.value == "Pruned":
+                status["stop"] = {"state": "Pruned", "reason": t.reason or "pruned"}
+            try:
+                kube.patch_trial_status(namespace, t.name, status)
+            except ApiException as e:
+                if e.status != 404:  # a trial deleted with its experiment has nothing to keep
+                    raise
+
+    return redis_bus(url=url, password=password), write
 
 
 if __name__ == "__main__":
