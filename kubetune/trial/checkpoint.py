@@ -15,10 +15,13 @@ import json
 import os
 import pickle
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 LATEST = "latest.json"
+KEEP = 3  # checkpoint files kept per trial: the latest, and older ones a reader may still be opening
+READ_ATTEMPTS = 5
 
 
 class CheckpointError(RuntimeError):
@@ -46,24 +49,32 @@ def save_bytes(data: bytes, step: float | None = None) -> Path:
     """Writes this trial's checkpoint atomically; returns its path."""
     folder = trial_folder()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "checkpoint.bin"
+    # A new file each time, so a donor being read by another trial is never overwritten under it.
+    path = folder / f"checkpoint-{time.time_ns()}.bin"
     _atomic_write(path, data)
     meta = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "step": step}
     _atomic_write(folder / LATEST, json.dumps(meta).encode())
+    for old in sorted(folder.glob("checkpoint-*.bin"))[:-KEEP]:
+        old.unlink(missing_ok=True)
     return path
 
 
 def load_bytes(name: str | None = None) -> tuple[bytes, dict] | None:
     """The latest checkpoint of this trial (or of trial `name`), verified; None if it has none."""
     folder = trial_folder(name)
-    try:
-        meta = json.loads((folder / LATEST).read_bytes())
-    except FileNotFoundError:
-        return None
-    data = (folder / meta["file"]).read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise CheckpointError(f"checkpoint of {folder.name} does not match its digest")
-    return data, meta
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            meta = json.loads((folder / LATEST).read_bytes())
+        except FileNotFoundError:
+            return None
+        try:
+            data = (folder / meta["file"]).read_bytes()
+        except FileNotFoundError:
+            continue  # its owner moved on to a newer checkpoint between our two reads
+        if hashlib.sha256(data).hexdigest() == meta["sha256"]:
+            return data, meta
+        time.sleep(0.01 * (attempt + 1))
+    raise CheckpointError(f"checkpoint of {folder.name} does not match its digest")
 
 
 def copy_from(donor: str) -> dict:
