@@ -29,6 +29,7 @@ from .records import now_iso, parse_time, pod_name, records, trial_resource, to_
 
 log = logging.getLogger("kubetune.operator")
 
+SPEC_CACHE_SECONDS = 1.0
 STOP_GRACE = 5  # seconds a trial told to stop through the SDK has to exit by itself
 FINAL = {s.value for s in TrialState if s.finished}
 
@@ -39,6 +40,7 @@ class Controller:
         self.suggestion_url = suggestion_url.rstrip("/")
         self.bus = dict(bus or {})
         self.clock = clock
+        self._spec_cache: dict[tuple[str, str], tuple[float, dict | None]] = {}
 
     # -- experiments ---------------------------------------------------------
 
@@ -146,7 +148,7 @@ class Controller:
         if status.get("state") in FINAL or status.get("stop"):
             return
         meta = trial["metadata"]
-        exp = self.kube.get_experiment(meta["namespace"], trial["spec"]["experiment"])
+        exp = self._experiment_spec_source(meta["namespace"], trial["spec"]["experiment"])
         if exp is None:
             return
         pod = trial_pod(ExperimentSpec.from_document(exp), trial, self.bus)
@@ -214,7 +216,7 @@ class Controller:
 
     def _finish_trial(self, trial: dict, exit_code: int | None, error: str) -> None:
         meta, status = trial["metadata"], trial.get("status") or {}
-        exp = self.kube.get_experiment(meta["namespace"], trial["spec"]["experiment"])
+        exp = self._experiment_spec_source(meta["namespace"], trial["spec"]["experiment"])
         if exp is None:
             return
         spec = ExperimentSpec.from_document(exp)
@@ -291,6 +293,17 @@ class Controller:
         self.ensure_pod(trial)
 
     # -- plumbing --------------------------------------------------------------
+
+    def _experiment_spec_source(self, namespace: str, name: str) -> dict | None:
+        """The experiment for reading its spec (pod template, objective): fetched at most once a
+        second, since every trial's start and end needs it and the search part cannot change."""
+        key, now = (namespace, name), time.monotonic()
+        hit = self._spec_cache.get(key)
+        if hit is not None and now - hit[0] < SPEC_CACHE_SECONDS:
+            return hit[1]
+        exp = self.kube.get_experiment(namespace, name)
+        self._spec_cache[key] = (now, exp)
+        return exp
 
     def ask_service(self, path: str, body: dict) -> dict:
         req = urllib.request.Request(self.suggestion_url + path, data=json.dumps(body).encode(),
