@@ -53,7 +53,8 @@ def test_pbt_example_exploits_in_place_and_prints_the_lineage(tmp_path):
     exploits = [(n, e) for n, r in records.items() for e in r["events"] if e["event"] == "exploit"]
     assert exploits, "every 4 epochs the worst quarter takes the best quarter's checkpoint"
     for n, e in exploits:
-        assert e["donor"] != n and e["new"] != e["old"]
+        # (new may equal old: a trial that exploits the same donor again can draw the same perturbation)
+        assert e["donor"] != n and set(e["new"]) == {"lr", "momentum"}
         # In place: one process ran the trial (one "starting" line), and it logged taking the donor's weights.
         log = (tmp_path / "state" / "pbt" / "trials" / records[n]["name"] / "output.log").read_text()
         assert log.count("starting at epoch") == 1
