@@ -165,6 +165,11 @@ class SearchSpace:
         return [p.name for p in self.params]
 
     @property
+    def has_free_continuous(self) -> bool:
+        """An always-active double without a step: two random draws never give the same configuration."""
+        return any(p.type == "double" and not p.step and not p.when for p in self.params)
+
+    @property
     def is_conditional(self) -> bool:
         return any(p.when for p in self.params)
 

@@ -75,6 +75,10 @@ class Sampler:
 
     def first_unseen(self, candidates, trials: Sequence[Trial]) -> dict:
         """The first candidate not tried yet; the last one if every candidate was."""
+        if self.space.has_free_continuous:
+            # No draw can repeat a tried configuration: skip building the set of every trial's key.
+            for config in candidates:
+                return config
         seen = self.seen(trials)
         last = None
         for config in candidates:
