@@ -93,13 +93,18 @@ def flood_process(url, trials, seconds, start, sent):
         counts.append(k)
 
     start.wait()
-    threads = [threading.Thread(target=trial, args=(n,)) for n in trials]
+    _run_threads(trial, trials)
+    with sent.get_lock():
+        sent.value += sum(counts)
+
+
+def _run_threads(trial, numbers) -> None:
+    """One thread per trial number, all at once; returns when every one has finished."""
+    threads = [threading.Thread(target=trial, args=(n,)) for n in numbers]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    with sent.get_lock():
-        sent.value += sum(counts)
 
 
 def latency_process(url, trials, reports_each, interval, start, out):
@@ -127,11 +132,7 @@ def latency_process(url, trials, reports_each, interval, start, out):
             lat.extend(mine)
 
     start.wait()
-    threads = [threading.Thread(target=trial, args=(n,)) for n in trials]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(trial, trials)
     out.put(lat)
 
 

@@ -17,13 +17,11 @@ import secrets
 from typing import Any, Iterable, Mapping, Sequence
 
 from .api import schema
+from .api.spec import DEFAULT_ALGORITHM
 from .api.space import SearchSpace
 from .api.trial import CONTINUE, Decision, Trial, TrialState, best_of, finite
 from .api.validation import Problem, SpecError, check_parameters, check_structure
 from .suggestion import SearchExhausted, check_algorithm, make_sampler
-
-DEFAULT_ALGORITHM = {"name": "random"}
-
 
 class Study:
     def __init__(

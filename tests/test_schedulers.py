@@ -210,7 +210,7 @@ def test_pbt_bottom_quantile_exploits_a_top_trial_and_explores():
     # Every exploit is in the trial's events, with the old and new parameters.
     events = [e for t in s.trials for e in t.events if e["event"] == "exploit"]
     assert len(events) == len(exploits) and all({"old", "new", "donor", "step"} <= set(e) for e in events)
-    assert s.lineage().startswith(f"trial ")  # the best trial's, by default
+    assert s.lineage().startswith("trial ")  # the best trial's, by default
     last = exploits[-1]
     text = s.lineage(last[0]).splitlines()
     assert len(text) >= 2 and text[-1].startswith(f"trial {last[0]}: from trial {last[1].donor}'s checkpoint")

@@ -75,7 +75,8 @@ def _type_name(value) -> str:
     return type(value).__name__
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """An int or float, not a bool (YAML's true is no number)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -84,7 +85,7 @@ def check_structure(value, node: dict, path: str = "") -> list[Problem]:
     if node.get("x-kubernetes-preserve-unknown-fields") and "type" not in node:
         return []
     if node.get("x-kubernetes-int-or-string"):
-        if not (_is_number(value) or isinstance(value, str)):
+        if not (is_number(value) or isinstance(value, str)):
             return [Problem(path, f"expected a number or a string, got {_type_name(value)}")]
         return []
     kind = node.get("type")
@@ -108,7 +109,7 @@ def check_structure(value, node: dict, path: str = "") -> list[Problem]:
         if not (isinstance(value, int) and not isinstance(value, bool)):
             return [Problem(path, f"expected an integer, got {_type_name(value)} {value!r}")]
     elif kind == "number":
-        if not _is_number(value):
+        if not is_number(value):
             return [Problem(path, f"expected a number, got {_type_name(value)} {value!r}")]
         if not math.isfinite(value):
             return [Problem(path, f"expected a finite number, got {value!r}")]
@@ -236,7 +237,7 @@ def _check_one_parameter(p: dict, here: str) -> list[Problem]:
         for j, v in enumerate(values):
             if isinstance(v, (dict, list)) or v is None:
                 problems.append(Problem(f"{here}.values[{j}]", f"expected a string, number or boolean, got {_type_name(v)}"))
-            elif kind == "discrete" and not _is_number(v):
+            elif kind == "discrete" and not is_number(v):
                 problems.append(Problem(f"{here}.values[{j}]", f"a discrete parameter takes numbers; got {v!r}"))
         hashable = [v for v in values if not isinstance(v, (dict, list))]
         seen = set()

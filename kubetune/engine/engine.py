@@ -15,6 +15,7 @@ from typing import Mapping
 
 from ..api.durations import format_duration
 from ..api.spec import ExperimentSpec
+from ..api.validation import is_number
 from ..api.trial import CONTINUE, Decision, Trial, TrialState, finite
 from ..study import SearchExhausted, Study
 
@@ -108,10 +109,10 @@ class Engine:
         if trial.state != TrialState.RUNNING or number in self._stopping:
             return Decision("stop", self._stopping.get(number, (None, "trial is not running"))[1])
         metric = self.objective.metric
-        others = {k: float(v) for k, v in metrics.items() if k != metric and _number(v)}
+        others = {k: float(v) for k, v in metrics.items() if k != metric and is_number(v)}
         # Not marked changed: reports are kept in memory and saved with the trial's final record
         # (a trial cut short is run again from the start, so its partial curve is not needed).
-        if metric not in metrics or not _number(metrics[metric]):
+        if metric not in metrics or not is_number(metrics[metric]):
             trial.metrics.update(others)
             return CONTINUE
         if step is None:
@@ -284,10 +285,6 @@ def check_end(spec: ExperimentSpec, trials: list[Trial], best: Trial | None, ela
     return None
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 _STEP_KEYS = ("step", "epoch", "iteration", "iter")
 
 
@@ -295,6 +292,6 @@ def _step_from(metrics: Mapping[str, float], trial: Trial) -> float:
     """The step of a report that named none: a step-like metric, else the report's ordinal."""
     for key in _STEP_KEYS:
         v = metrics.get(key)
-        if _number(v) and math.isfinite(v):
+        if is_number(v) and math.isfinite(v):
             return float(v)
     return float(len(trial.intermediate) + 1)

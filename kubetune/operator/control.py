@@ -104,16 +104,15 @@ class Controller:
         if wanted <= 0 or status.get("exhausted"):
             return bool(status.get("exhausted"))
         meta = exp["metadata"]
-        answer = self.ask_service("/v1/suggest", {**self._context(exp, trials), "count": wanted})
+        answer = self.ask_service("/v1/suggest", {**self._context(exp, spec, trials), "count": wanted})
         for s in answer["suggestions"]:
             if self.kube.create_trial(trial_resource(exp, s["number"], s["params"])):
                 log.info("created trial %s-%04d", meta["name"], s["number"])
         return bool(answer.get("exhausted"))
 
-    def _context(self, exp: dict, trials: list[Trial]) -> dict:
+    def _context(self, exp: dict, spec: ExperimentSpec, trials: list[Trial]) -> dict:
         """What the suggestion service needs to (re)build an experiment: spec, seed, trials, prior."""
         meta = exp["metadata"]
-        spec = ExperimentSpec.from_document(exp)
         return {"experiment": {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
                 "document": exp, "seed": (exp.get("status") or {})["seed"],
                 "trials": [t.to_dict() for t in trials], "prior": [t.to_dict() for t in self._prior(exp, spec)]}
@@ -221,7 +220,7 @@ class Controller:
             return
         spec = ExperimentSpec.from_document(exp)
         record = to_record(trial)
-        reported = self._reported(exp, record)
+        reported = self._reported(exp, spec, record)
         if not reported.get("intermediate") and not record.intermediate and spec.collector_kind in ("auto", "stdout"):
             reported = {**reported, **self._from_log(spec, meta["namespace"], status.get("podName"))}
         values = [v for _, v in reported.get("intermediate", record.intermediate)]
@@ -241,7 +240,7 @@ class Controller:
         self.kube.patch_trial_status(meta["namespace"], meta["name"], final)
         log.info("trial %s %s %s", meta["name"], state.value, reason)
 
-    def _reported(self, exp: dict, record: Trial) -> dict:
+    def _reported(self, exp: dict, spec: ExperimentSpec, record: Trial) -> dict:
         """The trial's reported values, once the suggestion service has taken all it sent."""
         meta = exp["metadata"]
         request = {"experiment": {"namespace": meta["namespace"], "name": meta["name"]}, "trial": record.number}
@@ -250,7 +249,7 @@ class Controller:
             if not got.get("known"):
                 # A restarted service: send the whole context so it rebuilds the experiment first.
                 trials = records(self.kube.list_trials(meta["namespace"], meta["name"]))
-                got = self.ask_service("/v1/flush", {**self._context(exp, trials), **request})
+                got = self.ask_service("/v1/flush", {**self._context(exp, spec, trials), **request})
         except OSError as e:
             log.warning("suggestion service unreachable for %s: %s; using what the API holds", record.name, e)
             return {}
