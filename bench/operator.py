@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -52,17 +53,18 @@ class Watcher:
         seen = self.pods if kind == "pods" else self.trials
         while not self._stop.is_set():  # a watch the server ends is started again; first sightings are kept
             w = watch.Watch()
+            # Plain JSON events: the client's model classes would cost the observer more than the operator.
             if kind == "pods":
-                stream = w.stream(core.list_namespaced_pod, self.namespace, timeout_seconds=3600)
+                stream = w.stream(core.list_namespaced_pod, self.namespace, timeout_seconds=3600, deserialize=False)
             else:
                 stream = w.stream(custom.list_namespaced_custom_object, "kubetune.io", "v1alpha1",
-                                  self.namespace, "trials", timeout_seconds=3600)
+                                  self.namespace, "trials", timeout_seconds=3600, deserialize=False)
             try:
                 for event in stream:
                     if self._stop.is_set():
                         return
                     obj = event["object"]
-                    name = obj.metadata.name if kind == "pods" else obj["metadata"]["name"]
+                    name = obj["metadata"]["name"]
                     seen.setdefault(name, time.monotonic())
             except Exception:  # noqa: BLE001 - "response ended prematurely" under load: watch again
                 continue
@@ -79,6 +81,53 @@ def experiment(name: str, namespace: str, trials: int, parallel: int) -> dict:
                      "algorithm": {"name": "random", "settings": {"seed": 1}},
                      "budget": {"maxTrials": trials, "parallelTrials": parallel, "maxFailedTrials": trials},
                      "trialTemplate": {"command": NOOP}}}
+
+
+def cpu_seconds(pid: int | str) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds_of_thread(tid: int) -> float:
+    try:
+        return cpu_seconds(f"{os.getpid()}/task/{tid}")
+    except FileNotFoundError:  # the thread has ended
+        return 0.0
+
+
+def request_counts(cluster) -> dict[tuple, float]:
+    """kube-apiserver's apiserver_request_total by (verb, resource, subresource), from its /metrics."""
+    out: dict[tuple, float] = {}
+    for line in cluster.kubectl("get", "--raw", "/metrics").stdout.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.rindex("}")].replace('"', "").split(","))
+        key = (labels.get("verb"), labels.get("resource"), labels.get("subresource", ""))
+        out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+class CpuMeter:
+    """CPU seconds each component spends over an interval: where a trial's cost goes, whatever else
+    loads the machine (wall-clock rates on 2 shared cores vary with the load; CPU per trial does not)."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+        self.start = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        kubelet = sum(cpu_seconds_of_thread(t.native_id) for t in threading.enumerate() if t.name.startswith("kubelet-"))
+        out["test kubelet (bench process)"] = kubelet
+        out["bench's own watches and rest"] = own.ru_utime + own.ru_stime - kubelet
+        out["trial processes"] = children.ru_utime + children.ru_stime
+        return out
+
+    def spent(self) -> dict[str, float]:
+        end = self._sample()
+        return {name: end[name] - self.start[name] for name in end}
 
 
 def wait_for(condition, timeout: float) -> bool:
@@ -133,10 +182,15 @@ def main() -> None:
             first.append(times[0] - t0)
             full.append(times[parallel - 1] - t0)
 
+        pids = {name: proc.pid for name, proc in cluster._processes.items()}
+        pids.update({"redis-server": redis.proc.pid, "suggestion service": procs[0].pid, "operator": procs[1].pid})
+        meter, requests_before = CpuMeter(pids), request_counts(cluster)
         t0 = time.monotonic()
         custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", "bench", "experiments",
                                                experiment("throughput", "bench", big, args.parallel))
         done = wait_for(lambda: sum(1 for p in list(watcher.pods) if p.startswith("throughput-")) >= big, 900)
+        cpu = meter.spent()
+        requests_after = request_counts(cluster)
         trial_times = sorted(t for n, t in list(watcher.trials.items()) if n.startswith("throughput-"))
         pod_times = sorted(t for n, t in list(watcher.pods.items()) if n.startswith("throughput-"))
         span = (trial_times[-1] - t0) if trial_times else float("nan")
@@ -151,6 +205,22 @@ def main() -> None:
               f"({len(trial_times)} in {span:.1f} s{'' if done else ', incomplete'}) | >= 20 /s |")
         if pod_times:
             print(f"| {big} no-op trials: pods created per second | {len(pod_times) / (pod_times[-1] - t0):.1f} /s | |")
+        print(f"\nCPU seconds per created trial during the {big}-trial run, by component "
+              f"(the machine has {os.cpu_count()} cores: 20 trials/s needs under {os.cpu_count() / 20:.3f} s in all):\n")
+        print("| component | CPU s per trial | share |")
+        print("| --- | ---: | ---: |")
+        total = sum(cpu.values())
+        count = max(1, len(trial_times))
+        for name, spent in sorted(cpu.items(), key=lambda kv: -kv[1]):
+            print(f"| {name} | {spent / count:.4f} | {100 * spent / total:.0f}% |")
+        print(f"| all | {total / count:.4f} | |")
+        print(f"\nkube-apiserver requests per created trial (all clients), over 0.05:\n")
+        print("| verb | resource | per trial |")
+        print("| --- | --- | ---: |")
+        made = {k: requests_after[k] - requests_before.get(k, 0.0) for k in requests_after}
+        for (verb, res, sub), n in sorted(made.items(), key=lambda kv: -kv[1]):
+            if n / count > 0.05:
+                print(f"| {verb} | {res}{'/' + sub if sub else ''} | {n / count:.2f} |")
         watcher.stop()
     finally:
         for p in procs:

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:
+        # kopf logs every handler call at INFO (several per trial); kubetune's own lines say what happened.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     load_config()
     bus = {"url": args.redis_url}
     if args.redis_password_secret:

@@ -25,7 +25,7 @@ from ..study import prior_from
 from ..engine.metric_lines import parse_metric_line
 from .kube import Kube
 from .pods import trial_pod
-from .records import now_iso, parse_time, pod_name, records, trial_resource, to_record
+from .records import current_pod, now_iso, parse_time, pod_name, records, trial_resource, to_record
 
 log = logging.getLogger("kubetune.operator")
 
@@ -150,11 +150,8 @@ class Controller:
         exp = self._experiment_spec_source(meta["namespace"], trial["spec"]["experiment"])
         if exp is None:
             return
-        pod = trial_pod(ExperimentSpec.from_document(exp), trial, self.bus)
-        self.kube.create_pod(pod)
-        if status.get("podName") != pod["metadata"]["name"]:
-            self.kube.patch_trial_status(meta["namespace"], meta["name"],
-                                         {"state": status.get("state") or "Pending", "podName": pod["metadata"]["name"]})
+        # No status write here: a trial without a state is Pending, and its pod's name follows from its attempt.
+        self.kube.create_pod(trial_pod(ExperimentSpec.from_document(exp), trial, self.bus))
 
     def on_pod(self, pod: Mapping[str, Any], deleted: bool = False, cached: Mapping | None = None) -> str | None:
         """A trial pod changed; returns its experiment's name when the trial's state changed.
@@ -172,8 +169,8 @@ class Controller:
         if trial is None:
             return None
         status = trial.get("status") or {}
-        if status.get("state") in FINAL or status.get("podName") not in (None, meta["name"]):
-            return None
+        if status.get("state") in FINAL or current_pod(trial) != meta["name"]:
+            return None  # over, or the pod of an earlier attempt
         phase = (pod.get("status") or {}).get("phase")
         experiment = trial["spec"]["experiment"]
         if meta.get("deletionTimestamp") and phase not in ("Succeeded", "Failed") and not status.get("stop"):
@@ -182,7 +179,8 @@ class Controller:
             self.kube.delete_pod(meta["namespace"], meta["name"], grace=0)
             return experiment
         if phase == "Running" and status.get("state") != "Running" and not deleted:
-            self.kube.patch_trial_status(meta["namespace"], trial_name, {"state": "Running", "startTime": now_iso()})
+            self.kube.patch_trial_status(meta["namespace"], trial_name,
+                                         {"state": "Running", "startTime": now_iso(), "podName": meta["name"]})
             return experiment
         if phase in ("Succeeded", "Failed"):
             code, error = _exit_of(pod)
@@ -206,8 +204,8 @@ class Controller:
             return
         if not status.get("stop"):
             self.kube.patch_trial_status(namespace, name, {"stop": {"state": state.value, "reason": reason}})
-        current = status.get("podName")
-        if current is None or self.kube.get_pod(namespace, current) is None:
+        current = current_pod(trial)
+        if self.kube.get_pod(namespace, current) is None:
             trial["status"] = {**status, "stop": {"state": state.value, "reason": reason}}
             self._finish_trial(trial, None, "")
         else:
@@ -222,7 +220,7 @@ class Controller:
         record = to_record(trial)
         reported = self._reported(exp, spec, record)
         if not reported.get("intermediate") and not record.intermediate and spec.collector_kind in ("auto", "stdout"):
-            reported = {**reported, **self._from_log(spec, meta["namespace"], status.get("podName"))}
+            reported = {**reported, **self._from_log(spec, meta["namespace"], current_pod(trial))}
         values = [v for _, v in reported.get("intermediate", record.intermediate)]
         stop = status.get("stop") or (
             {"state": "Pruned", "reason": reported.get("reason") or "pruned"} if reported.get("state") == "Pruned" else None)

@@ -15,6 +15,7 @@ import kopf
 
 from ..api import schema
 from .control import STOP_GRACE, Controller
+from .records import current_pod
 
 G, V = schema.GROUP, schema.VERSION
 TRIAL_POD = {"kubetune.io/trial": kopf.PRESENT}
@@ -97,10 +98,10 @@ async def trial_changed(event, body, namespace, name, **_):
     if state in FINAL_STATES:
         return
     stop = status.get("stop")
-    if stop and key not in _stopping and status.get("podName"):
+    if stop and key not in _stopping:
         # Pruned (or the experiment ended): the SDK has been told; stop the pod if it lingers.
         _stopping.add(key)
-        asyncio.create_task(_stop_pod(namespace, status["podName"], stop))
+        asyncio.create_task(_stop_pod(namespace, current_pod(body), stop))
     attempt = (namespace, name, body["spec"].get("attempt", 1))
     if not stop and attempt not in _started:
         _started.add(attempt)

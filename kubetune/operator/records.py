@@ -28,6 +28,13 @@ def pod_name(trial: str, attempt: int) -> str:
     return trial if attempt <= 1 else f"{trial}-r{attempt}"
 
 
+def current_pod(trial: Mapping[str, Any]) -> str:
+    """The pod of the trial's current attempt. Its name follows from the attempt, so creating a pod needs
+    no write to the trial; status.podName, once written (on start, on a retry), comes first."""
+    status = trial.get("status") or {}
+    return status.get("podName") or pod_name(trial["metadata"]["name"], int(trial["spec"].get("attempt", 1)))
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -35,7 +42,8 @@ def now_iso() -> str:
 def parse_time(value: str | None) -> float | None:
     if not value:
         return None
-    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc).timestamp()
+    # fromisoformat, not strptime: every experiment pass parses every trial's times, and strptime is ~20x slower.
+    return dt.datetime.fromisoformat(value).timestamp()
 
 
 def trial_resource(experiment: Mapping[str, Any], number: int, params: dict, attempt: int = 1) -> dict:

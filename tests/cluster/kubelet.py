@@ -1,7 +1,7 @@
 """A test kubelet: one simulated Node whose pods run as local processes.
 
 It does, through the real API server, what a kubelet (and, for its own node, the
-scheduler) does:
+scheduler) does, knowing its pods from a watch:
 - registers a Node with the given capacity (cpu, memory, nvidia.com/gpu, pods)
   and keeps it Ready: a Lease in kube-node-lease renewed every couple of seconds
   and the Ready condition's heartbeat;
@@ -36,6 +36,7 @@ from tests.cluster.control_plane import ControlPlane
 from tests.cluster.log_server import LogServer
 from tests.cluster.pod_status import (TERMINAL_PHASES, ContainerRun, now, now_micro, pod_status,
                                       with_transition_times)
+from tests.cluster.pod_watch import PodWatch
 from tests.cluster.podspec import GPU, ConfigError, command_line, container_env, object_data
 from tests.cluster.quantity import parse_quantity
 from tests.cluster.rest import ApiError
@@ -87,6 +88,8 @@ class TestKubelet:
         self.log_server = LogServer(serving, self.cluster.ca.cert, self._find_log)
         self.log_server.start()
         self._register_node()
+        self.pod_watch = PodWatch(self.cluster.rest(**identity),
+                                  f"spec.nodeName={self.name}").start(f"kubelet-{self.name}-watch")
         for target, label in ((self._heartbeat_loop, "heartbeat"), (self._sync_loop, "sync")):
             thread = threading.Thread(target=target, name=f"kubelet-{self.name}-{label}",
                                       daemon=True)
@@ -116,6 +119,8 @@ class TestKubelet:
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
+        if getattr(self, "pod_watch", None):
+            self.pod_watch.stop()
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:
@@ -247,8 +252,7 @@ class TestKubelet:
             log.write(f"{now()} {self.errors[-1]}\n")
 
     def _sync_once(self) -> None:
-        own = self.node_api.get("/api/v1/pods", fieldSelector=f"spec.nodeName={self.name}")
-        pods = own["items"]
+        pods = self.pod_watch.pods()
         present = set()
         for pod in pods:
             present.add(pod["metadata"]["uid"])
@@ -262,7 +266,7 @@ class TestKubelet:
             with self._lock:
                 del self._runs[uid]
         if not self._stop.is_set():
-            self.binder.bind_pending(pods)
+            self.binder.bind_pending(pods, on_bound=self.pod_watch.assume)
 
     def _sync_pod(self, pod: dict) -> None:
         meta = pod["metadata"]
@@ -274,6 +278,8 @@ class TestKubelet:
             return
         if pod.get("status", {}).get("phase") in TERMINAL_PHASES and run is None:
             return  # finished before this kubelet knew it (e.g. reported by an earlier one)
+        if run is not None and run.terminal and run.reported and run.reported["phase"] in TERMINAL_PHASES:
+            return  # over and reported: nothing changes until its deletion
         if run is None:
             container = pod["spec"]["containers"][0]
             scratch = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{uid[:8]}"

@@ -7,7 +7,7 @@ control over patches, not the generated typed models.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlencode
 
 import kubernetes.client
@@ -46,6 +46,21 @@ class Rest:
             raise ApiError(method, path, response.status, decoded)
         return decoded
 
+    def stream(self, path: str, *, query: dict, timeout: tuple[float, float]) -> Iterator[dict]:
+        """The events of a watch request, as they arrive."""
+        url = self.host + path + f"?{urlencode(query)}"
+        response = self.api_client.rest_client.request(
+            "GET", url, headers={"Accept": "application/json", **self.auth_headers},
+            _request_timeout=timeout)
+        if response.status >= 400:
+            data = response.read()
+            raise ApiError("GET", path, response.status, json.loads(data) if data else None)
+        raw = response.response
+        try:
+            yield from decode_lines(raw.stream(64 * 1024))
+        finally:
+            raw.release_conn()
+
     def get(self, path: str, **query: Any) -> Any:
         return self.request("GET", path, query=query or None)
 
@@ -64,3 +79,16 @@ class Rest:
 
     def delete(self, path: str, body: Any = None) -> Any:
         return self.request("DELETE", path, body=body)
+
+
+def decode_lines(chunks) -> Iterator[dict]:
+    """JSON objects, one per line, from a byte stream that splits lines anywhere."""
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            if line.strip():
+                yield json.loads(line)
+    if buffer.strip():
+        yield json.loads(buffer)

@@ -23,7 +23,8 @@ class NodeBinder:
         self.node_api = node_api
         self._unschedulable_reported: dict[str, str] = {}
 
-    def bind_pending(self, own_pods: list[dict]) -> None:
+    def bind_pending(self, own_pods: list[dict], on_bound=lambda pod: None) -> None:
+        """on_bound(pod): told of each pod bound here, with spec.nodeName set."""
         used: dict[str, Fraction] = {}
         for pod in own_pods:
             if pod.get("status", {}).get("phase") not in TERMINAL_PHASES:
@@ -65,6 +66,7 @@ class NodeBinder:
                 raise
             for name, amount in requests.items():
                 used[name] = used.get(name, Fraction(0)) + amount
+            on_bound({**pod, "spec": {**spec, "nodeName": self.node_name}})
 
     def _mark_unschedulable(self, pod: dict, why: str) -> None:
         """Say why it waits, in the PodScheduled condition, as kube-scheduler does."""
