@@ -195,7 +195,7 @@ def main() -> None:
         pod_times = sorted(t for n, t in list(watcher.pods.items()) if n.startswith("throughput-"))
         span = (trial_times[-1] - t0) if trial_times else float("nan")
         print(f"\nOperator on the test cluster (kube-apiserver {cluster_version(cluster)}), "
-              f"{os.cpu_count()} CPUs; {'quick' if args.quick else 'full'} run\n")
+              f"{os.cpu_count()} CPUs; {'quick' if args.quick else 'full'} run; {cluster.timings.summary()}\n")
         print("| measure | result | target |")
         print("| --- | --- | --- |")
         print(f"| create -> first trial pod, median of {runs} (min-max) | {statistics.median(first):.3f} s "

@@ -29,6 +29,7 @@ import signal
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.cluster import processes
@@ -46,6 +47,9 @@ from tests.cluster.waiting import GiveUp, wait_until
 HOST_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "TMPDIR")
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases"
 LEASE_DURATION_SECONDS = 40
+# Pods are synced in parallel, as a kubelet's per-pod workers do: one thread doing every pod's API
+# calls in turn made the test kubelet, not the system under test, the limit on pods per second.
+POD_WORKERS = 8
 
 
 class TestKubelet:
@@ -68,6 +72,7 @@ class TestKubelet:
         self.workdir = cluster.workdir / "kubelets" / name
         self.errors: list[str] = []  # unexpected failures of a sync pass, for debugging
         self._runs: dict[str, ContainerRun] = {}
+        self._busy: set[str] = set()  # uids a pod worker is syncing now
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -90,6 +95,7 @@ class TestKubelet:
         self._register_node()
         self.pod_watch = PodWatch(self.cluster.rest(**identity),
                                   f"spec.nodeName={self.name}").start(f"kubelet-{self.name}-watch")
+        self._workers = ThreadPoolExecutor(max_workers=POD_WORKERS, thread_name_prefix=f"kubelet-{self.name}-pod")
         for target, label in ((self._heartbeat_loop, "heartbeat"), (self._sync_loop, "sync")):
             thread = threading.Thread(target=target, name=f"kubelet-{self.name}-{label}",
                                       daemon=True)
@@ -119,6 +125,8 @@ class TestKubelet:
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
+        if getattr(self, "_workers", None):
+            self._workers.shutdown(wait=True)
         if getattr(self, "pod_watch", None):
             self.pod_watch.stop()
         with self._lock:
@@ -255,8 +263,13 @@ class TestKubelet:
         pods = self.pod_watch.pods()
         present = set()
         for pod in pods:
-            present.add(pod["metadata"]["uid"])
-            self._sync_pod(pod)
+            uid = pod["metadata"]["uid"]
+            present.add(uid)
+            with self._lock:
+                if uid in self._busy:
+                    continue  # its worker is still at it; the next pass sees what it did
+                self._busy.add(uid)
+            self._workers.submit(self._sync_pod_once, pod)
         with self._lock:
             gone = [uid for uid in self._runs if uid not in present]
         for uid in gone:  # removed from the API (force-deleted): stop at once
@@ -266,7 +279,17 @@ class TestKubelet:
             with self._lock:
                 del self._runs[uid]
         if not self._stop.is_set():
-            self.binder.bind_pending(pods, on_bound=self.pod_watch.assume)
+            self.binder.bind_pending(pods, on_bound=self.pod_watch.assume,
+                                     run_all=lambda calls: list(self._workers.map(_call, calls)))
+
+    def _sync_pod_once(self, pod: dict) -> None:
+        try:
+            self._sync_pod(pod)
+        except Exception:  # noqa: BLE001 - retried on the next pass
+            self._record_error()
+        finally:
+            with self._lock:
+                self._busy.discard(pod["metadata"]["uid"])
 
     def _sync_pod(self, pod: dict) -> None:
         meta = pod["metadata"]
@@ -404,3 +427,7 @@ class TestKubelet:
 def _kubernetes_version() -> str:
     from tests.cluster.tools import pinned_versions
     return pinned_versions()["KUBERNETES_VERSION"]
+
+
+def _call(call):
+    return call()

