@@ -309,3 +309,18 @@ def test_synchronous_hyperband_resumes_paused_winners_after_the_budget_is_spent(
     finished = [t for t in e.trials if t.state == TrialState.SUCCEEDED]
     assert len(finished) == 1 and [s for s, _ in finished[0].intermediate] == list(range(1, 10))
     assert e.count(TrialState.PRUNED) == 8
+
+
+def test_a_trial_survives_its_dict_form_whole():
+    # The operator, the suggestion service and the local journal pass trials as dicts: every field must travel.
+    from dataclasses import fields
+
+    from kubetune.api.trial import Trial
+
+    t = Trial(3, {"lr": 0.1}, TrialState.PRUNED, 0.5, [[1.0, 0.4], [2.0, 0.5]], {"loss": 1.2}, "pruned at rung 1",
+              2, 10.0, 20.0, "exp-0003", [{"event": "exploit", "donor": 1}])
+    d = t.to_dict()
+    assert set(d) == {f.name for f in fields(Trial)}
+    assert Trial.from_dict(d) == t
+    d["intermediate"][0][1] = 9.9  # a copy: changing the dict leaves the trial alone
+    assert t.intermediate[0][1] == 0.4

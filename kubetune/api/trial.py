@@ -60,9 +60,12 @@ class Trial:
         return self.intermediate[-1][0] if self.intermediate else None
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["state"] = self.state.value
-        return d
+        # Written out, not dataclasses.asdict: the operator sends every trial of an experiment at once,
+        # and asdict's generic deep copy was most of that cost.
+        return {"number": self.number, "params": dict(self.params), "state": self.state.value, "value": self.value,
+                "intermediate": [list(p) for p in self.intermediate], "metrics": dict(self.metrics),
+                "reason": self.reason, "attempt": self.attempt, "started_at": self.started_at,
+                "finished_at": self.finished_at, "name": self.name, "events": [dict(e) for e in self.events]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Trial":

@@ -14,6 +14,7 @@ import math
 import secrets
 import time
 import urllib.request
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..api.spec import ExperimentSpec
@@ -41,6 +42,11 @@ class Controller:
         self.bus = dict(bus or {})
         self.clock = clock
         self._spec_cache: dict[tuple[str, str], tuple[float, dict | None]] = {}
+        # Per experiment: what the suggestion service was last sent, and each trial's record by resource
+        # version. A pass costs O(trials) in Python; these keep the O(trials) part to dictionary look-ups.
+        # Lost on a restart, which only means the first pass sends and parses everything.
+        self._sent: dict[tuple[str, str], _Sent] = {}
+        self._records: dict[tuple[str, str], dict[str, tuple[str, Trial]]] = {}
 
     # -- experiments ---------------------------------------------------------
 
@@ -49,6 +55,13 @@ class Controller:
 
         trials: its Trial resources as the operator's watch cache holds them (listed when not given).
         """
+        over = self._reconcile(namespace, name, trials)
+        if over:
+            self._sent.pop((namespace, name), None)
+            self._records.pop((namespace, name), None)
+        return over
+
+    def _reconcile(self, namespace: str, name: str, resources: list[dict] | None) -> bool:
         exp = self.kube.get_experiment(namespace, name)
         if exp is None or exp["metadata"].get("deletionTimestamp"):
             return True
@@ -64,7 +77,9 @@ class Controller:
         spec = ExperimentSpec.from_document(exp)
         if "seed" not in status:
             status = exp["status"] = self._start(exp, spec)
-        trials = records(self.kube.list_trials(namespace, name) if trials is None else trials)
+        if resources is None:
+            resources = self.kube.list_trials(namespace, name)
+        trials, versions = self._records_of((namespace, name), resources)
         now = self.clock()
         self._trial_timeouts(exp, spec, trials, now)
         best = best_trial(spec, trials)
@@ -80,7 +95,7 @@ class Controller:
                 self.event(exp, "Normal" if completion.succeeded else "Warning", completion.reason, completion.message)
                 return True
             return False
-        exhausted = self._create_trials(exp, spec, status, trials)
+        exhausted = self._create_trials(exp, spec, status, trials, versions)
         summary = counts(spec, trials)
         if exhausted:
             summary["exhausted"] = True
@@ -98,17 +113,50 @@ class Controller:
                                              f"up to {spec.budget.max_trials} trials, {spec.budget.parallel_trials} at a time")
         return status
 
-    def _create_trials(self, exp: dict, spec: ExperimentSpec, status: dict, trials: list[Trial]) -> bool:
+    def _records_of(self, key: tuple[str, str], resources: list[dict]) -> tuple[list[Trial], dict[int, str]]:
+        """The trials' records in number order, and each one's resourceVersion; parsed again only when changed."""
+        known, fresh, versions = self._records.get(key, {}), {}, {}
+        for r in resources:
+            meta = r["metadata"]
+            version = meta.get("resourceVersion", "")
+            hit = known.get(meta["uid"])
+            record = hit[1] if hit is not None and hit[0] == version and version else to_record(r)
+            fresh[meta["uid"]] = (version, record)
+            versions[record.number] = version
+        self._records[key] = fresh
+        return sorted((rec for _, rec in fresh.values()), key=lambda t: t.number), versions
+
+    def _create_trials(self, exp: dict, spec: ExperimentSpec, status: dict, trials: list[Trial],
+                       versions: dict[int, str]) -> bool:
         active = sum(1 for t in trials if t.state.active)
         wanted = min(spec.budget.parallel_trials - active, spec.budget.max_trials - len(trials))
         if wanted <= 0 or status.get("exhausted"):
             return bool(status.get("exhausted"))
         meta = exp["metadata"]
-        answer = self.ask_service("/v1/suggest", {**self._context(exp, spec, trials), "count": wanted})
+        answer = self._suggest(exp, spec, trials, versions, wanted)
         for s in answer["suggestions"]:
             if self.kube.create_trial(trial_resource(exp, s["number"], s["params"])):
                 log.info("created trial %s-%04d", meta["name"], s["number"])
         return bool(answer.get("exhausted"))
+
+    def _suggest(self, exp: dict, spec: ExperimentSpec, trials: list[Trial], versions: dict[int, str],
+                 count: int) -> dict:
+        """Asks for `count` new trials, sending the service only the trials changed since it was last sent
+        them; the whole experiment when it does not hold what was sent (restarted, or spec changed)."""
+        meta = exp["metadata"]
+        key, ident = (meta["namespace"], meta["name"]), (meta["uid"], meta.get("generation"))
+        sent = self._sent.get(key)
+        if sent is not None and sent.ident == ident:
+            changed = [t for t in trials if sent.versions.get(t.number) != versions.get(t.number)]
+            answer = self.ask_service("/v1/suggest", {
+                "experiment": {"namespace": key[0], "name": key[1]}, "epoch": sent.epoch,
+                "changed": [t.to_dict() for t in changed], "total": len(trials), "count": count})
+            if not answer.get("resync"):
+                sent.versions.update((t.number, versions.get(t.number)) for t in changed)
+                return answer
+        answer = self.ask_service("/v1/suggest", {**self._context(exp, spec, trials), "count": count})
+        self._sent[key] = _Sent(ident, answer["epoch"], dict(versions))
+        return answer
 
     def _context(self, exp: dict, spec: ExperimentSpec, trials: list[Trial]) -> dict:
         """What the suggestion service needs to (re)build an experiment: spec, seed, trials, prior."""
@@ -313,6 +361,13 @@ class Controller:
             self.kube.event(obj, kind, reason, message)
         except Exception as e:  # noqa: BLE001 - an event is a courtesy, never a reason to fail
             log.debug("event not posted: %s", e)
+
+
+@dataclass
+class _Sent:
+    ident: tuple  # the experiment's uid and generation: a changed spec is sent whole
+    epoch: str  # the service's name for what it holds
+    versions: dict[int, str | None]  # trial number -> resourceVersion sent
 
 
 def best_trial(spec: ExperimentSpec, trials: list[Trial]) -> Trial | None:

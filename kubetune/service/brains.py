@@ -10,6 +10,7 @@ bus is acknowledged.
 
 from __future__ import annotations
 
+import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -29,25 +30,33 @@ class Brain:
     metric: str  # the objective metric, the one the scheduler acts on
     lock: threading.Lock = field(default_factory=threading.Lock)
     dirty: set[int] = field(default_factory=set)  # trials with reports not yet written to the API
+    # Names this Brain to the operator, which then sends only what changed; a new Brain (this service
+    # restarted, or the experiment's search spec changed) has a new epoch, and gets the whole list again.
+    epoch: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def sync(self, records: list[Trial]) -> None:
         """The API's records win for state; reported values kept here that the API lacks stay."""
         mine = {t.number: t for t in self.study.trials}
-        merged = []
-        for r in records:
-            t = mine.get(r.number)
-            if t is not None and t.attempt == r.attempt and len(t.intermediate) > len(r.intermediate):
-                r.intermediate = t.intermediate
-                r.metrics = {**r.metrics, **t.metrics}
-            if t is not None and t.attempt == r.attempt and len(t.events) > len(r.events):
-                r.events, r.params = t.events, t.params  # a PBT exploit not written back yet
-                if t.state == TrialState.PRUNED and r.state == TrialState.RUNNING:
-                    r.state, r.reason = t.state, t.reason  # pruned here, pod not gone yet
-            merged.append(r)
+        merged = [_merge(mine.get(r.number), r) for r in records]
         # A trial asked for but never created is dropped; it will be asked for again, identically.
         contiguous = [t for i, t in enumerate(merged) if t.number == i]
         self.study.trials[:] = contiguous
         self.dirty &= {t.number for t in contiguous}
+
+    def update(self, changed: list[Trial], total: int) -> bool:
+        """sync() for the records that changed since the last request; total: how many trials the API holds.
+        False when the changes leave a gap that only the whole list can fill."""
+        trials = self.study.trials
+        for r in sorted(changed, key=lambda t: t.number):
+            if r.number < len(trials):
+                trials[r.number] = _merge(trials[r.number], r)
+            elif r.number == len(trials):
+                trials.append(r)
+            else:
+                return False
+        del trials[total:]  # asked for, not (yet) created: asked for again, identically
+        self.dirty &= set(range(len(trials)))
+        return True
 
     def suggest(self, count: int) -> tuple[list[dict], bool]:
         out = []
@@ -59,6 +68,18 @@ class Brain:
         except SearchExhausted:
             return out, True
         return out, False
+
+
+def _merge(mine: Trial | None, r: Trial) -> Trial:
+    """The API's record r, with what this service holds of the same attempt that is not written back yet."""
+    if mine is not None and mine.attempt == r.attempt and len(mine.intermediate) > len(r.intermediate):
+        r.intermediate = mine.intermediate
+        r.metrics = {**r.metrics, **mine.metrics}
+    if mine is not None and mine.attempt == r.attempt and len(mine.events) > len(r.events):
+        r.events, r.params = mine.events, mine.params  # a PBT exploit not written back yet
+        if mine.state == TrialState.PRUNED and r.state == TrialState.RUNNING:
+            r.state, r.reason = mine.state, mine.reason  # pruned here, pod not gone yet
+    return r
 
 
 class Brains:

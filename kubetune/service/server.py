@@ -1,7 +1,9 @@
 """The suggestion service: one Deployment for all experiments, HTTP/JSON.
 
     GET  /healthz, /readyz
-    POST /v1/suggest      {experiment, document, seed, prior, trials, count} -> {suggestions, exhausted}
+    POST /v1/suggest      {experiment, document, seed, prior, trials, count} -> {suggestions, exhausted, epoch}
+                          or {experiment, epoch, changed, total, count}: only the trials changed since
+                          (answered {resync: true} when this service no longer holds that epoch)
     POST /v1/flush        {experiment, document, seed, prior, trials, trial} -> that trial's reported values
     POST /v1/forget       {experiment} -> drops the experiment and its bus keys (the finalizer calls it)
 
@@ -37,11 +39,20 @@ class SuggestionService:
     # -- requests ------------------------------------------------------------
 
     def suggest(self, req: dict) -> dict:
-        brain = self._brain(req)
-        with brain.lock:
-            brain.sync([Trial.from_dict(t) for t in req.get("trials", [])])
-            suggestions, exhausted = brain.suggest(int(req.get("count", 1)))
-        return {"suggestions": suggestions, "exhausted": exhausted}
+        if "changed" in req:  # only what changed since the request that returned this epoch
+            brain = self.brains.get(_key(req["experiment"]))
+            if brain is None or brain.epoch != req.get("epoch"):
+                return {"resync": True}
+            with brain.lock:
+                if not brain.update([Trial.from_dict(t) for t in req["changed"]], int(req["total"])):
+                    return {"resync": True}
+                suggestions, exhausted = brain.suggest(int(req.get("count", 1)))
+        else:
+            brain = self._brain(req)
+            with brain.lock:
+                brain.sync([Trial.from_dict(t) for t in req.get("trials", [])])
+                suggestions, exhausted = brain.suggest(int(req.get("count", 1)))
+        return {"suggestions": suggestions, "exhausted": exhausted, "epoch": brain.epoch}
 
     def flush(self, req: dict) -> dict:
         key = _key(req["experiment"])

@@ -1,0 +1,70 @@
+"""The suggestion service's requests, in process: the whole trial list, or only what changed since."""
+
+from __future__ import annotations
+
+from kubetune.api.trial import Trial, TrialState
+from kubetune.service.server import SuggestionService
+
+EXPERIMENT = {"namespace": "team", "name": "tune", "uid": "uid-1"}
+DOCUMENT = {"apiVersion": "kubetune.io/v1alpha1", "kind": "Experiment",
+            "metadata": {"name": "tune", "namespace": "team", "uid": "uid-1"},
+            "spec": {"objective": {"metric": "loss", "goal": "minimize"},
+                     "parameters": [{"name": "x", "type": "double", "min": -5, "max": 5},
+                                    {"name": "k", "type": "categorical", "values": ["a", "b", "c"]}],
+                     "algorithm": {"name": "tpe", "settings": {"startupTrials": 3}},
+                     "budget": {"maxTrials": 40, "parallelTrials": 4},
+                     "trialTemplate": {"command": ["true"]}}}
+
+
+def full(trials: list[Trial], count: int) -> dict:
+    return {"experiment": EXPERIMENT, "document": DOCUMENT, "seed": 7, "prior": [],
+            "trials": [t.to_dict() for t in trials], "count": count}
+
+
+def delta(epoch: str, changed: list[Trial], total: int, count: int) -> dict:
+    return {"experiment": EXPERIMENT, "epoch": epoch, "changed": [t.to_dict() for t in changed],
+            "total": total, "count": count}
+
+
+def finish(suggestions: list[dict]) -> list[Trial]:
+    return [Trial(s["number"], s["params"], TrialState.SUCCEEDED, (s["params"]["x"] - 1.0) ** 2)
+            for s in suggestions]
+
+
+def test_sending_only_changed_trials_suggests_what_the_whole_list_would():
+    by_delta, by_list = SuggestionService(), SuggestionService()
+    trials: list[Trial] = []
+    answer = by_delta.suggest(full(trials, 2))
+    assert by_list.suggest(full(trials, 2))["suggestions"] == answer["suggestions"]
+    epoch = answer["epoch"]
+    for _ in range(8):
+        done = finish(answer["suggestions"])
+        trials += done
+        answer = by_delta.suggest(delta(epoch, done, len(trials), 2))
+        assert "resync" not in answer and answer["epoch"] == epoch
+        assert answer["suggestions"] == by_list.suggest(full(trials, 2))["suggestions"]
+    assert [s["number"] for s in answer["suggestions"]] == [len(trials), len(trials) + 1]
+
+
+def test_a_service_that_lost_the_epoch_asks_for_the_whole_list():
+    service = SuggestionService()
+    epoch = service.suggest(full([], 1))["epoch"]
+    restarted = SuggestionService()
+    assert restarted.suggest(delta(epoch, [], 1, 1)) == {"resync": True}
+    assert service.suggest(delta("some-other-epoch", [], 1, 1)) == {"resync": True}
+
+
+def test_a_gap_in_the_changes_asks_for_the_whole_list():
+    service = SuggestionService()
+    answer = service.suggest(full([], 1))
+    far = Trial(5, {"x": 0.0, "k": "a"}, TrialState.SUCCEEDED, 1.0)
+    assert service.suggest(delta(answer["epoch"], [far], 6, 1)) == {"resync": True}
+
+
+def test_trials_asked_for_but_not_created_are_asked_for_again_identically():
+    service = SuggestionService()
+    first = service.suggest(full([], 3))
+    # Only the first suggestion became a Trial resource; the others are asked for again.
+    created = [Trial(0, first["suggestions"][0]["params"])]
+    again = service.suggest(delta(first["epoch"], created, 1, 2))
+    assert again["suggestions"] == first["suggestions"][1:]
