@@ -266,8 +266,8 @@ class TestKubelet:
             uid = pod["metadata"]["uid"]
             present.add(uid)
             with self._lock:
-                if uid in self._busy:
-                    continue  # its worker is still at it; the next pass sees what it did
+                if uid in self._busy or self._settled(pod, self._runs.get(uid)):
+                    continue  # its worker is still at it (the next pass sees what it did), or it is over
                 self._busy.add(uid)
             self._workers.submit(self._sync_pod_once, pod)
         with self._lock:
@@ -299,10 +299,8 @@ class TestKubelet:
         if meta.get("deletionTimestamp"):
             self._terminate(pod, run)
             return
-        if pod.get("status", {}).get("phase") in TERMINAL_PHASES and run is None:
-            return  # finished before this kubelet knew it (e.g. reported by an earlier one)
-        if run is not None and run.terminal and run.reported and run.reported["phase"] in TERMINAL_PHASES:
-            return  # over and reported: nothing changes until its deletion
+        if self._settled(pod, run):
+            return
         if run is None:
             container = pod["spec"]["containers"][0]
             scratch = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{uid[:8]}"
@@ -316,6 +314,16 @@ class TestKubelet:
             elif run.process is not None and not run.running() and run.exit_code is None:
                 self._container_exited(pod, run)
         self._report(pod, run)
+
+    @staticmethod
+    def _settled(pod: dict, run: ContainerRun | None) -> bool:
+        """Nothing to do for this pod until it is deleted: it finished before this kubelet knew it
+        (reported by an earlier one), or it finished here and that was reported."""
+        if pod["metadata"].get("deletionTimestamp"):
+            return False
+        if run is None:
+            return pod.get("status", {}).get("phase") in TERMINAL_PHASES
+        return run.terminal and bool(run.reported) and run.reported["phase"] in TERMINAL_PHASES
 
     def _start_container(self, pod: dict, run: ContainerRun) -> None:
         container = pod["spec"]["containers"][0]
