@@ -161,7 +161,9 @@ def test_a_trial_that_reports_nothing_fails_with_a_reason():
     sim.run()
     assert all(t.state == TrialState.FAILED for t in sim.engine.trials)
     assert "no value for objective metric 'loss' was reported" in sim.engine.trials[0].reason
-    assert sim.engine.completion.reason == "MaxTrialsReached"
+    # Every trial failed, within maxFailedTrials: the experiment has no result, and fails.
+    assert sim.engine.completion.reason == "NoTrialSucceeded" and not sim.engine.completion.succeeded
+    assert sim.engine.completion.message == "all 2 trials finished, and no trial succeeded (2 failed)"
 
 
 def test_a_nan_objective_fails_the_trial():

@@ -25,8 +25,9 @@ MAX_TRIALS = "MaxTrialsReached"
 EXHAUSTED = "SearchSpaceExhausted"
 MAX_FAILED = "MaxFailedTrialsReached"
 TIMEOUT = "Timeout"
+NO_RESULT = "NoTrialSucceeded"
 INTERRUPTED = "Interrupted"
-FAILED_REASONS = (MAX_FAILED,)
+FAILED_REASONS = (MAX_FAILED, NO_RESULT)
 INTERRUPTED_REASON = "interrupted"
 
 
@@ -275,14 +276,22 @@ def check_end(spec: ExperimentSpec, trials: list[Trial], best: Trial | None, ela
         return Completion(MAX_FAILED, f"{failed} trials failed (maxFailedTrials is {budget.max_failed_trials})")
     if best is not None and objective.reached(best.value):
         return Completion(GOAL_REACHED, f"trial {best.number} reached the target {objective.target}")
-    if budget.timeout is not None and elapsed >= budget.timeout:
-        return Completion(TIMEOUT, f"timeout of {format_duration(budget.timeout)} reached")
     active = any(t.state.active for t in trials)
-    if len(trials) >= budget.max_trials and not active:
-        return Completion(MAX_TRIALS, f"all {budget.max_trials} trials finished")
-    if exhausted and not active:
-        return Completion(EXHAUSTED, "the algorithm has no new configuration to try")
-    return None
+    if budget.timeout is not None and elapsed >= budget.timeout:
+        ended = Completion(TIMEOUT, f"timeout of {format_duration(budget.timeout)} reached")
+    elif len(trials) >= budget.max_trials and not active:
+        ended = Completion(MAX_TRIALS, f"all {budget.max_trials} trials finished")
+    elif exhausted and not active:
+        ended = Completion(EXHAUSTED, "the algorithm has no new configuration to try")
+    else:
+        return None
+    if best is None:
+        # Within maxFailedTrials, yet nothing to show: an experiment without a result has failed (Katib
+        # calls it Succeeded; Ray Tune raises; Optuna's best_trial raises).
+        by = {s: sum(1 for t in trials if t.state == s) for s in TrialState if s.finished}
+        tally = ", ".join(f"{n} {s.value.lower()}" for s, n in by.items() if n)
+        return Completion(NO_RESULT, f"{ended.message}, and no trial succeeded ({tally or 'none finished'})")
+    return ended
 
 
 _STEP_KEYS = ("step", "epoch", "iteration", "iter")

@@ -111,7 +111,7 @@ def _can_continue(state: dict, study: Study, spec: ExperimentSpec) -> bool:
     reason = state["completion"]["reason"]
     if reason == "Interrupted":
         return True
-    if reason == "MaxTrialsReached":
+    if reason in ("MaxTrialsReached", "NoTrialSucceeded"):
         return len(study.trials) < spec.budget.max_trials
     if reason == "MaxFailedTrialsReached":
         failed = sum(t.state == TrialState.FAILED for t in study.trials)
