@@ -49,7 +49,7 @@ class RedisServer:
                 args += ["--requirepass", self.password]
             self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                          start_new_session=True)
-            if self._wait_ready(timeout_s):
+            if self._wait_ready(timeout_s) and self._is_ours():
                 return
             self.stop()
             log = (self.dir / "redis.log").read_text(errors="replace") if (self.dir / "redis.log").exists() else ""
@@ -75,6 +75,14 @@ class RedisServer:
                 pass
             time.sleep(0.02)
         return False
+
+    def _is_ours(self) -> bool:
+        """The server answering on the port is the one started here, not another test's that took the port
+        between free_port() and the start (ours then fails to bind and exits)."""
+        import redis
+
+        with redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5) as r:
+            return r.info("server")["process_id"] == self.proc.pid
 
     def kill(self) -> None:
         """SIGKILL: no chance to save anything more."""
