@@ -226,9 +226,48 @@ def test_pbt_explore_moves_values_to_neighbours_within_bounds():
         seen_lr.add(round(out["lr"], 6))
         seen_units.add(out["units"])
         seen_opt.add(out["opt"])
-    assert seen_lr == {0.8, 1.0}  # 1.2 is clipped to the upper bound
-    assert seen_units == {1, 2}  # ints move by at least one, never below min
-    assert seen_opt == {"adam", "sgd"}  # neighbours only (clipped at the first value)
+    # At a bound the step that would be clipped away is taken the other way: explore
+    # always changes a value whose range allows it.
+    assert seen_lr == {0.8}
+    assert seen_units == {2}  # ints move by at least one, never below min
+    assert seen_opt == {"sgd"}  # neighbours only
+    inside = {"lr": 0.1, "units": 4, "opt": "sgd"}
+    outs = [sched.explore(inside, sched.rng(98, i)) for i in range(50)]
+    assert {round(o["lr"], 6) for o in outs} == {0.08, 0.12}
+    assert {o["units"] for o in outs} == {3, 5}
+    assert {o["opt"] for o in outs} == {"adam", "rms"}
+
+
+@pytest.mark.parametrize("counter", ["own", "donor"])
+def test_pbt_after_an_exploit_the_new_parameters_train_a_full_interval(counter):
+    """The example trainers go on counting their own epochs after taking a donor's
+    checkpoint; Ray-style trainers go on from the donor's step. Either way the next
+    check comes one interval after the exploit, not one interval after the donor's step."""
+    s = study("pbt", {"perturbationInterval": 4, "quantileFraction": 0.5})
+    a, b = s.ask(), s.ask()
+    for step in range(1, 9):  # the donor runs ahead to step 8
+        s.report(a, step=step, value=0.9)
+    for step in range(1, 4):
+        assert s.report(b, step=step, value=0.1).action == "continue"
+    d = s.report(b, step=4, value=0.1)
+    assert d.action == "exploit" and d.donor == a.number
+    event = b.events[-1]
+    assert event["step"] == 4 and event["donor_step"] == 8 and event["donor_params"] == a.params
+    start = 4 if counter == "own" else 8
+    actions = [s.report(b, step=start + i, value=0.1).action for i in range(1, 5)]
+    assert actions == ["continue"] * 3 + ["exploit"]
+    # A rebuilt scheduler replays the same checks from the trials' history.
+    again = study("pbt", {"perturbationInterval": 4, "quantileFraction": 0.5}, trials=copy.deepcopy(s.trials))
+    assert again.scheduler._last_check(again.trials[b.number], len(b.intermediate)) == start + 4
+
+
+def test_pbt_explore_never_hands_back_the_donors_parameters():
+    s = study("pbt", {"resampleProbability": 0.0})
+    sched = s.scheduler
+    for params in ({"lr": 1.0, "units": 8, "opt": "rms"}, {"lr": 1e-4, "units": 1, "opt": "adam"}):
+        for i in range(30):
+            out = sched.explore(params, sched.rng(7, i))
+            assert all(out[k] != params[k] for k in params)
 
 
 # -- rebuild after a restart ----------------------------------------------------

@@ -62,18 +62,29 @@ class PBT(Scheduler):
     # -- when a trial is checked --------------------------------------------
 
     def _last_check(self, trial: Trial, upto: int) -> float:
-        """Step of the trial's last check before report `upto`, replayed from its history."""
+        """Step of the trial's last check as report `upto` sees it, replayed from its history.
+
+        After an exploit the trial goes on from the donor's checkpoint, and trainers
+        number the steps after it one of two ways: on from their own counter (the
+        example trainers: a trial always trains its own number of epochs) or on from the
+        donor's step (Ray Tune's way). The first report after the exploit tells which:
+        the interval restarts at whichever of the two steps it continues (the larger one
+        below it), so either way the new parameters train a full interval before the
+        trial is judged again.
+        """
         seen, last = self._last.get(trial.number, (0, 0.0))
         if seen > upto:
             seen, last = 0, 0.0
         exploits = {e["report"]: e for e in trial.events if e.get("event") == "exploit"}
         interval, burn = self.settings["perturbationInterval"], self.settings["burnIn"]
-        for i in range(seen, upto):
+        for i in range(seen, min(upto + 1, len(trial.intermediate))):
             step = trial.intermediate[i][0]
-            if step >= burn and step - last >= interval:
+            if i in exploits:  # the first report after an exploit
+                e = exploits[i]
+                below = [b for b in (e.get("step"), e.get("donor_step")) if b is not None and b < step]
+                last = max(below) if below else step
+            if i < upto and step >= burn and step - last >= interval:
                 last = step
-            if i + 1 in exploits:  # it then carries on from the donor's checkpoint
-                last = exploits[i + 1].get("donor_step", last)
         self._last[trial.number] = (upto, last)
         return last
 
@@ -114,11 +125,24 @@ class PBT(Scheduler):
         return self.space.canonical(out)
 
     def _perturb(self, p: Parameter, value, rng: np.random.Generator):
+        """A neighbour of value: it always differs from value when the range allows it (a
+        step that the bounds clip away is taken the other way instead)."""
         if p.is_choice:
-            i = p.index(value) + (1 if rng.random() < 0.5 else -1)
-            return p.values[min(max(i, 0), len(p.values) - 1)]
-        factors = self.settings["perturbationFactors"]
-        f = float(factors[int(rng.integers(len(factors)))])
+            i = p.index(value)
+            first = 1 if rng.random() < 0.5 else -1
+            for d in (first, -first):
+                if 0 <= i + d < len(p.values):
+                    return p.values[i + d]
+            return value
+        factors = [float(f) for f in self.settings["perturbationFactors"]]
+        first = int(rng.integers(len(factors)))
+        for f in [factors[first]] + [g for j, g in enumerate(factors) if j != first]:
+            new = self._scale(p, value, f)
+            if new != value:
+                return new
+        return value
+
+    def _scale(self, p: Parameter, value, f: float):
         if p.log or p.low > 0:
             new = value * f
         else:  # a range reaching 0 or below: a multiplicative step could stall at 0; step by range
@@ -127,4 +151,3 @@ class PBT(Scheduler):
         if p.type == "int" and new == value and f != 1:
             new = p.snap(value + (1 if f > 1 else -1) * (p.step or 1))
         return new
-
