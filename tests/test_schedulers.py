@@ -261,6 +261,30 @@ def test_pbt_after_an_exploit_the_new_parameters_train_a_full_interval(counter):
     assert again.scheduler._last_check(again.trials[b.number], len(b.intermediate)) == start + 4
 
 
+def test_pbt_compares_trials_at_the_same_step_not_their_latest():
+    """Trials that started later are not worse for being younger, and a donor far ahead
+    (its checkpoint would make the taker's model that much older) is passed over."""
+    s = study("pbt", {"perturbationInterval": 4, "quantileFraction": 0.5})
+    old, young = s.ask(), s.ask()
+    for step in range(1, 13):  # started earlier: 0.4 at step 4, 0.9 by step 12
+        s.report(old, step=step, value=0.1 * step if step <= 4 else 0.9)
+    for step in range(1, 4):
+        s.report(young, step=step, value=0.1)
+    # At step 4 the young trial (0.5) beats the old one's 0.4 there, though not its latest 0.9.
+    assert s.report(young, step=4, value=0.5).action == "continue"
+    s2 = study("pbt", {"perturbationInterval": 4, "quantileFraction": 0.5})
+    old, young = s2.ask(), s2.ask()
+    for step in range(1, 13):
+        s2.report(old, step=step, value=0.9)
+    for step in range(1, 4):
+        s2.report(young, step=step, value=0.1)
+    # Worse at step 4, but the only donor is 8 steps ahead: no exploit.
+    assert s2.report(young, step=4, value=0.1).action == "continue"
+    for step in range(5, 9):
+        d = s2.report(young, step=step, value=0.1)
+    assert d.action == "exploit" and d.donor == old.number  # at step 8 the donor is one interval ahead
+
+
 def test_pbt_explore_never_hands_back_the_donors_parameters():
     s = study("pbt", {"resampleProbability": 0.0})
     sched = s.scheduler

@@ -1,13 +1,16 @@
 """Population-Based Training (Jaderberg et al. 2017), the asynchronous form.
 
 Every `perturbationInterval` steps (after `burnIn`), a trial compares its
-latest value with the other live trials'. In the bottom `quantileFraction` it
-exploits: it continues from the checkpoint of a random trial of the top
-quantile (the donor) with the donor's parameters, explored: each numeric value
-multiplied by 0.8 or 1.2 (on a log scale that is its natural step; bounds kept,
-ints rounded), each categorical moved to a neighbouring value, or any value
-resampled with `resampleProbability`. The Study applies the new parameters to
-the trial and records the exploit in the trial's events; `lineage()` reads them.
+value with the other live trials' values at the same step (their most recent
+one at or before it; trials more than an interval behind are left out). In the
+bottom `quantileFraction` it exploits: it continues from the checkpoint of a
+random trial of the top quantile (the donor) with the donor's parameters,
+explored: each numeric value multiplied by 0.8 or 1.2 (on a log scale that is
+its natural step; bounds kept, ints rounded), each categorical moved to a
+neighbouring value, or any value resampled with `resampleProbability`. A donor
+more than an interval ahead is passed over (its checkpoint would age this
+trial's model at once). The Study applies the new parameters to the trial and
+records the exploit in the trial's events; `lineage()` reads them.
 """
 
 from __future__ import annotations
@@ -94,15 +97,32 @@ class PBT(Scheduler):
         last = self._last_check(trial, len(trial.intermediate) - 1)
         if step < s["burnIn"] or step - last < s["perturbationInterval"]:
             return CONTINUE
-        live = [t for t in trials if not t.state.finished and t.intermediate]
-        if trial not in live:
-            live.append(trial)
-        if len(live) < 2:
+        interval = s["perturbationInterval"]
+        # Members are compared at this step, not at whatever step each has reached: a trial
+        # started later (a pod scheduled minutes after the others) is not "worse" for being
+        # younger. A member more than one interval behind is left out; one ahead counts with
+        # the value it had here.
+        at = {}
+        for t in trials:
+            if t.state.finished and t is not trial or not t.intermediate:
+                continue
+            if t.intermediate[-1][0] < step - interval:
+                continue
+            v = self._value_at(t, step)
+            if v is not None:
+                at[t.number] = v
+        at[trial.number] = value
+        if len(at) < 2:
             return CONTINUE
-        ranked = sorted(live, key=lambda t: (self.loss(t.intermediate[-1][1]), t.number))
+        ranked = sorted(at, key=lambda n: (self.loss(at[n]), n))
         q = max(1, min(math.ceil(len(ranked) * s["quantileFraction"]), len(ranked) // 2))
         top, bottom = ranked[:q], ranked[-q:]
-        if trial not in bottom:
+        if trial.number not in bottom:
+            return CONTINUE
+        # A donor hands over its latest checkpoint: one far ahead would make this trial's
+        # model that much older at once (or finished). Such donors are passed over.
+        top = [trials[n] for n in top if trials[n].intermediate[-1][0] <= step + interval]
+        if not top:
             return CONTINUE
         rng = self.rng(2, trial.number, len(trial.intermediate))
         donor = top[int(rng.integers(len(top)))]
@@ -110,6 +130,14 @@ class PBT(Scheduler):
         return Decision("exploit", f"bottom {s['quantileFraction']:g} at {s['resource']} {step:g}: "
                         f"continues from trial {donor.number}'s checkpoint with explored parameters",
                         donor=donor.number, params=params)
+
+    @staticmethod
+    def _value_at(trial: Trial, step: float) -> float | None:
+        """The trial's most recent value reported at a step at or before `step`."""
+        for st, v in reversed(trial.intermediate):
+            if st <= step:
+                return v
+        return None
 
     # -- explore -------------------------------------------------------------
 
