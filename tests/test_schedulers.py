@@ -262,8 +262,7 @@ def test_pbt_after_an_exploit_the_new_parameters_train_a_full_interval(counter):
 
 
 def test_pbt_compares_trials_at_the_same_step_not_their_latest():
-    """Trials that started later are not worse for being younger, and a donor far ahead
-    (its checkpoint would make the taker's model that much older) is passed over."""
+    """A trial that started later is not worse for being younger."""
     s = study("pbt", {"perturbationInterval": 4, "quantileFraction": 0.5})
     old, young = s.ask(), s.ask()
     for step in range(1, 13):  # started earlier: 0.4 at step 4, 0.9 by step 12
@@ -272,17 +271,27 @@ def test_pbt_compares_trials_at_the_same_step_not_their_latest():
         s.report(young, step=step, value=0.1)
     # At step 4 the young trial (0.5) beats the old one's 0.4 there, though not its latest 0.9.
     assert s.report(young, step=4, value=0.5).action == "continue"
+
+
+def test_pbt_prefers_a_donor_at_most_an_interval_ahead():
+    s = study("pbt", {"perturbationInterval": 4, "quantileFraction": 0.5})
+    far, near, other, young = s.ask(), s.ask(), s.ask(), s.ask()
+    for t, upto in ((far, 12), (near, 6), (other, 6)):
+        for step in range(1, upto + 1):
+            s.report(t, step=step, value={far.number: 0.9, near.number: 0.8, other.number: 0.3}[t.number])
+    for step in range(1, 4):
+        s.report(young, step=step, value=0.1)
+    d = s.report(young, step=4, value=0.1)
+    assert d.action == "exploit" and d.donor == near.number  # top two: far (12) and near (6 <= 4 + 4)
+    # With only a donor far ahead, it is still taken.
     s2 = study("pbt", {"perturbationInterval": 4, "quantileFraction": 0.5})
-    old, young = s2.ask(), s2.ask()
+    far, young = s2.ask(), s2.ask()
     for step in range(1, 13):
-        s2.report(old, step=step, value=0.9)
+        s2.report(far, step=step, value=0.9)
     for step in range(1, 4):
         s2.report(young, step=step, value=0.1)
-    # Worse at step 4, but the only donor is 8 steps ahead: no exploit.
-    assert s2.report(young, step=4, value=0.1).action == "continue"
-    for step in range(5, 9):
-        d = s2.report(young, step=step, value=0.1)
-    assert d.action == "exploit" and d.donor == old.number  # at step 8 the donor is one interval ahead
+    d = s2.report(young, step=4, value=0.1)
+    assert d.action == "exploit" and d.donor == far.number
 
 
 def test_pbt_explore_never_hands_back_the_donors_parameters():

@@ -2,14 +2,14 @@
 
 Every `perturbationInterval` steps (after `burnIn`), a trial compares its
 value with the other live trials' values at the same step (their most recent
-one at or before it; trials more than an interval behind are left out). In the
+one at or before it: a trial that started later is not worse for being younger). In the
 bottom `quantileFraction` it exploits: it continues from the checkpoint of a
 random trial of the top quantile (the donor) with the donor's parameters,
 explored: each numeric value multiplied by 0.8 or 1.2 (on a log scale that is
 its natural step; bounds kept, ints rounded), each categorical moved to a
-neighbouring value, or any value resampled with `resampleProbability`. A donor
-more than an interval ahead is passed over (its checkpoint would age this
-trial's model at once). The Study applies the new parameters to the trial and
+neighbouring value, or any value resampled with `resampleProbability`. Donors at
+most an interval ahead are preferred (a checkpoint far ahead ages the taker's
+model at once). The Study applies the new parameters to the trial and
 records the exploit in the trial's events; `lineage()` reads them.
 """
 
@@ -100,17 +100,11 @@ class PBT(Scheduler):
         interval = s["perturbationInterval"]
         # Members are compared at this step, not at whatever step each has reached: a trial
         # started later (a pod scheduled minutes after the others) is not "worse" for being
-        # younger. A member more than one interval behind is left out; one ahead counts with
-        # the value it had here.
-        at = {}
-        for t in trials:
-            if t.state.finished and t is not trial or not t.intermediate:
-                continue
-            if t.intermediate[-1][0] < step - interval:
-                continue
-            v = self._value_at(t, step)
-            if v is not None:
-                at[t.number] = v
+        # younger. A member ahead counts with the value it had at this step; one behind with
+        # its latest (it will be compared fairly when it gets here).
+        at = {t.number: self._value_at(t, step) for t in trials
+              if t.intermediate and not t.state.finished and t is not trial}
+        at = {n: v for n, v in at.items() if v is not None}
         at[trial.number] = value
         if len(at) < 2:
             return CONTINUE
@@ -119,11 +113,12 @@ class PBT(Scheduler):
         top, bottom = ranked[:q], ranked[-q:]
         if trial.number not in bottom:
             return CONTINUE
-        # A donor hands over its latest checkpoint: one far ahead would make this trial's
-        # model that much older at once (or finished). Such donors are passed over.
-        top = [trials[n] for n in top if trials[n].intermediate[-1][0] <= step + interval]
-        if not top:
-            return CONTINUE
+        # A donor hands over its latest checkpoint: one far ahead makes this trial's model
+        # that much older at once (or hands over a finished one). Donors at most an interval
+        # ahead are preferred.
+        top = [trials[n] for n in top]
+        near = [t for t in top if t.intermediate[-1][0] <= step + interval]
+        top = near or top
         rng = self.rng(2, trial.number, len(trial.intermediate))
         donor = top[int(rng.integers(len(top)))]
         params = self.explore(donor.params, rng)
