@@ -1,16 +1,36 @@
-"""PBT against the same population trained with fixed hyperparameters, on this machine.
+"""PBT against the same population trained with fixed hyperparameters.
 
-    python -m bench.pbt [--quick]
+    python -m bench.pbt [--seeds 10] [--e2e-seeds 2]
+    python -m bench.pbt --quick            # 3 seeds, one end-to-end run
 
-For each seed, `examples/pbt.yaml` runs twice with `kubetune run`: as shipped
-(PBT exploits and explores every 4 epochs) and without its earlyStopping (the
-same initial configurations, each trained with its own fixed hyperparameters).
-Prints the best and mean final accuracy of both, and the best PBT trial's lineage.
+The experiment is `examples/pbt.yaml` (population, parameters, objective, PBT
+settings, epochs) and the networks are those of its trainer,
+`trial_image/trainers/digits_torch.py` (same data, model, initial weights,
+optimizer and epoch), in two ways:
+
+1. Generation by generation, in this process (the measurement): every member
+   trains one epoch, then every member reports to the kubetune Study (in an
+   order shuffled per generation) and follows its decision; an exploit copies
+   the donor's weights and optimizer state as of this generation. Every model is
+   trained exactly EPOCHS epochs, both populations train the same number of
+   epochs in all, and both start from the same configurations (the `random`
+   sampler with the same seed). Only the scheduler differs.
+2. End to end, as a user runs it (`kubetune run`, one process per trial,
+   checkpoints copied and verified on disk), PBT and fixed. Here the members
+   start seconds apart on a small machine while an epoch takes milliseconds, so
+   members are compared at very different epochs; shown for the lineage and the
+   mechanics, not as the measurement.
+
+For each seed: the best and mean final validation loss (the objective) and the
+best final validation accuracy of each population, and the lineage of PBT's
+best trial.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import json
 import os
 import statistics
@@ -19,12 +39,79 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "pbt.yaml"
+TRAINER = ROOT / "trial_image" / "trainers" / "digits_torch.py"
 
 
-def run(doc: dict, work: Path) -> dict:
+def load_trainer():
+    spec = importlib.util.spec_from_file_location("digits_torch", TRAINER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def example() -> dict:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    env = {e["name"]: e["value"] for e in doc["spec"]["trialTemplate"].get("env", [])}
+    return {"doc": doc, "epochs": int(env.get("EPOCHS", 20)), "hidden": int(env.get("HIDDEN", 64))}
+
+
+# -- 1. generation by generation ----------------------------------------------------
+
+
+def run_in_process(tr, ex: dict, seed: int, pbt: bool) -> dict:
+    import torch
+
+    from kubetune import Study
+
+    spec = ex["doc"]["spec"]
+    metric, goal = spec["objective"]["metric"], spec["objective"]["goal"]
+    study = Study(parameters=spec["parameters"], algorithm={"name": "random", "settings": {"seed": seed}},
+                  goal=goal, early_stopping=spec["earlyStopping"] if pbt else None, seed=seed)
+    device = torch.device("cpu")
+    data = tr.load_data(device)
+    members = []
+    for _ in range(spec["budget"]["maxTrials"]):
+        t = study.ask()
+        model, optimizer = tr.build({**t.params, "hidden": ex["hidden"]}, device)
+        members.append({"trial": t, "model": model, "optimizer": optimizer,
+                        "g": torch.Generator().manual_seed(0)})
+    rng = np.random.default_rng([seed, 1])
+    epochs_trained = 0
+    for epoch in range(1, ex["epochs"] + 1):
+        for m in members:
+            tr.train_epoch(m["model"], m["optimizer"], data, m["g"])
+            epochs_trained += 1
+            m["acc"], m["loss"] = tr.evaluate(m["model"], data)
+        snapshot = {m["trial"].number: (copy.deepcopy(m["model"].state_dict()),
+                                        copy.deepcopy(m["optimizer"].state_dict())) for m in members}
+        for i in rng.permutation(len(members)):
+            m = members[i]
+            values = {"val_loss": m["loss"], "val_accuracy": m["acc"]}
+            d = study.report(m["trial"], step=epoch, value=values[metric],
+                             **{k: v for k, v in values.items() if k != metric})
+            if d.action == "exploit":
+                weights, state = snapshot[d.donor]
+                m["model"].load_state_dict(weights)
+                m["optimizer"].load_state_dict(state)
+                tr.set_hyperparameters(m["optimizer"], d.params)
+    # A trial's result is its last report (the objective's strategy: latest), as in the trainer:
+    # one that exploits at the last epoch ends with the donor's weights but its own last value.
+    for m in members:
+        study.tell(m["trial"], m["loss"] if metric == "val_loss" else m["acc"])
+    return {"loss": [m["loss"] for m in members], "acc": [m["acc"] for m in members], "study": study,
+            "epochs": epochs_trained, "exploits": sum(1 for m in members for e in m["trial"].events
+                                                      if e["event"] == "exploit")}
+
+
+# -- 2. end to end ------------------------------------------------------------------------
+
+
+def run_cli(doc: dict, work: Path) -> dict:
     path = work / f"{doc['metadata']['name']}.yaml"
     path.write_text(yaml.safe_dump(doc))
     out = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", str(path), "--json", "--quiet",
@@ -32,53 +119,96 @@ def run(doc: dict, work: Path) -> dict:
     if out.returncode != 0:
         raise SystemExit(out.stderr)
     summary = json.loads(out.stdout)
-    finals = []
-    for line in (work / "state" / doc["metadata"]["name"] / "trials.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["state"] == "Succeeded":
-            finals.append(r["value"])
-    summary["finals"] = finals
+    records = [json.loads(line) for line in
+               (work / "state" / doc["metadata"]["name"] / "trials.jsonl").read_text().splitlines()]
+    done = [r for r in records if r["state"] == "Succeeded"]
+    summary["loss"] = [r["metrics"].get("val_loss", r["value"]) for r in done]
+    summary["acc"] = [r["metrics"].get("val_accuracy") for r in done]
+    summary["epochs"] = sum(len(r["intermediate"]) for r in records)
     return summary
+
+
+def fmt_params(params: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def table(rows) -> list[str]:
+    out = ["| seed | fixed: best val loss | PBT: best val loss | fixed: mean | PBT: mean | fixed: best accuracy "
+           "| PBT: best accuracy | epochs (fixed / PBT) | exploits |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for seed, f, p in rows:
+        out.append(f"| {seed} | {min(f['loss']):.4f} | {min(p['loss']):.4f} | {statistics.mean(f['loss']):.4f} | "
+                   f"{statistics.mean(p['loss']):.4f} | {max(f['acc']):.4f} | {max(p['acc']):.4f} | "
+                   f"{f['epochs']} / {p['epochs']} | {p['exploits']} |")
+    loss_wins = sum(1 for _, f, p in rows if min(p["loss"]) < min(f["loss"]))
+    acc_wins = sum(1 for _, f, p in rows if max(p["acc"]) > max(f["acc"]))
+    acc_ties = sum(1 for _, f, p in rows if max(p["acc"]) == max(f["acc"]))
+    gap = [min(f["loss"]) - min(p["loss"]) for _, f, p in rows]
+    out.append("")
+    out.append(f"PBT's best val loss below the best fixed trial's in {loss_wins} of {len(rows)} seeds "
+               f"(mean improvement {statistics.mean(gap):.4f}, median {statistics.median(gap):.4f}); "
+               f"PBT's best accuracy above the best fixed trial's in {acc_wins} of {len(rows)} "
+               f"(equal in {acc_ties}).")
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="one seed, 12 epochs")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="3 seeds, one end-to-end run")
+    parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 of the in-process comparison")
+    parser.add_argument("--e2e-seeds", type=int, default=2, help="end-to-end runs (kubetune run), seeds 0..N-1")
     args = parser.parse_args()
-    seeds = [4] if args.quick else list(range(4, 4 + args.seeds))
-    epochs = "12" if args.quick else "24"
-    base = yaml.safe_load((ROOT / "examples" / "pbt.yaml").read_text())
+    seeds = list(range(3 if args.quick else args.seeds))
+    e2e = list(range(1 if args.quick else args.e2e_seeds))
+    import torch
+
+    torch.set_num_threads(1)
+    tr = load_trainer()
+    ex = example()
+    spec = ex["doc"]["spec"]
+    print(f"\nPBT vs fixed hyperparameters: examples/pbt.yaml, population {spec['budget']['maxTrials']}, "
+          f"{ex['epochs']} epochs, {ex['hidden']} hidden units, objective {spec['objective']['metric']} "
+          f"({spec['objective']['goal']}), PBT settings {json.dumps(spec['earlyStopping']['settings'])}\n")
+    print("1. Generation by generation in one process (every model trained exactly "
+          f"{ex['epochs']} epochs):\n")
+    rows, best = [], []
+    for seed in seeds:
+        f = run_in_process(tr, ex, seed, pbt=False)
+        p = run_in_process(tr, ex, seed, pbt=True)
+        rows.append((seed, f, p))
+        best.append((seed, p["study"]))
+    print("\n".join(table(rows)))
+    for seed, study in best[:2]:
+        print(f"\nlineage of PBT's best trial, seed {seed} (in process):")
+        print("  " + study.lineage().replace("\n", "\n  "))
+
+    print("\n2. End to end (`kubetune run`, one process per trial; members start seconds apart):\n")
+    rows = []
+    base = copy.deepcopy(ex["doc"])
     base["spec"]["trialTemplate"]["workingDir"] = str(ROOT / "examples")
-    base["spec"]["trialTemplate"]["env"] = [{"name": "EPOCHS", "value": epochs}]
-    rows, lineages = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in seeds:
-            pbt = json.loads(json.dumps(base))
+        lineages = []
+        for seed in e2e:
+            pbt = copy.deepcopy(base)
             pbt["metadata"]["name"] = f"pbt-{seed}"
             pbt["spec"]["algorithm"]["settings"]["seed"] = seed
-            fixed = json.loads(json.dumps(pbt))
+            fixed = copy.deepcopy(pbt)
             fixed["metadata"]["name"] = f"fixed-{seed}"
             del fixed["spec"]["earlyStopping"]
-            p, f = run(pbt, Path(tmp)), run(fixed, Path(tmp))
-            rows.append((seed, max(f["finals"]), statistics.mean(f["finals"]),
-                         max(p["finals"]), statistics.mean(p["finals"])))
+            p, f = run_cli(pbt, Path(tmp)), run_cli(fixed, Path(tmp))
+            f["exploits"] = 0
+            records = [json.loads(line) for line in
+                       (Path(tmp) / "state" / pbt["metadata"]["name"] / "trials.jsonl").read_text().splitlines()]
+            p["exploits"] = sum(1 for r in records for e in r["events"] if e["event"] == "exploit")
+            rows.append((seed, f, p))
             lineages.append((seed, p.get("lineage") or []))
-    print(f"\nPBT vs fixed hyperparameters, population {base['spec']['budget']['maxTrials']}, {epochs} epochs, "
-          f"PyTorch MLP on digits (val accuracy, higher is better)\n")
-    print("| seed | fixed: best | fixed: mean | PBT: best | PBT: mean |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    for seed, fb, fm, pb, pm in rows:
-        print(f"| {seed} | {fb:.4f} | {fm:.4f} | {pb:.4f} | {pm:.4f} |")
-    wins = sum(1 for _, fb, _, pb, _ in rows if pb > fb)
-    print(f"\nPBT's best above the best fixed trial in {wins} of {len(rows)} seeds.")
+    print("\n".join(table(rows)))
     for seed, segments in lineages:
-        print(f"\nlineage of PBT's best trial, seed {seed}:")
+        print(f"\nlineage of PBT's best trial, seed {seed} (end to end):")
         for s in segments:
-            params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["params"].items())
             donor = f"from trial {s['donor']}'s checkpoint, " if s["donor"] is not None else ""
             span = "no reports" if s["from_step"] is None else f"epochs {s['from_step']:g}-{s['to_step']:g}"
-            print(f"  trial {s['trial']}: {donor}{span} with {params}")
+            print(f"  trial {s['trial']}: {donor}{span} with {fmt_params(s['params'])}")
 
 
 if __name__ == "__main__":
