@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 
 from kubetune import Study
@@ -303,6 +304,21 @@ def test_pbt_explore_never_hands_back_the_donors_parameters():
             assert all(out[k] != params[k] for k in params)
 
 
+def test_pb2_explores_with_the_gp_bandit_once_it_has_data():
+    s = study("pb2", {"perturbationInterval": 3, "quantileFraction": 0.25, "minData": 4})
+    log = run_pbt(s, rounds=24, population=6)
+    exploits = [d for _, d in log if d.action == "exploit"]
+    assert exploits
+    by_gp = [d for d in exploits if "GP bandit" in d.reason]
+    assert by_gp and len(by_gp) < len(exploits)  # PBT's explore until minData observations
+    for d in exploits:
+        p = d.params
+        assert 1e-4 <= p["lr"] <= 1 and isinstance(p["units"], int) and 1 <= p["units"] <= 8
+        assert p["opt"] in ("adam", "sgd", "rms")
+    x, y = s.scheduler.observations(s.trials)
+    assert x.shape == (len(y), 3) and np.isfinite(y).all()  # step, lr, units
+
+
 # -- rebuild after a restart ----------------------------------------------------
 
 CONFIGS = [
@@ -315,6 +331,7 @@ CONFIGS = [
     ("bohb", RUNGS),
     ("median", {"startupTrials": 2}),
     ("pbt", {"perturbationInterval": 3}),
+    ("pb2", {"perturbationInterval": 3, "minData": 4, "candidates": 64}),
 ]
 
 
@@ -405,4 +422,4 @@ def test_spec_level_checks_see_the_budget():
 
 
 def test_every_scheduler_is_registered():
-    assert set(SCHEDULERS) == {"median", "sha", "hyperband", "asha", "bohb", "pbt"}
+    assert set(SCHEDULERS) == {"median", "sha", "hyperband", "asha", "bohb", "pbt", "pb2"}
