@@ -8,13 +8,15 @@ settings, epochs) and the networks are those of its trainer,
 `trial_image/trainers/digits_torch.py` (same data, model, initial weights,
 optimizer and epoch), in two ways:
 
-1. Generation by generation, in this process (the measurement): every member
-   trains one epoch, then every member reports to the kubetune Study (in an
-   order shuffled per generation) and follows its decision; an exploit copies
-   the donor's weights and optimizer state as of this generation. Every model is
-   trained exactly EPOCHS epochs, both populations train the same number of
-   epochs in all, and both start from the same configurations (the `random`
-   sampler with the same seed). Only the scheduler differs.
+1. Generation by generation, in this process (the measurement): in each
+   generation every member trains one epoch and reports to the kubetune Study
+   (in an order shuffled per generation) and follows its decision; an exploit
+   copies the donor's current weights and optimizer state and goes on from the
+   donor's epoch, as the trainer does. No model is trained more than EPOCHS
+   epochs; the populations' total epochs are shown (PBT's can differ by a few:
+   a trial that takes a donor one epoch behind trains one more). Both start
+   from the same configurations (the `random` sampler with the same seed), in
+   lockstep, so only the scheduler differs.
 2. End to end, as a user runs it (`kubetune run`, one process per trial,
    checkpoints copied and verified on disk), PBT and fixed. Here the members
    start seconds apart on a small machine while an epoch takes milliseconds, so
@@ -63,44 +65,49 @@ def example() -> dict:
 # -- 1. generation by generation ----------------------------------------------------
 
 
-def run_in_process(tr, ex: dict, seed: int, pbt: bool) -> dict:
+def run_in_process(tr, ex: dict, seed: int, pbt: bool, method: str = "pbt") -> dict:
     import torch
 
     from kubetune import Study
 
     spec = ex["doc"]["spec"]
     metric, goal = spec["objective"]["metric"], spec["objective"]["goal"]
+    es = {**spec["earlyStopping"], "name": method} if pbt else None
     study = Study(parameters=spec["parameters"], algorithm={"name": "random", "settings": {"seed": seed}},
-                  goal=goal, early_stopping=spec["earlyStopping"] if pbt else None, seed=seed)
+                  goal=goal, early_stopping=es, seed=seed)
     device = torch.device("cpu")
     data = tr.load_data(device)
     members = []
     for _ in range(spec["budget"]["maxTrials"]):
         t = study.ask()
         model, optimizer = tr.build({**t.params, "hidden": ex["hidden"]}, device)
-        members.append({"trial": t, "model": model, "optimizer": optimizer,
+        members.append({"trial": t, "model": model, "optimizer": optimizer, "age": 0,
                         "g": torch.Generator().manual_seed(0)})
     rng = np.random.default_rng([seed, 1])
     epochs_trained = 0
-    for epoch in range(1, ex["epochs"] + 1):
-        for m in members:
-            tr.train_epoch(m["model"], m["optimizer"], data, m["g"])
-            epochs_trained += 1
-            m["acc"], m["loss"] = tr.evaluate(m["model"], data)
-        snapshot = {m["trial"].number: (copy.deepcopy(m["model"].state_dict()),
-                                        copy.deepcopy(m["optimizer"].state_dict())) for m in members}
+    # Generations: each member not yet at EPOCHS trains one epoch and reports at once (in an
+    # order shuffled per generation). An exploit copies the donor's current weights and
+    # optimizer state and goes on from the donor's epoch, as the trainer does.
+    while any(m["age"] < ex["epochs"] for m in members):
         for i in rng.permutation(len(members)):
             m = members[i]
+            if m["age"] >= ex["epochs"]:
+                continue
+            tr.train_epoch(m["model"], m["optimizer"], data, m["g"])
+            epochs_trained += 1
+            m["age"] += 1
+            m["acc"], m["loss"] = tr.evaluate(m["model"], data)
             values = {"val_loss": m["loss"], "val_accuracy": m["acc"]}
-            d = study.report(m["trial"], step=epoch, value=values[metric],
+            d = study.report(m["trial"], step=m["age"], value=values[metric],
                              **{k: v for k, v in values.items() if k != metric})
             if d.action == "exploit":
-                weights, state = snapshot[d.donor]
-                m["model"].load_state_dict(weights)
-                m["optimizer"].load_state_dict(state)
+                donor = next(x for x in members if x["trial"].number == d.donor)
+                m["model"].load_state_dict(copy.deepcopy(donor["model"].state_dict()))
+                m["optimizer"].load_state_dict(copy.deepcopy(donor["optimizer"].state_dict()))
                 tr.set_hyperparameters(m["optimizer"], d.params)
+                m["age"] = donor["age"]
     # A trial's result is its last report (the objective's strategy: latest), as in the trainer:
-    # one that exploits at the last epoch ends with the donor's weights but its own last value.
+    # one that exploits at its last epoch ends with the donor's weights but its own last value.
     for m in members:
         study.tell(m["trial"], m["loss"] if metric == "val_loss" else m["acc"])
     return {"loss": [m["loss"] for m in members], "acc": [m["acc"] for m in members], "study": study,
@@ -132,9 +139,9 @@ def fmt_params(params: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def table(rows) -> list[str]:
-    out = ["| seed | fixed: best val loss | PBT: best val loss | fixed: mean | PBT: mean | fixed: best accuracy "
-           "| PBT: best accuracy | epochs (fixed / PBT) | exploits |",
+def table(rows, name="PBT") -> list[str]:
+    out = [f"| seed | fixed: best val loss | {name}: best val loss | fixed: mean | {name}: mean | fixed: best accuracy "
+           f"| {name}: best accuracy | epochs (fixed / {name}) | exploits |",
            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for seed, f, p in rows:
         out.append(f"| {seed} | {min(f['loss']):.4f} | {min(p['loss']):.4f} | {statistics.mean(f['loss']):.4f} | "
@@ -145,9 +152,9 @@ def table(rows) -> list[str]:
     acc_ties = sum(1 for _, f, p in rows if max(p["acc"]) == max(f["acc"]))
     gap = [min(f["loss"]) - min(p["loss"]) for _, f, p in rows]
     out.append("")
-    out.append(f"PBT's best val loss below the best fixed trial's in {loss_wins} of {len(rows)} seeds "
+    out.append(f"{name}'s best val loss below the best fixed trial's in {loss_wins} of {len(rows)} seeds "
                f"(mean improvement {statistics.mean(gap):.4f}, median {statistics.median(gap):.4f}); "
-               f"PBT's best accuracy above the best fixed trial's in {acc_wins} of {len(rows)} "
+               f"{name}'s best accuracy above the best fixed trial's in {acc_wins} of {len(rows)} "
                f"(equal in {acc_ties}).")
     return out
 
@@ -157,6 +164,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 seeds, one end-to-end run")
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 of the in-process comparison")
     parser.add_argument("--e2e-seeds", type=int, default=2, help="end-to-end runs (kubetune run), seeds 0..N-1")
+    parser.add_argument("--pb2", action="store_true", help="also PB2 (the GP-bandit explore) in process")
     args = parser.parse_args()
     seeds = list(range(3 if args.quick else args.seeds))
     e2e = list(range(1 if args.quick else args.e2e_seeds))
@@ -169,7 +177,7 @@ def main() -> None:
     print(f"\nPBT vs fixed hyperparameters: examples/pbt.yaml, population {spec['budget']['maxTrials']}, "
           f"{ex['epochs']} epochs, {ex['hidden']} hidden units, objective {spec['objective']['metric']} "
           f"({spec['objective']['goal']}), PBT settings {json.dumps(spec['earlyStopping']['settings'])}\n")
-    print("1. Generation by generation in one process (every model trained exactly "
+    print("1. Generation by generation in one process (no model trained more than "
           f"{ex['epochs']} epochs):\n")
     rows, best = [], []
     for seed in seeds:
@@ -181,7 +189,17 @@ def main() -> None:
     for seed, study in best[:2]:
         print(f"\nlineage of PBT's best trial, seed {seed} (in process):")
         print("  " + study.lineage().replace("\n", "\n  "))
+    if args.pb2:
+        print("\nPB2 (same exploit, GP-bandit explore), same seeds, in process:\n")
+        rows2 = [(seed, f, run_in_process(tr, ex, seed, pbt=True, method="pb2")) for seed, f, _ in rows]
+        print("\n".join(table(rows2, "PB2")))
+        better = sum(1 for (_, _, p), (_, _, q) in zip(rows, rows2) if min(q["loss"]) < min(p["loss"]))
+        print(f"PB2's best val loss below PBT's in {better} of {len(rows)} seeds "
+              f"(mean PBT {statistics.mean(min(p['loss']) for _, _, p in rows):.4f}, "
+              f"PB2 {statistics.mean(min(q['loss']) for _, _, q in rows2):.4f}).")
 
+    if not e2e:
+        return
     print("\n2. End to end (`kubetune run`, one process per trial; members start seconds apart):\n")
     rows = []
     base = copy.deepcopy(ex["doc"])
