@@ -68,9 +68,9 @@ class PBT(Scheduler):
         """Step of the trial's last check as report `upto` sees it, replayed from its history.
 
         After an exploit the trial goes on from the donor's checkpoint, and trainers
-        number the steps after it one of two ways: on from their own counter (the
-        example trainers: a trial always trains its own number of epochs) or on from the
-        donor's step (Ray Tune's way). The first report after the exploit tells which:
+        number the steps after it one of two ways: on from their own counter (e.g.
+        tests/trials/pbt_toy.py) or on from the donor checkpoint's step (the example
+        trainer digits_torch.py; Ray Tune's way). The first report after the exploit tells which:
         the interval restarts at whichever of the two steps it continues (the larger one
         below it), so either way the new parameters train a full interval before the
         trial is judged again.
