@@ -122,7 +122,8 @@ class Study:
             new = self.space.canonical(decision.params)
             trial.events.append({"event": "exploit", "report": len(trial.intermediate), "step": step,
                                  "donor": donor.number, "donor_report": len(donor.intermediate),
-                                 "donor_step": donor.last_step, "old": dict(trial.params), "new": new})
+                                 "donor_step": donor.last_step, "donor_params": dict(donor.params),
+                                 "old": dict(trial.params), "new": new})
             trial.params = new
         return decision
 

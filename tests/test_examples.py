@@ -44,7 +44,7 @@ def test_pbt_example_exploits_in_place_and_prints_the_lineage(tmp_path):
     result = run(EXAMPLES / "pbt.yaml", tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["counts"]["Succeeded"] == 4
+    assert summary["counts"]["Succeeded"] == 8
     assert "lineage of the best trial" in result.stderr
     records = {}
     for line in (tmp_path / "state" / "pbt" / "trials.jsonl").read_text().splitlines():
@@ -53,8 +53,10 @@ def test_pbt_example_exploits_in_place_and_prints_the_lineage(tmp_path):
     exploits = [(n, e) for n, r in records.items() for e in r["events"] if e["event"] == "exploit"]
     assert exploits, "every 4 epochs the worst quarter takes the best quarter's checkpoint"
     for n, e in exploits:
-        # (new may equal old: a trial that exploits the same donor again can draw the same perturbation)
-        assert e["donor"] != n and set(e["new"]) == {"lr", "momentum"}
+        # Explore changes every value of the donor's (new may still equal the trial's own old
+        # parameters: a trial that exploits the same donor again can draw the same perturbation).
+        assert e["donor"] != n and set(e["new"]) == {"lr", "momentum", "weight_decay"}
+        assert all(e["new"][k] != e["donor_params"][k] for k in e["new"])
         # In place: one process ran the trial (one "starting" line), and it logged taking the donor's weights.
         log = (tmp_path / "state" / "pbt" / "trials" / records[n]["name"] / "output.log").read_text()
         assert log.count("starting at epoch") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 
 from kubetune import Study
@@ -226,9 +227,96 @@ def test_pbt_explore_moves_values_to_neighbours_within_bounds():
         seen_lr.add(round(out["lr"], 6))
         seen_units.add(out["units"])
         seen_opt.add(out["opt"])
-    assert seen_lr == {0.8, 1.0}  # 1.2 is clipped to the upper bound
-    assert seen_units == {1, 2}  # ints move by at least one, never below min
-    assert seen_opt == {"adam", "sgd"}  # neighbours only (clipped at the first value)
+    # At a bound the step that would be clipped away is taken the other way: explore
+    # always changes a value whose range allows it.
+    assert seen_lr == {0.8}
+    assert seen_units == {2}  # ints move by at least one, never below min
+    assert seen_opt == {"sgd"}  # neighbours only
+    inside = {"lr": 0.1, "units": 4, "opt": "sgd"}
+    outs = [sched.explore(inside, sched.rng(98, i)) for i in range(50)]
+    assert {round(o["lr"], 6) for o in outs} == {0.08, 0.12}
+    assert {o["units"] for o in outs} == {3, 5}
+    assert {o["opt"] for o in outs} == {"adam", "rms"}
+
+
+@pytest.mark.parametrize("counter", ["own", "donor"])
+def test_pbt_after_an_exploit_the_new_parameters_train_a_full_interval(counter):
+    """The example trainers go on counting their own epochs after taking a donor's
+    checkpoint; Ray-style trainers go on from the donor's step. Either way the next
+    check comes one interval after the exploit, not one interval after the donor's step."""
+    s = study("pbt", {"perturbationInterval": 4, "quantileFraction": 0.5})
+    a, b = s.ask(), s.ask()
+    for step in range(1, 9):  # the donor runs ahead to step 8
+        s.report(a, step=step, value=0.9)
+    for step in range(1, 4):
+        assert s.report(b, step=step, value=0.1).action == "continue"
+    d = s.report(b, step=4, value=0.1)
+    assert d.action == "exploit" and d.donor == a.number
+    event = b.events[-1]
+    assert event["step"] == 4 and event["donor_step"] == 8 and event["donor_params"] == a.params
+    start = 4 if counter == "own" else 8
+    actions = [s.report(b, step=start + i, value=0.1).action for i in range(1, 5)]
+    assert actions == ["continue"] * 3 + ["exploit"]
+    # A rebuilt scheduler replays the same checks from the trials' history.
+    again = study("pbt", {"perturbationInterval": 4, "quantileFraction": 0.5}, trials=copy.deepcopy(s.trials))
+    assert again.scheduler._last_check(again.trials[b.number], len(b.intermediate)) == start + 4
+
+
+def test_pbt_compares_trials_at_the_same_step_not_their_latest():
+    """A trial that started later is not worse for being younger."""
+    s = study("pbt", {"perturbationInterval": 4, "quantileFraction": 0.5})
+    old, young = s.ask(), s.ask()
+    for step in range(1, 13):  # started earlier: 0.4 at step 4, 0.9 by step 12
+        s.report(old, step=step, value=0.1 * step if step <= 4 else 0.9)
+    for step in range(1, 4):
+        s.report(young, step=step, value=0.1)
+    # At step 4 the young trial (0.5) beats the old one's 0.4 there, though not its latest 0.9.
+    assert s.report(young, step=4, value=0.5).action == "continue"
+
+
+def test_pbt_prefers_a_donor_at_most_an_interval_ahead():
+    s = study("pbt", {"perturbationInterval": 4, "quantileFraction": 0.5})
+    far, near, other, young = s.ask(), s.ask(), s.ask(), s.ask()
+    for t, upto in ((far, 12), (near, 6), (other, 6)):
+        for step in range(1, upto + 1):
+            s.report(t, step=step, value={far.number: 0.9, near.number: 0.8, other.number: 0.3}[t.number])
+    for step in range(1, 4):
+        s.report(young, step=step, value=0.1)
+    d = s.report(young, step=4, value=0.1)
+    assert d.action == "exploit" and d.donor == near.number  # top two: far (12) and near (6 <= 4 + 4)
+    # With only a donor far ahead, it is still taken.
+    s2 = study("pbt", {"perturbationInterval": 4, "quantileFraction": 0.5})
+    far, young = s2.ask(), s2.ask()
+    for step in range(1, 13):
+        s2.report(far, step=step, value=0.9)
+    for step in range(1, 4):
+        s2.report(young, step=step, value=0.1)
+    d = s2.report(young, step=4, value=0.1)
+    assert d.action == "exploit" and d.donor == far.number
+
+
+def test_pbt_explore_never_hands_back_the_donors_parameters():
+    s = study("pbt", {"resampleProbability": 0.0})
+    sched = s.scheduler
+    for params in ({"lr": 1.0, "units": 8, "opt": "rms"}, {"lr": 1e-4, "units": 1, "opt": "adam"}):
+        for i in range(30):
+            out = sched.explore(params, sched.rng(7, i))
+            assert all(out[k] != params[k] for k in params)
+
+
+def test_pb2_explores_with_the_gp_bandit_once_it_has_data():
+    s = study("pb2", {"perturbationInterval": 3, "quantileFraction": 0.25, "minData": 4})
+    log = run_pbt(s, rounds=24, population=6)
+    exploits = [d for _, d in log if d.action == "exploit"]
+    assert exploits
+    by_gp = [d for d in exploits if "GP bandit" in d.reason]
+    assert by_gp and len(by_gp) < len(exploits)  # PBT's explore until minData observations
+    for d in exploits:
+        p = d.params
+        assert 1e-4 <= p["lr"] <= 1 and isinstance(p["units"], int) and 1 <= p["units"] <= 8
+        assert p["opt"] in ("adam", "sgd", "rms")
+    x, y = s.scheduler.observations(s.trials)
+    assert x.shape == (len(y), 3) and np.isfinite(y).all()  # step, lr, units
 
 
 # -- rebuild after a restart ----------------------------------------------------
@@ -243,6 +331,7 @@ CONFIGS = [
     ("bohb", RUNGS),
     ("median", {"startupTrials": 2}),
     ("pbt", {"perturbationInterval": 3}),
+    ("pb2", {"perturbationInterval": 3, "minData": 4, "candidates": 64}),
 ]
 
 
@@ -333,4 +422,4 @@ def test_spec_level_checks_see_the_budget():
 
 
 def test_every_scheduler_is_registered():
-    assert set(SCHEDULERS) == {"median", "sha", "hyperband", "asha", "bohb", "pbt"}
+    assert set(SCHEDULERS) == {"median", "sha", "hyperband", "asha", "bohb", "pbt", "pb2"}

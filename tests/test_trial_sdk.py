@@ -38,3 +38,26 @@ def test_a_metric_that_is_not_a_number_is_refused_with_its_name():
 
     with pytest.raises(TypeError, match="metric 'acc' must be a number"):
         trial.report(step=1, acc="high")
+
+
+def test_bus_reports_after_a_long_stretch_wait_for_their_own_decision():
+    """Once-an-epoch reports must get the decision on that report (an ASHA stop at the rung, not
+    an epoch later); reports every step stay batched."""
+    from kubetune.bus import MemoryBus, TrialClient
+    from kubetune.trial import _BusChannel
+
+    waits = []
+
+    class Client(TrialClient):
+        def send_report(self, step, metrics):
+            waits.append(self.wait)
+            return super().send_report(step, metrics)
+
+    channel = _BusChannel(Client(MemoryBus(), "ns/exp", 0, wait_s=0.0))
+    now = [100.0]
+    channel._clock = lambda: now[0]
+    channel._last = now[0]
+    for gap in (5.0, 0.01, 0.01, 0.3, 0.05):
+        now[0] += gap
+        channel.send(1, {"val_accuracy": 0.5})
+    assert waits == [True, False, False, True, False]

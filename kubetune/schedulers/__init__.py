@@ -15,10 +15,11 @@ from .base import Assignment, Scheduler
 from .hyperband import BOHB, HyperBand, SuccessiveHalving
 from .lineage import format_lineage, lineage
 from .median import MedianStopping
+from .pb2 import PB2
 from .pbt import PBT
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
-    cls.name: cls for cls in (MedianStopping, SuccessiveHalving, HyperBand, ASHA, BOHB, PBT)
+    cls.name: cls for cls in (MedianStopping, SuccessiveHalving, HyperBand, ASHA, BOHB, PBT, PB2)
 }
 
 

@@ -1,13 +1,16 @@
 """Population-Based Training (Jaderberg et al. 2017), the asynchronous form.
 
 Every `perturbationInterval` steps (after `burnIn`), a trial compares its
-latest value with the other live trials'. In the bottom `quantileFraction` it
-exploits: it continues from the checkpoint of a random trial of the top
-quantile (the donor) with the donor's parameters, explored: each numeric value
-multiplied by 0.8 or 1.2 (on a log scale that is its natural step; bounds kept,
-ints rounded), each categorical moved to a neighbouring value, or any value
-resampled with `resampleProbability`. The Study applies the new parameters to
-the trial and records the exploit in the trial's events; `lineage()` reads them.
+value with the other live trials' values at the same step (their most recent
+one at or before it: a trial that started later is not worse for being younger). In the
+bottom `quantileFraction` it exploits: it continues from the checkpoint of a
+random trial of the top quantile (the donor) with the donor's parameters,
+explored: each numeric value multiplied by 0.8 or 1.2 (on a log scale that is
+its natural step; bounds kept, ints rounded), each categorical moved to a
+neighbouring value, or any value resampled with `resampleProbability`. Donors at
+most an interval ahead are preferred (a checkpoint far ahead ages the taker's
+model at once). The Study applies the new parameters to the trial and
+records the exploit in the trial's events; `lineage()` reads them.
 """
 
 from __future__ import annotations
@@ -62,18 +65,29 @@ class PBT(Scheduler):
     # -- when a trial is checked --------------------------------------------
 
     def _last_check(self, trial: Trial, upto: int) -> float:
-        """Step of the trial's last check before report `upto`, replayed from its history."""
+        """Step of the trial's last check as report `upto` sees it, replayed from its history.
+
+        After an exploit the trial goes on from the donor's checkpoint, and trainers
+        number the steps after it one of two ways: on from their own counter (e.g.
+        tests/trials/pbt_toy.py) or on from the donor checkpoint's step (the example
+        trainer digits_torch.py; Ray Tune's way). The first report after the exploit tells which:
+        the interval restarts at whichever of the two steps it continues (the larger one
+        below it), so either way the new parameters train a full interval before the
+        trial is judged again.
+        """
         seen, last = self._last.get(trial.number, (0, 0.0))
         if seen > upto:
             seen, last = 0, 0.0
         exploits = {e["report"]: e for e in trial.events if e.get("event") == "exploit"}
         interval, burn = self.settings["perturbationInterval"], self.settings["burnIn"]
-        for i in range(seen, upto):
+        for i in range(seen, min(upto + 1, len(trial.intermediate))):
             step = trial.intermediate[i][0]
-            if step >= burn and step - last >= interval:
+            if i in exploits:  # the first report after an exploit
+                e = exploits[i]
+                below = [b for b in (e.get("step"), e.get("donor_step")) if b is not None and b < step]
+                last = max(below) if below else step
+            if i < upto and step >= burn and step - last >= interval:
                 last = step
-            if i + 1 in exploits:  # it then carries on from the donor's checkpoint
-                last = exploits[i + 1].get("donor_step", last)
         self._last[trial.number] = (upto, last)
         return last
 
@@ -83,22 +97,42 @@ class PBT(Scheduler):
         last = self._last_check(trial, len(trial.intermediate) - 1)
         if step < s["burnIn"] or step - last < s["perturbationInterval"]:
             return CONTINUE
-        live = [t for t in trials if not t.state.finished and t.intermediate]
-        if trial not in live:
-            live.append(trial)
-        if len(live) < 2:
+        interval = s["perturbationInterval"]
+        # Members are compared at this step, not at whatever step each has reached: a trial
+        # started later (a pod scheduled minutes after the others) is not "worse" for being
+        # younger. A member ahead counts with the value it had at this step; one behind with
+        # its latest (it will be compared fairly when it gets here).
+        at = {t.number: self._value_at(t, step) for t in trials
+              if t.intermediate and not t.state.finished and t is not trial}
+        at = {n: v for n, v in at.items() if v is not None}
+        at[trial.number] = value
+        if len(at) < 2:
             return CONTINUE
-        ranked = sorted(live, key=lambda t: (self.loss(t.intermediate[-1][1]), t.number))
+        ranked = sorted(at, key=lambda n: (self.loss(at[n]), n))
         q = max(1, min(math.ceil(len(ranked) * s["quantileFraction"]), len(ranked) // 2))
         top, bottom = ranked[:q], ranked[-q:]
-        if trial not in bottom:
+        if trial.number not in bottom:
             return CONTINUE
+        # A donor hands over its latest checkpoint: one far ahead makes this trial's model
+        # that much older at once (or hands over a finished one). Donors at most an interval
+        # ahead are preferred.
+        top = [trials[n] for n in top]
+        near = [t for t in top if t.intermediate[-1][0] <= step + interval]
+        top = near or top
         rng = self.rng(2, trial.number, len(trial.intermediate))
         donor = top[int(rng.integers(len(top)))]
         params = self.explore(donor.params, rng)
         return Decision("exploit", f"bottom {s['quantileFraction']:g} at {s['resource']} {step:g}: "
                         f"continues from trial {donor.number}'s checkpoint with explored parameters",
                         donor=donor.number, params=params)
+
+    @staticmethod
+    def _value_at(trial: Trial, step: float) -> float | None:
+        """The trial's most recent value reported at a step at or before `step`."""
+        for st, v in reversed(trial.intermediate):
+            if st <= step:
+                return v
+        return None
 
     # -- explore -------------------------------------------------------------
 
@@ -114,11 +148,24 @@ class PBT(Scheduler):
         return self.space.canonical(out)
 
     def _perturb(self, p: Parameter, value, rng: np.random.Generator):
+        """A neighbour of value: it always differs from value when the range allows it (a
+        step that the bounds clip away is taken the other way instead)."""
         if p.is_choice:
-            i = p.index(value) + (1 if rng.random() < 0.5 else -1)
-            return p.values[min(max(i, 0), len(p.values) - 1)]
-        factors = self.settings["perturbationFactors"]
-        f = float(factors[int(rng.integers(len(factors)))])
+            i = p.index(value)
+            first = 1 if rng.random() < 0.5 else -1
+            for d in (first, -first):
+                if 0 <= i + d < len(p.values):
+                    return p.values[i + d]
+            return value
+        factors = [float(f) for f in self.settings["perturbationFactors"]]
+        first = int(rng.integers(len(factors)))
+        for f in [factors[first]] + [g for j, g in enumerate(factors) if j != first]:
+            new = self._scale(p, value, f)
+            if new != value:
+                return new
+        return value
+
+    def _scale(self, p: Parameter, value, f: float):
         if p.log or p.low > 0:
             new = value * f
         else:  # a range reaching 0 or below: a multiplicative step could stall at 0; step by range
@@ -127,4 +174,3 @@ class PBT(Scheduler):
         if p.type == "int" and new == value and f != 1:
             new = p.snap(value + (1 if f > 1 else -1) * (p.step or 1))
         return new
-

@@ -67,19 +67,39 @@ def _channel():
 
 
 class _BusChannel:
-    """Reports batched onto the Redis metric bus; flushed when the process exits."""
+    """Reports over the Redis metric bus; flushed when the process exits.
 
-    def __init__(self):
+    Frequent reports (every training step) are batched, and their decisions arrive a
+    few reports later. A report that comes after SLOW_S or more without one (once an
+    epoch, typically) is sent at once and waits for its own decision (up to the
+    client's wait_s): otherwise an ASHA stop at a rung would arrive with the next
+    report, after a whole further epoch, and a PBT exploit would be applied an epoch
+    late. The wait is one round trip to the scheduler, small next to such a report's
+    interval.
+    """
+
+    SLOW_S = 0.2
+
+    def __init__(self, client=None):
         import atexit
+        import time
 
-        from ..bus import TrialClient, redis_bus
+        if client is None:
+            from ..bus import TrialClient, redis_bus
 
-        bus = redis_bus(url=os.environ["KUBETUNE_REDIS_URL"], password=os.environ.get("KUBETUNE_REDIS_PASSWORD") or None)
-        experiment = f"{os.environ['KUBETUNE_NAMESPACE']}/{os.environ['KUBETUNE_EXPERIMENT']}"
-        self.client = TrialClient(bus, experiment, int(os.environ["KUBETUNE_TRIAL"]))
-        atexit.register(self.client.close)
+            bus = redis_bus(url=os.environ["KUBETUNE_REDIS_URL"],
+                            password=os.environ.get("KUBETUNE_REDIS_PASSWORD") or None)
+            experiment = f"{os.environ['KUBETUNE_NAMESPACE']}/{os.environ['KUBETUNE_EXPERIMENT']}"
+            client = TrialClient(bus, experiment, int(os.environ["KUBETUNE_TRIAL"]))
+            atexit.register(client.close)
+        self.client = client
+        self._clock = time.monotonic
+        self._last = self._clock()
 
     def send(self, step: float | None, metrics: dict[str, float]) -> Decision:
+        now = self._clock()
+        self.client.wait = now - self._last >= self.SLOW_S
+        self._last = now
         return self.client.send_report(step, metrics)
 
 
