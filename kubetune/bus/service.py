@@ -92,8 +92,7 @@ class SchedulerLoop:
         decisions = [(m.report.trial, m.report.seq, self.handler(m)) for m in msgs]
         if self.persist is not None:
             self.persist()
-        self.bus.decide(self.experiment, coalesce(decisions))
-        self.bus.ack(self.experiment, [m.id for m in msgs])
+        self.bus.decide_and_ack(self.experiment, coalesce(decisions), [m.id for m in msgs])
         self.handled += len(msgs)
         return len(msgs)
 
