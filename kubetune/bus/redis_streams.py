@@ -17,7 +17,9 @@ from redis.retry import Retry
 from redis.utils import SENTINEL as _SENTINEL
 
 from ..api.trial import Decision
-from .base import GROUP, Message, MetricBus, Report, decode_decision, encode_decision
+from .base import GROUP, Message, MetricBus, Report, _scan, decode_decision, encode_decision
+
+_tuple = tuple.__new__  # builds a named tuple without the Python-level __new__
 
 
 def connect(url: str = "redis://127.0.0.1:6379/0", *, password: str | None = None, tls: bool | None = None,
@@ -165,8 +167,14 @@ class RedisBus(MetricBus):
         # RESP3 (redis-py's default) answers a map of stream -> entries, RESP2 a list of pairs.
         for _, entries in (got.items() if isinstance(got, dict) else got or []):
             for mid, fields in entries:
-                if fields:  # a pending entry trimmed away comes back empty
-                    out.append(Message(mid.decode(), Report.from_fields(fields)))
+                if not fields:  # a pending entry trimmed away comes back empty
+                    continue
+                if fields[0] == b"r":  # the usual entry, decoded inline: this runs once per report
+                    trial, seq, step, metrics = _scan(fields[1].decode(), 0)[0]
+                    report = _tuple(Report, (trial, seq, step if step is None else float(step), metrics))
+                else:
+                    report = Report.from_fields(fields)
+                out.append(_tuple(Message, (mid.decode(), report)))
         return out
 
     def ack(self, experiment, ids):
