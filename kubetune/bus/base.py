@@ -118,6 +118,12 @@ class MetricBus:
         self.decide(experiment, decisions)
         self.ack(experiment, ids)
 
+    def decide_ack_read(self, experiment: str, decisions: Sequence[tuple[int, int, Decision]], ids: Sequence[str],
+                        consumer: str, count: int = 256, block_s: float = 0.0) -> list[Message]:
+        """decide_and_ack(), then read() the next new reports; one round trip where the bus can."""
+        self.decide_and_ack(experiment, decisions, ids)
+        return self.read(experiment, consumer, count, block_s=block_s)
+
     def backlog(self, experiment: str) -> list[Message]:
         """Every report still in the stream (bounded by its maximum length), oldest first."""
         raise NotImplementedError

@@ -150,14 +150,19 @@ class RedisBus(MetricBus):
                 raise
         self._groups.add(experiment)
 
-    def read(self, experiment, consumer, count=256, block_s=0.0, pending=False):
-        self._ensure_group(experiment)
-        key = self.stream_key(experiment)
+    def _xreadgroup(self, experiment, consumer, count, block_s, pending) -> tuple[bytes, float]:
         args = ["XREADGROUP", "GROUP", GROUP, consumer, "COUNT", count]
         block = 0.0 if pending or block_s <= 0 else max(0.001, block_s)
         if block:
             args += ["BLOCK", max(1, int(block * 1000))]
-        got = self._exchange(_pack(*args, "STREAMS", key, "0" if pending else ">"), 1, block)[0]
+        return _pack(*args, "STREAMS", self.stream_key(experiment), "0" if pending else ">"), block
+
+    def read(self, experiment, consumer, count=256, block_s=0.0, pending=False):
+        self._ensure_group(experiment)
+        cmd, block = self._xreadgroup(experiment, consumer, count, block_s, pending)
+        return self._messages(experiment, self._exchange(cmd, 1, block)[0])
+
+    def _messages(self, experiment, got) -> list[Message]:
         if isinstance(got, redis.ResponseError):
             if "NOGROUP" not in str(got):
                 raise got
@@ -208,6 +213,18 @@ class RedisBus(MetricBus):
             parts.append(self._xack(experiment, ids))
         if parts:
             _raise_first(self._exchange(b"".join(parts), len(parts)))
+
+    def decide_ack_read(self, experiment, decisions, ids, consumer, count=256, block_s=0.0):
+        """Decisions, XACK and the next XREADGROUP in one write: while the loop is busy it never
+        waits a round trip between answering a batch and taking the next."""
+        self._ensure_group(experiment)
+        parts = self._decisions(experiment, decisions)
+        if ids:
+            parts.append(self._xack(experiment, ids))
+        cmd, block = self._xreadgroup(experiment, consumer, count, block_s, False)
+        replies = self._exchange(b"".join(parts + [cmd]), len(parts) + 1, block)
+        _raise_first(replies[:-1])
+        return self._messages(experiment, replies[-1])
 
     def backlog(self, experiment):
         got = self.r.xrange(self.stream_key(experiment))
