@@ -202,10 +202,12 @@ class Experiment:
             if d.stop:
                 break
         client.close()
-        with self.lock:  # the engine records the finished trial in the state store
+        # The engine records the finished trial in the state store, in one step: a loop restarted
+        # between the tell and the write would rebuild its Study from a store without it.
+        with self.lock:
             trial = self.study.trials[number]
             self.study.tell(trial, value)
-        self.persist()
+            self.persist()
 
     def run(self, progress=lambda: None):
         with ThreadPoolExecutor(self.workers) as pool:
