@@ -70,7 +70,7 @@ def loop_process(url, n_trials, ready, stop, handled):
     study = Study(parameters=PARAMS, goal="maximize", seed=0, early_stopping=ASHA)
     for _ in range(n_trials):
         study.ask()
-    bus = RedisBus(url=url, maxlen=1_000_000)
+    bus = RedisBus(url=url, maxlen=10**7)
     loop = SchedulerLoop(bus, EXP, StudyHandler(study, "acc"), count=1024)
     ready.set()
     while not stop.is_set():
@@ -140,7 +140,7 @@ def trials_process(url, target, args, numbers, start, out):
         if pid == 0:  # the trial
             code = 1
             try:
-                bus = RedisBus(url=url, maxlen=1_000_000)
+                bus = RedisBus(url=url, maxlen=10**7)
                 bus.r.ping()  # connected before the clock starts, as a trial is by its first report
                 start.wait()
                 (tmp / f"{n}.json").write_text(json.dumps(target(bus, n, *args)))
