@@ -223,7 +223,7 @@ def main():
 
             # 2. ingest: 64 trial processes. Sustained: each reports at a fixed pace, stepping the
             # total up from the target while the loop keeps up. Flat out: each reports as fast as it can.
-            n_trials, factors = 64, (1.0, 1.5, 2.0, 3.0, 4.0)
+            n_trials, factors = 64, (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 
             def run_trials(ctx, handled, target, args, numbers):
                 start, out = ctx.Event(), ctx.Queue()
