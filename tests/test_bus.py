@@ -17,16 +17,21 @@ from kubetune.bus import MemoryBus, Report, SchedulerLoop, StudyHandler, TrialCl
 EXP = "mnist-asha"
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-resp2"])
 def bus(request):
     if request.param == "memory":
         b = MemoryBus(maxlen=100)
         yield b
         return
+    import redis as redis_py
+
     from kubetune.bus.redis_streams import RedisBus
 
     server = request.getfixturevalue("redis_server")
-    b = RedisBus(url=server.url, maxlen=100)
+    if request.param == "redis-resp2":  # the bus reads raw replies: both protocols' shapes
+        b = RedisBus(redis_py.Redis.from_url(server.url, protocol=2), maxlen=100)
+    else:
+        b = RedisBus(url=server.url, maxlen=100)
     b.server = server
     yield b
     b.close()
@@ -81,6 +86,34 @@ def test_a_trial_blocks_until_its_decision_arrives(bus):
     got = bus.take_decisions(EXP, 5, block_s=30)
     th.join()
     assert got == [(1, Decision("stop", "late"))]
+
+
+def test_publish_and_wait_returns_the_decision_pushed_while_it_waits(bus):
+    def scheduler():
+        msgs = []
+        while not msgs:
+            msgs = bus.read(EXP, "c0", block_s=5)
+        bus.decide(EXP, [(m.report.trial, m.report.seq, Decision("pause", "rung")) for m in msgs])
+
+    th = threading.Thread(target=scheduler)
+    th.start()
+    got = bus.publish_and_wait(EXP, reports(6, 1), 6, block_s=30)
+    th.join()
+    assert got == [(1, Decision("pause", "rung"))]
+    assert bus.publish_and_wait(EXP, [], 6, block_s=0.05) == []  # nothing more: waits, then empty
+
+
+def test_decide_ack_read_answers_acknowledges_and_takes_the_next_batch(bus):
+    bus.publish(EXP, reports(0, 2))
+    first = bus.read(EXP, "c0", count=10)
+    bus.publish(EXP, reports(1, 3))
+    nxt = bus.decide_ack_read(EXP, [(0, 2, Decision("stop", "done"))], [m.id for m in first], "c0", count=10)
+    assert [(m.report.trial, m.report.seq) for m in nxt] == [(1, 1), (1, 2), (1, 3)]
+    assert bus.take_decisions(EXP, 0) == [(2, Decision("stop", "done"))]
+    # The first batch is acknowledged; the one just read is pending until it is answered.
+    assert [m.report for m in bus.read(EXP, "c0", pending=True)] == [m.report for m in nxt]
+    assert bus.decide_ack_read(EXP, [], [m.id for m in nxt], "c0", block_s=0.05) == []
+    assert bus.read(EXP, "c0", pending=True) == []
 
 
 def test_the_stream_is_bounded(bus):
@@ -202,10 +235,12 @@ class Experiment:
             if d.stop:
                 break
         client.close()
-        with self.lock:  # the engine records the finished trial in the state store
+        # The engine records the finished trial in the state store, in one step: a loop restarted
+        # between the tell and the write would rebuild its Study from a store without it.
+        with self.lock:
             trial = self.study.trials[number]
             self.study.tell(trial, value)
-        self.persist()
+            self.persist()
 
     def run(self, progress=lambda: None):
         with ThreadPoolExecutor(self.workers) as pool:

@@ -14,40 +14,61 @@ metrics, never a finished result (those live in the trial list).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from ..api.trial import Decision
 
 GROUP = "scheduler"
 
 
-@dataclass(frozen=True)
-class Report:
+# Reports and messages are named tuples: the scheduler loop makes one of each per report, and a
+# tuple is built several times faster than a frozen dataclass.
+class Report(NamedTuple):
     trial: int
     seq: int  # 1, 2, ... per trial and run: pairs a decision with its report
     step: float | None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float]
 
     # One field per stream entry (a compact JSON array): half the parsing of one field per value.
+    def payload(self) -> str:
+        return _encode(self)  # a tuple encodes as an array
+
     def encode(self) -> dict[str, str]:
-        return {"r": json.dumps([self.trial, self.seq, self.step, self.metrics], separators=(",", ":"))}
+        return {"r": self.payload()}
 
     @classmethod
     def decode(cls, f: dict) -> "Report":
         raw = f.get(b"r") if b"r" in f else f["r"]
-        trial, seq, step, metrics = json.loads(raw)
+        return cls.from_payload(raw)
+
+    @classmethod
+    def from_payload(cls, raw: bytes | str) -> "Report":
+        # scan_once: the decoder without its two whitespace regex matches (our payloads have none).
+        trial, seq, step, metrics = _scan(raw.decode() if isinstance(raw, bytes) else raw, 0)[0]
         return cls(trial, seq, None if step is None else float(step), metrics)
 
+    @classmethod
+    def from_fields(cls, fields: list) -> "Report":
+        """From a stream entry's raw field list [name, value, ...]."""
+        if fields[0] == b"r":
+            return cls.from_payload(fields[1])
+        return cls.decode(dict(zip(fields[::2], fields[1::2])))
 
-@dataclass(frozen=True)
-class Message:
+
+# One encoder and decoder made once: json.dumps with separators builds a new encoder per call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_scan = json.JSONDecoder().scan_once
+
+
+class Message(NamedTuple):
     id: str
     report: Report
 
 
 def encode_decision(seq: int, decision: Decision) -> str:
-    return json.dumps({"seq": seq, **decision.to_dict()}, separators=(",", ":"))
+    if decision.action == "continue" and not decision.reason and decision.donor is None and decision.params is None:
+        return '{"seq":%d,"action":"continue"}' % seq  # the common answer, without asdict()
+    return _encode({"seq": seq, **decision.to_dict()})
 
 
 def decode_decision(raw) -> tuple[int, Decision]:
@@ -72,6 +93,12 @@ class MetricBus:
         self.publish(experiment, reports)
         return self.take_decisions(experiment, trial)
 
+    def publish_and_wait(self, experiment: str, reports: Sequence[Report], trial: int,
+                         block_s: float) -> list[tuple[int, Decision]]:
+        """publish() then take_decisions(block_s=block_s); one round trip where the bus can."""
+        self.publish(experiment, reports)
+        return self.take_decisions(experiment, trial, block_s)
+
     # -- scheduler side ----------------------------------------------------
     def read(self, experiment: str, consumer: str, count: int = 256, block_s: float = 0.0,
              pending: bool = False) -> list[Message]:
@@ -84,6 +111,18 @@ class MetricBus:
     def decide(self, experiment: str, decisions: Sequence[tuple[int, int, Decision]]) -> None:
         """Delivers (trial, seq, decision) to each trial's decision queue."""
         raise NotImplementedError
+
+    def decide_and_ack(self, experiment: str, decisions: Sequence[tuple[int, int, Decision]],
+                       ids: Sequence[str]) -> None:
+        """decide() then ack(): a report is acknowledged only once its decision is written."""
+        self.decide(experiment, decisions)
+        self.ack(experiment, ids)
+
+    def decide_ack_read(self, experiment: str, decisions: Sequence[tuple[int, int, Decision]], ids: Sequence[str],
+                        consumer: str, count: int = 256, block_s: float = 0.0) -> list[Message]:
+        """decide_and_ack(), then read() the next new reports; one round trip where the bus can."""
+        self.decide_and_ack(experiment, decisions, ids)
+        return self.read(experiment, consumer, count, block_s=block_s)
 
     def backlog(self, experiment: str) -> list[Message]:
         """Every report still in the stream (bounded by its maximum length), oldest first."""

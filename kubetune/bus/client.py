@@ -40,9 +40,10 @@ class TrialClient:
         self._buffer.append(Report(self.trial, self.seq, step, {k: float(v) for k, v in metrics.items()}))
         if len(self._buffer) > self.max_buffer:
             del self._buffer[0]
-        if self.wait:
+        if self.wait and self.decision.action not in _FINAL:
+            self._send_and_wait(self.seq)
+        elif self.wait:
             self.flush()
-            self._await(self.seq)
         elif len(self._buffer) >= self.batch or time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
         return self.decision
@@ -59,8 +60,19 @@ class TrialClient:
         self._apply(got)
         return self.decision
 
-    def _await(self, seq: int) -> None:
-        deadline = time.monotonic() + self.wait_s
+    def _send_and_wait(self, seq: int) -> None:
+        """Sends the buffer and waits for the decision on `seq` in the same round trip."""
+        self._last_flush = time.monotonic()
+        try:
+            got = self.bus.publish_and_wait(self.experiment, self._buffer, self.trial, self.wait_s)
+        except Exception:  # bus down: keep the reports, carry on training
+            self.errors += 1
+            return
+        self._buffer = []
+        self._apply(got)
+        self._await(seq, self._last_flush + self.wait_s)
+
+    def _await(self, seq: int, deadline: float) -> None:
         while self.decided_seq < seq and self.decision.action not in _FINAL and not self._buffer:
             left = deadline - time.monotonic()
             if left <= 0:

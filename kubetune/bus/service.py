@@ -67,6 +67,7 @@ class SchedulerLoop:
         # Held from read to acknowledgement, so that drain() sees every report taken so far handled.
         self.lock = threading.Lock()
         self._recovered = False
+        self._next: list[Message] | None = None  # the batch read together with the last acknowledgement
         self.handled = 0
 
     def run_once(self, block_s: float = 0.1) -> int:
@@ -82,7 +83,9 @@ class SchedulerLoop:
         return total
 
     def _run_once(self, block_s: float) -> int:
-        if not self._recovered:
+        if self._next is not None:
+            msgs, self._next = self._next, None
+        elif not self._recovered:
             msgs = self.bus.read(self.experiment, self.consumer, self.count, pending=True)
             self._recovered = len(msgs) < self.count
         else:
@@ -92,8 +95,14 @@ class SchedulerLoop:
         decisions = [(m.report.trial, m.report.seq, self.handler(m)) for m in msgs]
         if self.persist is not None:
             self.persist()
-        self.bus.decide(self.experiment, coalesce(decisions))
-        self.bus.ack(self.experiment, [m.id for m in msgs])
+        ids = [m.id for m in msgs]
+        if self._recovered:
+            # The decisions, the acknowledgement and the read of the next batch in one round trip;
+            # the next batch is handled by the next call (still unacknowledged until then).
+            self._next = self.bus.decide_ack_read(self.experiment, coalesce(decisions), ids, self.consumer,
+                                                  self.count, block_s) or None
+        else:
+            self.bus.decide_and_ack(self.experiment, coalesce(decisions), ids)
         self.handled += len(msgs)
         return len(msgs)
 
@@ -106,7 +115,7 @@ class SchedulerLoop:
                 if on_error is not None:
                     on_error(e)
                 stop.wait(0.05)
-                self._recovered = False
+                self._recovered, self._next = False, None  # re-read whatever was taken and not acknowledged
 
 
 def coalesce(decisions: list[tuple[int, int, Decision]]) -> list[tuple[int, int, Decision]]:
