@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -230,6 +231,7 @@ def main() -> None:
         kubelet.stop()
         redis.stop()
         cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def cluster_version(cluster) -> str:
