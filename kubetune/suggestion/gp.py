@@ -7,6 +7,7 @@
 - Acquisition: log-EI, maximised over a scrambled Sobol set plus perturbations
   of the best trials, then refined by a shrinking local search that also flips
   categorical values (so discrete inputs never need a continuous relaxation).
+- Outputs: losses above Tukey's upper fence are lowered to it, then standardised.
 - Pending trials are added to the data at the best value seen (a constant
   liar): the posterior variance there collapses, so parallel asks spread out.
 - At thousands of trials the GP is fitted to a bounded subset (the best half,
@@ -40,6 +41,23 @@ def features(enc: Encoder, rows: np.ndarray) -> np.ndarray:
         else:
             cols.append(np.where(np.isnan(col), 0.5, col)[:, None])
     return np.hstack(cols)
+
+
+def standardise(v: np.ndarray) -> np.ndarray:
+    sd = v.std()
+    return (v - v.mean()) / (sd if sd > 0 else 1.0)
+
+
+def fence(loss: np.ndarray) -> np.ndarray:
+    """Losses above Tukey's upper fence (q3 + 1.5 IQR) lowered to it.
+
+    A few very bad trials (a diverged model's log-loss of 40 among values near 0.05)
+    would otherwise take the whole standardised range, leave the good region flat
+    to the GP, and make its fit explain everything as noise or wiggles. Only the bad
+    tail is cut: the values that decide where to search next are untouched.
+    """
+    q1, q3 = np.percentile(loss, [25, 75])
+    return np.minimum(loss, q3 + 1.5 * (q3 - q1))
 
 
 def subset(loss: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -87,8 +105,7 @@ class GPSampler(ModelSampler):
 
         keep = subset(hist.loss, s["maxPoints"], rng)
         rows, loss = hist.rows[keep], hist.loss[keep]
-        mean, sd = loss.mean(), loss.std()
-        y = (loss - mean) / (sd if sd > 0 else 1.0)
+        y = standardise(fence(loss))
         x = features(enc, rows)
         gp = GP(x, y)
         best = y.min()
