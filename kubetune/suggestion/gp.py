@@ -79,7 +79,7 @@ class GPSampler(ModelSampler):
         "seed": SEED,
         "startupTrials": Setting(int, 10, "quasi-random (Sobol) trials before the GP is used (prior trials count)", at_least(2)),
         "maxPoints": Setting(int, 300, "most observations the GP is fitted to (a subset beyond that)", at_least(10)),
-        "candidates": Setting(int, 1024, "quasi-random candidates scored per ask before local refinement", at_least(1)),
+        "candidates": Setting(int, 2048, "quasi-random candidates scored per ask before local refinement", at_least(1)),
         "gradientStarts": Setting(int, 5, "best quasi-random candidates (besides the locally refined ones) "
                                   "that start a gradient ascent of log-EI", at_least(0)),
     }
