@@ -51,7 +51,7 @@ def standardise(v: np.ndarray) -> np.ndarray:
 def fence(loss: np.ndarray) -> np.ndarray:
     """Losses above Tukey's upper fence (q3 + 1.5 IQR) lowered to it.
 
-    A few very bad trials (a diverged model's log-loss of 40 among values near 0.05)
+    A few very bad trials (a diverged model's log-loss in the tens among values near 0.05)
     would otherwise take the whole standardised range, leave the good region flat
     to the GP, and make its fit explain everything as noise or wiggles. Only the bad
     tail is cut: the values that decide where to search next are untouched.
