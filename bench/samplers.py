@@ -8,7 +8,7 @@ sampler next to its Optuna counterpart, wins/ties/losses, the warm-start
 check, and ask latency at 100 / 1,000 / 10,000 completed trials.
 
 A cell is a tie when the two medians differ by at most 1e-3 x max(1, |optimum|)
-(for the scikit-learn problems 1e-3 of CV error, about half a sample).
+(for the scikit-learn problems 1e-3 of CV log-loss).
 """
 
 from __future__ import annotations

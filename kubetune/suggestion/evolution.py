@@ -5,8 +5,8 @@ runs a tournament among `tournamentSize` of them drawn at random and mutates
 the winner. Because the population ages out by trial order rather than by
 fitness, a lucky early trial cannot dominate forever.
 
-Mutation: each parameter changes with probability `mutationRate` (at least one
-always does): an ordered one takes a Gaussian step on its unit scale (by
+Mutation: each parameter changes with probability `mutationRate` (0.3; at least
+one always does): an ordered one takes a Gaussian step on its unit scale (by
 default as wide as the population's spread in that parameter, so steps shrink
 as the population converges), a categorical one takes another value. Warm start: prior trials
 seed the population, the best ones last so they age out last.
@@ -38,7 +38,9 @@ class EvolutionSampler(ModelSampler):
         "seed": SEED,
         "populationSize": Setting(int, 12, "finished trials in the population (also the random start)", at_least(2)),
         "tournamentSize": Setting(int, 4, "population members drawn per tournament", at_least(1)),
-        "mutationRate": Setting(float, None, "probability each parameter mutates (default 1/number of parameters)", fraction),
+        # 0.3, not the textbook 1/d: changing one parameter at a time stalled in 10-D (Ackley-10d
+        # after 200 trials, 10 seeds: 17.5 at 1/d, no better than random search; 12.9 at 0.3).
+        "mutationRate": Setting(float, 0.3, "probability each parameter mutates (at least one always does)", fraction),
         "mutationScale": Setting(float, None, "standard deviation of a step on the unit scale "
                                  "(default: the population's own spread, so steps shrink as it converges)", positive),
     }
@@ -76,7 +78,7 @@ class EvolutionSampler(ModelSampler):
         missing = np.isnan(child)
         child[missing] = fresh[missing]  # values for parameters the parent did not use
         active = np.flatnonzero(enc.active(child[None, :])[0])
-        rate = self.settings["mutationRate"] or 1.0 / len(active)
+        rate = self.settings["mutationRate"]
         flip = rng.random(len(active)) < rate
         if not flip.any():
             flip[rng.integers(len(active))] = True

@@ -7,6 +7,7 @@
 - Acquisition: log-EI, maximised over a scrambled Sobol set plus perturbations
   of the best trials, then refined by a shrinking local search that also flips
   categorical values (so discrete inputs never need a continuous relaxation).
+- Outputs: losses above Tukey's upper fence are lowered to it, then standardised.
 - Pending trials are added to the data at the best value seen (a constant
   liar): the posterior variance there collapses, so parallel asks spread out.
 - At thousands of trials the GP is fitted to a bounded subset (the best half,
@@ -17,11 +18,12 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import minimize
 from scipy.stats import qmc
 
 from ..api.settings import Setting, at_least
 from ._encoding import Encoder, ModelSampler
-from ._gp import GP, log_ei
+from ._gp import GP, log_ei, log_ei_and_grad
 from ._threads import small_linear_algebra
 from .base import SEED
 
@@ -39,6 +41,23 @@ def features(enc: Encoder, rows: np.ndarray) -> np.ndarray:
         else:
             cols.append(np.where(np.isnan(col), 0.5, col)[:, None])
     return np.hstack(cols)
+
+
+def standardise(v: np.ndarray) -> np.ndarray:
+    sd = v.std()
+    return (v - v.mean()) / (sd if sd > 0 else 1.0)
+
+
+def fence(loss: np.ndarray) -> np.ndarray:
+    """Losses above Tukey's upper fence (q3 + 1.5 IQR) lowered to it.
+
+    A few very bad trials (a diverged model's log-loss in the tens among values near 0.05)
+    would otherwise take the whole standardised range, leave the good region flat
+    to the GP, and make its fit explain everything as noise or wiggles. Only the bad
+    tail is cut: the values that decide where to search next are untouched.
+    """
+    q1, q3 = np.percentile(loss, [25, 75])
+    return np.minimum(loss, q3 + 1.5 * (q3 - q1))
 
 
 def subset(loss: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -60,8 +79,20 @@ class GPSampler(ModelSampler):
         "seed": SEED,
         "startupTrials": Setting(int, 10, "quasi-random (Sobol) trials before the GP is used (prior trials count)", at_least(2)),
         "maxPoints": Setting(int, 300, "most observations the GP is fitted to (a subset beyond that)", at_least(10)),
-        "candidates": Setting(int, 1024, "quasi-random candidates scored per ask before local refinement", at_least(1)),
+        "candidates": Setting(int, 2048, "quasi-random candidates scored per ask before local refinement", at_least(1)),
+        "gradientStarts": Setting(int, 5, "best quasi-random candidates (besides the locally refined ones) "
+                                  "that start a gradient ascent of log-EI", at_least(0)),
     }
+
+    def __init__(self, space, **kwargs):
+        super().__init__(space, **kwargs)
+        enc = self.encoder
+        widths = [int(enc.n_choices[j]) if enc.is_cat[j] else 1 for j in range(enc.dim)]
+        offset = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(int)
+        # Columns a gradient can move: continuous doubles (no step), and their GP input columns.
+        self._smooth = np.array([j for j, p in enumerate(space.params)
+                                 if p.type == "double" and p.n_choices is None], dtype=int)
+        self._smooth_feature = offset[self._smooth]
 
     @small_linear_algebra
     def ask(self, trials):
@@ -74,8 +105,7 @@ class GPSampler(ModelSampler):
 
         keep = subset(hist.loss, s["maxPoints"], rng)
         rows, loss = hist.rows[keep], hist.loss[keep]
-        mean, sd = loss.mean(), loss.std()
-        y = (loss - mean) / (sd if sd > 0 else 1.0)
+        y = standardise(fence(loss))
         x = features(enc, rows)
         gp = GP(x, y)
         best = y.min()
@@ -91,8 +121,11 @@ class GPSampler(ModelSampler):
                           self._perturb(rng, rows[np.argsort(y, kind="stable")[:5]], 0.05, 32)])
         pool_score = score(pool)
         cand, cand_score = self._refine(rng, pool, pool_score, score)
-        everything = np.vstack([cand, pool])
-        ranked = everything[np.argsort(-np.concatenate([cand_score, pool_score]), kind="stable")]
+        top = pool[np.argsort(-pool_score, kind="stable")[:s["gradientStarts"]]]
+        climbed = self._ascend(gp, best, np.vstack([cand, top]))
+        climbed_score = score(climbed) if len(climbed) else np.zeros(0)
+        everything = np.vstack([climbed, cand, pool])
+        ranked = everything[np.argsort(-np.concatenate([climbed_score, cand_score, pool_score]), kind="stable")]
         return self.pick_unseen(ranked, hist, trials, rng)
 
     # -- candidates ---------------------------------------------------------------
@@ -124,6 +157,39 @@ class GPSampler(ModelSampler):
         num = enc.num_cols
         base[:, num] = np.clip(base[:, num] + radius * rng.standard_normal((len(base), len(num))), 0.0, 1.0)
         return enc.snap(base)
+
+    def _ascend(self, gp: GP, best: float, starts: np.ndarray) -> np.ndarray:
+        """Each start climbed by L-BFGS-B on log-EI over its active continuous columns.
+
+        In high dimensions random perturbations rarely find log-EI's maximum; its gradient
+        does. The variables are scaled by the fitted length scales, so every direction is
+        equally steep for the optimiser (a preconditioning).
+        """
+        enc, cols, feats = self.encoder, self._smooth, self._smooth_feature
+        if not len(cols) or not len(starts):
+            return starts[:0]
+        ls = 1.0 / np.sqrt(gp.w[feats])
+        out = []
+        for start in starts:
+            row = np.where(enc.active(start[None, :])[0], start, np.nan)
+            free = ~np.isnan(row[cols])
+            if not free.any():
+                continue
+            x0 = features(enc, row[None, :])[0]
+            fc, sc = feats[free], ls[free]
+
+            def negative(u):
+                x = x0.copy()
+                x[fc] = u * sc
+                value, grad = log_ei_and_grad(gp, x[None, :], best)
+                return -float(value[0]), -grad[0, fc] * sc
+
+            res = minimize(negative, x0[fc] / sc, jac=True, method="L-BFGS-B",
+                           bounds=[(0.0, 1.0 / l) for l in sc], options={"maxiter": 50})
+            moved = start.copy()
+            moved[cols[free]] = np.clip(res.x * sc, 0.0, 1.0)
+            out.append(moved)
+        return enc.snap(np.array(out)) if out else starts[:0]
 
     def _refine(self, rng, pool, pool_score, score, starts: int = 5, rounds: int = 8, per_round: int = 32):
         """Local search from the best distinct candidates with a shrinking step."""
