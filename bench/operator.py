@@ -39,12 +39,14 @@ NOOP = ["sh", "-c", "echo score=1"]
 
 
 class Watcher:
-    """Records when each pod / trial of a namespace first appears."""
+    """Records when each pod / trial of a namespace first appears, and when each first shows as finished."""
 
     def __init__(self, namespace: str):
         self.namespace = namespace
         self.pods: dict[str, float] = {}
         self.trials: dict[str, float] = {}
+        self.pods_done: dict[str, float] = {}  # phase Succeeded or Failed
+        self.trials_done: dict[str, float] = {}  # a final state
         self._stop = threading.Event()
         for kind in ("pods", "trials"):
             threading.Thread(target=self._run, args=(kind,), daemon=True).start()
@@ -64,9 +66,14 @@ class Watcher:
                 for event in stream:
                     if self._stop.is_set():
                         return
-                    obj = event["object"]
+                    obj, now = event["object"], time.monotonic()
                     name = obj["metadata"]["name"]
-                    seen.setdefault(name, time.monotonic())
+                    seen.setdefault(name, now)
+                    status = obj.get("status") or {}
+                    if kind == "pods" and status.get("phase") in ("Succeeded", "Failed"):
+                        self.pods_done.setdefault(name, now)
+                    elif kind == "trials" and status.get("state") in ("Succeeded", "Failed", "Pruned", "Killed"):
+                        self.trials_done.setdefault(name, now)
             except Exception:  # noqa: BLE001 - "response ended prematurely" under load: watch again
                 continue
 
@@ -206,6 +213,25 @@ def main() -> None:
               f"({len(trial_times)} in {span:.1f} s{'' if done else ', incomplete'}) | >= 20 /s |")
         if pod_times:
             print(f"| {big} no-op trials: pods created per second | {len(pod_times) / (pod_times[-1] - t0):.1f} /s | |")
+        print(f"\nWhere a trial's time goes in the {big}-trial run (median over its trials; each step ends when the "
+              f"bench's watch sees it):\n")
+        print("| step | median | 90th percentile |")
+        print("| --- | ---: | ---: |")
+        steps = (("trial created -> its pod created (operator)", watcher.trials, watcher.pods),
+                 ("pod created -> pod finished (test kubelet: bind, start, exit, report)", watcher.pods, watcher.pods_done),
+                 ("pod finished -> trial finished (operator: values, log, status)", watcher.pods_done, watcher.trials_done))
+        for label, start, end in steps:
+            spans = sorted(end[n] - start[n] for n in start if n.startswith("throughput-") and n in end)
+            if spans:
+                print(f"| {label} | {statistics.median(spans):.3f} s | {spans[int(0.9 * (len(spans) - 1))]:.3f} s |")
+        done = sorted(t for n, t in watcher.trials_done.items() if n.startswith("throughput-"))
+        created = sorted(t for n, t in watcher.trials.items() if n.startswith("throughput-"))
+        # A slot freed by the k-th finished trial is filled by the (parallel + k)-th created one.
+        refill = sorted(created[args.parallel + k] - done[k] for k in range(min(len(done), len(created) - args.parallel)))
+        if refill:
+            print(f"| trial finished -> a new trial in its slot (operator: experiment pass, suggestion) | "
+                  f"{statistics.median(refill):.3f} s | {refill[int(0.9 * (len(refill) - 1))]:.3f} s |")
+
         print(f"\nCPU seconds per created trial during the {big}-trial run, by component "
               f"(the machine has {os.cpu_count()} cores: 20 trials/s needs under {os.cpu_count() / 20:.3f} s in all):\n")
         print("| component | CPU s per trial | share |")

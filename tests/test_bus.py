@@ -63,6 +63,40 @@ def test_unacknowledged_reports_come_back_to_a_restarted_consumer(bus):
     assert bus.read(EXP, "c0", pending=True) == []
 
 
+def test_last_id_names_the_newest_report(bus):
+    from kubetune.bus.base import position
+
+    assert bus.last_id(EXP) is None
+    bus.publish(EXP, reports(0, 3))
+    ids = [m.id for m in bus.read(EXP, "c0", count=10)]
+    assert bus.last_id(EXP) == ids[-1] and position(ids[0]) < position(ids[-1])
+
+
+def test_catch_up_returns_once_the_running_loop_handled_every_report_sent_before(bus):
+    seen = []
+    loop = SchedulerLoop(bus, EXP, lambda m: seen.append(m.report.seq) or Decision(), consumer="c0")
+    stop = threading.Event()
+    runner = threading.Thread(target=loop.run, args=(stop,), kwargs={"block_s": 0.5})
+    runner.start()
+    try:
+        for n in range(5):
+            bus.publish(EXP, reports(0, 20, start=1 + 20 * n))
+            loop.catch_up(timeout_s=10)
+            assert len(seen) == 20 * (n + 1)
+    finally:
+        stop.set()
+        runner.join()
+
+
+def test_catch_up_without_a_running_loop_drains_by_itself(bus):
+    seen = []
+    loop = SchedulerLoop(bus, EXP, lambda m: seen.append(m.report.seq) or Decision(), consumer="c0")
+    loop.catch_up(timeout_s=0.1)  # nothing sent yet: returns at once
+    bus.publish(EXP, reports(0, 7))
+    loop.catch_up(timeout_s=0.1)
+    assert seen == list(range(1, 8))
+
+
 def test_decisions_reach_only_their_trial_in_order(bus):
     bus.decide(EXP, [(0, 1, Decision()), (1, 1, Decision("stop", "bad")), (0, 2, Decision("pause", "rung"))])
     assert bus.take_decisions(EXP, 0) == [(1, Decision()), (2, Decision("pause", "rung"))]

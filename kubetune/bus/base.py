@@ -128,6 +128,10 @@ class MetricBus:
         """Every report still in the stream (bounded by its maximum length), oldest first."""
         raise NotImplementedError
 
+    def last_id(self, experiment: str) -> str | None:
+        """The id of the newest report published so far (None: none yet)."""
+        raise NotImplementedError
+
     # -- lifecycle -----------------------------------------------------------
     def delete_experiment(self, experiment: str) -> None:
         """Removes everything the bus holds for an experiment."""
@@ -135,3 +139,9 @@ class MetricBus:
 
     def close(self) -> None:
         pass
+
+
+def position(message_id: str) -> tuple[int, int]:
+    """Stream ids ("<ms>-<seq>") in stream order."""
+    ms, _, seq = message_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -92,6 +92,11 @@ class MemoryBus(MetricBus):
             s = self._streams.get(experiment)
             return [Message(f"{n}-0", r) for n, r in s.entries] if s else []
 
+    def last_id(self, experiment):
+        with self._cond:
+            s = self._streams.get(experiment)
+            return f"{s.next - 1}-0" if s and s.next > 1 else None
+
     def delete_experiment(self, experiment):
         with self._cond:
             self._streams.pop(experiment, None)

@@ -230,6 +230,10 @@ class RedisBus(MetricBus):
         got = self.r.xrange(self.stream_key(experiment))
         return [Message(mid.decode(), Report.decode(f)) for mid, f in got]
 
+    def last_id(self, experiment):
+        got = self.r.xrevrange(self.stream_key(experiment), count=1)
+        return got[0][0].decode() if got else None
+
     # -- lifecycle -----------------------------------------------------------------
 
     def keys(self, experiment: str) -> list[str]:

@@ -13,7 +13,7 @@ import threading
 from typing import Callable
 
 from ..api.trial import CONTINUE, Decision, Trial, TrialState
-from .base import Message, MetricBus
+from .base import Message, MetricBus, position
 
 Handler = Callable[[Message], Decision]
 
@@ -69,6 +69,8 @@ class SchedulerLoop:
         self._recovered = False
         self._next: list[Message] | None = None  # the batch read together with the last acknowledgement
         self.handled = 0
+        self._handled_upto = (0, 0)  # stream position of the newest report handled and acknowledged
+        self._progress = threading.Condition()
 
     def run_once(self, block_s: float = 0.1) -> int:
         """Handles one batch of reports; returns how many."""
@@ -78,9 +80,25 @@ class SchedulerLoop:
     def drain(self) -> int:
         """Handles every report on the bus now, including any another thread is in the middle of."""
         total = 0
-        while (n := self.run_once(block_s=0.0)) > 0:
+        while True:
+            recovering = not self._recovered  # that pass re-reads this consumer's unacknowledged reports only
+            n = self.run_once(block_s=0.0)
             total += n
-        return total
+            if n == 0 and not recovering:
+                return total
+
+    def catch_up(self, timeout_s: float = 5.0) -> None:
+        """Returns once every report published before the call is handled, as drain() does, but by waiting
+        for the running loop rather than taking its lock: many callers at once (each trial's end) wait
+        together, and none waits out the loop's blocking read. Drains itself if the loop does not get there."""
+        last = self.bus.last_id(self.experiment)
+        if last is None:
+            return
+        target = position(last)
+        with self._progress:
+            if self._progress.wait_for(lambda: self._handled_upto >= target, timeout_s):
+                return
+        self.drain()
 
     def _run_once(self, block_s: float) -> int:
         if self._next is not None:
@@ -104,6 +122,10 @@ class SchedulerLoop:
         else:
             self.bus.decide_and_ack(self.experiment, coalesce(decisions), ids)
         self.handled += len(msgs)
+        newest = max(position(i) for i in ids)
+        with self._progress:
+            self._handled_upto = max(self._handled_upto, newest)
+            self._progress.notify_all()
         return len(msgs)
 
     def run(self, stop: threading.Event, block_s: float = 0.1, on_error: Callable[[Exception], None] | None = None):

@@ -64,7 +64,7 @@ class SuggestionService:
                 brain.sync([Trial.from_dict(t) for t in req["trials"]])
         loop = self._loops.get(key)
         if loop is not None:
-            loop[2].drain()  # take what the trial sent just before it exited
+            loop[2].catch_up()  # take what the trial sent just before it exited
         number = int(req["trial"])
         with brain.lock:
             if not 0 <= number < len(brain.study.trials):
