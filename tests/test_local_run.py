@@ -74,7 +74,8 @@ def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_tr
         "budget": {"maxTrials": 10, "parallelTrials": 2},
         "trialTemplate": {"command": ["python", str(TRIALS / "counted.py")]},
     })
-    env = {"COUNT_FILE": str(count_file), "STEP_SECONDS": "0.4"}
+    gate = tmp_path / "go"
+    env = {"COUNT_FILE": str(count_file), "STEP_SECONDS": "0.4", "HOLD_FROM": "4", "HOLD_FILE": str(gate)}
     state = tmp_path / "state"
     proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "run", str(spec), "--state-dir", str(state)],
                             cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -100,6 +101,7 @@ def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_tr
     assert interrupted, "the interruption should have caught a trial mid-run"
     assert all(first[n]["reason"] == "interrupted" for n in interrupted)
 
+    gate.touch()  # trials 4 and up held the first run open; the second runs them through
     second = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
     assert second.returncode == 0, second.stderr
     summary = json.loads(second.stdout)
