@@ -122,7 +122,7 @@ class SchedulerLoop:
         else:
             self.bus.decide_and_ack(self.experiment, coalesce(decisions), ids)
         self.handled += len(msgs)
-        newest = max(position(i) for i in ids)
+        newest = position(ids[-1])  # a batch comes in stream order
         with self._progress:
             self._handled_upto = max(self._handled_upto, newest)
             self._progress.notify_all()
