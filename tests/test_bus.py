@@ -282,6 +282,9 @@ class Experiment:
             for _ in range(self.n_trials):
                 with self.lock:
                     number = self.study.ask().number
+                    # Recorded before it runs, as the engine journals a trial and the operator creates its
+                    # resource: a loop restarted from the store must know every trial that may report.
+                    self.persist()
                 futures.append(pool.submit(self.run_trial, number, progress))
             for f in futures:
                 f.result(timeout=120)
