@@ -190,7 +190,7 @@ def main() -> None:
             first.append(times[0] - t0)
             full.append(times[parallel - 1] - t0)
 
-        pids = {name: proc.pid for name, proc in cluster._processes.items()}
+        pids = cluster.pids()
         pids.update({"redis-server": redis.proc.pid, "suggestion service": procs[0].pid, "operator": procs[1].pid})
         meter, requests_before = CpuMeter(pids), request_counts(cluster)
         t0 = time.monotonic()

@@ -107,15 +107,21 @@ def test_decisions_reach_only_their_trial_in_order(bus):
     assert bus.take_decisions(EXP, 2) == [(7, exploit)]
 
 
-def test_a_trial_blocks_until_its_decision_arrives(bus):
+def answer_when_reported(bus, decision) -> threading.Thread:
+    """A scheduler thread: waits for the first reports and answers each with `decision`."""
     def scheduler():
         msgs = []
         while not msgs:
             msgs = bus.read(EXP, "c0", block_s=5)
-        bus.decide(EXP, [(m.report.trial, m.report.seq, Decision("stop", "late")) for m in msgs])
+        bus.decide(EXP, [(m.report.trial, m.report.seq, decision) for m in msgs])
 
     th = threading.Thread(target=scheduler)
     th.start()
+    return th
+
+
+def test_a_trial_blocks_until_its_decision_arrives(bus):
+    th = answer_when_reported(bus, Decision("stop", "late"))
     bus.publish(EXP, reports(5, 1))
     got = bus.take_decisions(EXP, 5, block_s=30)
     th.join()
@@ -123,14 +129,7 @@ def test_a_trial_blocks_until_its_decision_arrives(bus):
 
 
 def test_publish_and_wait_returns_the_decision_pushed_while_it_waits(bus):
-    def scheduler():
-        msgs = []
-        while not msgs:
-            msgs = bus.read(EXP, "c0", block_s=5)
-        bus.decide(EXP, [(m.report.trial, m.report.seq, Decision("pause", "rung")) for m in msgs])
-
-    th = threading.Thread(target=scheduler)
-    th.start()
+    th = answer_when_reported(bus, Decision("pause", "rung"))
     got = bus.publish_and_wait(EXP, reports(6, 1), 6, block_s=30)
     th.join()
     assert got == [(1, Decision("pause", "rung"))]

@@ -107,15 +107,9 @@ class PB2(PBT):
         gp = GP(x, y)
         # Candidates: random points of the box, the donor's parameters and PBT's neighbours of them.
         base = self.explore(donor_params, rng)  # also settles the parameters the GP does not model
-        cands = [rng.random(len(num))]
-        for _ in range(self.settings["candidates"] - 1):
-            cands.append(rng.random(len(num)))
-        for params in (donor_params, base):
-            cands.append(np.array([p.to_unit(params[p.name]) for p in num]))
-        for _ in range(8):
-            params = self.explore(donor_params, rng)
-            cands.append(np.array([p.to_unit(params[p.name]) for p in num]))
-        c = np.clip(np.array(cands), 0.0, 1.0)
+        box = rng.random((self.settings["candidates"], len(num)))
+        near = [donor_params, base] + [self.explore(donor_params, rng) for _ in range(8)]
+        c = np.clip(np.vstack([box, [[p.to_unit(q[p.name]) for p in num] for q in near]]), 0.0, 1.0)
         now = np.full((len(c), 1), float(step) / horizon)
         mean, sd_ = gp.predict(np.hstack([now, c]))
         best = c[int(np.argmax(mean + self.settings["kappa"] * sd_))]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from typing import Any
 
 from ..api.trial import CONTINUE, Decision
@@ -82,7 +83,6 @@ class _BusChannel:
 
     def __init__(self, client=None):
         import atexit
-        import time
 
         if client is None:
             from ..bus import TrialClient, redis_bus

@@ -110,6 +110,10 @@ class ControlPlane:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def pids(self) -> dict[str, int]:
+        """The process id of each running component (etcd, kube-apiserver, kube-controller-manager)."""
+        return {name: process.pid for name, process in self._processes.items()}
+
     def log_tails(self, lines: int = 20) -> str:
         return "\n".join(f"--- {p.name} ---\n{processes.log_tail(p, lines)}"
                          for p in sorted(self.log_dir.glob("*.log")))

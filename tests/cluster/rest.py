@@ -56,9 +56,13 @@ class Rest:
             data = response.read()
             raise ApiError("GET", path, response.status, json.loads(data) if data else None)
         raw = response.response
+        ended = False
         try:
             yield from decode_lines(raw.stream(64 * 1024))
+            ended = True
         finally:
+            if not ended:  # abandoned mid-stream: the connection has unread data, so it is not reused
+                raw.close()
             raw.release_conn()
 
     def get(self, path: str, **query: Any) -> Any:
