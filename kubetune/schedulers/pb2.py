@@ -92,6 +92,7 @@ class PB2(PBT):
     def suggest(self, donor_params: Mapping[str, Any], step: float, trials: Sequence[Trial],
                 rng: np.random.Generator) -> dict | None:
         from ..suggestion._gp import GP
+        from ..suggestion.gp import standardise
 
         num = self.numeric()
         if not num:
@@ -102,9 +103,7 @@ class PB2(PBT):
         horizon = max(float(x[:, 0].max()), float(step), 1e-9)
         x = x.copy()
         x[:, 0] /= horizon
-        sd = float(y.std())
-        y = (y - y.mean()) / (sd if sd > 0 else 1.0)
-        gp = GP(x, y)
+        gp = GP(x, standardise(y))
         # Candidates: random points of the box, the donor's parameters and PBT's neighbours of them.
         base = self.explore(donor_params, rng)  # also settles the parameters the GP does not model
         box = rng.random((self.settings["candidates"], len(num)))
