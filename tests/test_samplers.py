@@ -217,10 +217,10 @@ def test_bohb_uses_the_largest_budget_with_enough_observations():
     obs = budget_observations(trials, 1.0)
     assert len(obs[1.0]) == 30 and len(obs[3.0]) == 6 and FINAL not in obs
     sampler = BOHBSampler(space, seed=0, settings={"minPointsInModel": 3})
-    good, bad, _ = sampler.model(trials)
+    good, bad = sampler.model(trials)
     assert good.n + bad.n == 6  # budget 3 qualifies (3 + 2 observations needed)
     sampler = BOHBSampler(space, seed=0, settings={"minPointsInModel": 5})
-    good, bad, _ = sampler.model(trials)
+    good, bad = sampler.model(trials)
     assert good.n + bad.n == 30  # falls back to budget 1
 
 

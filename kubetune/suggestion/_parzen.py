@@ -159,10 +159,21 @@ class Parzen:
         return out
 
 
-def scott_sigma(n: int, d: int) -> float:
-    """Kernel width for a joint density of n points in d unit columns (Scott's rule, clipped)."""
-    sigma = 0.2 * max(n, 1) ** (-1.0 / (d + 4))
-    return float(np.clip(sigma, 1.0 / min(100, n + 1), 1.0))
+def good_or_bad_density(rows: np.ndarray, weights: np.ndarray, n_choices: np.ndarray, prior_weight: float) -> Parzen:
+    """TPE's density of one group (the good or the bad trials), which BOHB's model uses too.
+
+    Per point and parameter the kernel width is the larger gap to a neighbouring
+    observation (Optuna's rule, which beat Scott's single joint width on every
+    benchmark function we tried), and a uniform prior component of weight
+    `prior_weight` keeps every region reachable.
+    """
+    n, d = rows.shape
+    sigma = np.column_stack([neighbour_sigma(rows[:, j]) for j in range(d)]) if n else 1.0
+    sigma = np.where(np.isnan(sigma), 1.0, sigma)
+    # Categorical kernels sharpen as evidence grows (prior mass spread over n + 1 kernels).
+    spread = n_choices * prior_weight / (n + 1)
+    alpha = spread / (1 + spread)
+    return Parzen(rows, weights, sigma, alpha, n_choices, prior_weight)
 
 
 def neighbour_sigma(centres: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..api.settings import Setting, at_least, fraction, positive
 from ._encoding import ModelSampler
-from ._parzen import MAX_BAD, Parzen, neighbour_sigma, thin
+from ._parzen import MAX_BAD, Parzen, good_or_bad_density, thin
 from ._threads import small_linear_algebra
 from .base import SEED
 
@@ -100,14 +100,4 @@ class TPESampler(ModelSampler):
         return self.pick_unseen(ranked, hist, trials, rng)
 
     def _density(self, rows: np.ndarray, weights: np.ndarray) -> Parzen:
-        enc = self.encoder
-        n = len(rows)
-        # Per point and parameter: the larger gap to a neighbouring observation (Optuna's rule,
-        # which beat Scott's single joint width on every benchmark function we tried).
-        sigma = np.column_stack([neighbour_sigma(rows[:, j]) for j in range(enc.dim)]) if n else 1.0
-        sigma = np.where(np.isnan(sigma), 1.0, sigma)
-        # Categorical kernels sharpen as evidence grows (prior mass spread over n + 1 kernels).
-        pw = self.settings["priorWeight"]
-        spread = enc.n_choices * pw / (n + 1)
-        alpha = spread / (1 + spread)
-        return Parzen(rows, weights, sigma, alpha, enc.n_choices, pw)
+        return good_or_bad_density(rows, weights, self.encoder.n_choices, self.settings["priorWeight"])
