@@ -1,7 +1,7 @@
 """kubetune's samplers against Optuna 5's on the same problems, budgets and seeds.
 
     python -m bench.samplers --quick     # a few minutes' smoke run
-    python -m bench.samplers             # the full table (bench/RESULTS.md), about an hour on 2 cores
+    python -m bench.samplers             # the full table (bench/RESULTS.md), about 1.5 hours on 2 cores
 
 Prints markdown: median best value per (problem, budget) for each kubetune
 sampler next to its Optuna counterpart, wins/ties/losses, the warm-start
@@ -33,7 +33,9 @@ from .warm_start import WARM_PROBLEMS, warm_start_job
 
 FULL = {
     "problems": list(PROBLEMS),
-    "seeds": 10,
+    # 20 seeds: with 10, two samplers of equal quality often have medians further apart than
+    # the tie tolerance (kubetune random vs Optuna random: 46% "at least as good" at 10 seeds).
+    "seeds": 20,
     "budgets": [50, 100, 200],
     # Optuna's GPSampler costs O(n^3) per ask (~0.15 s at 100 trials, ~7 s at 1,000): 10 seeds x 8
     # problems at 200 trials would take hours on 2 cores, so both GPs are compared at 50 and 100.
@@ -270,8 +272,8 @@ def main(argv=None) -> None:
              f"Problems: {', '.join(cfg['problems'])}. Seeds 0-{cfg['seeds'] - 1} for every sampler but GP; "
              f"budgets {', '.join(map(str, cfg['budgets']))} (median best value, lower is better).",
              f"GP (both libraries) runs on seeds 0-{cfg['gp_seeds'] - 1} and to {cfg['gp_budget']} trials only: "
-             "Optuna's GPSampler is O(n^3) per ask (about 7 s at 1,000 trials), and 200-trial runs on 10 seeds x 8 "
-             "problems would take hours on 2 shared cores.",
+             "Optuna's GPSampler is O(n^3) per ask (about 7 s at 1,000 trials), and 200-trial runs on "
+             f"{cfg['seeds']} seeds x 8 problems would take hours on 2 shared cores.",
              "Every sampler runs with its library's defaults (Optuna 5's TPE is multivariate with a constant liar; "
              "its CMA-ES samples categorical and conditional parameters at random, its GP conditional ones).",
              "Ties: medians within 1e-3 x max(1, |optimum|).", "",
