@@ -393,6 +393,17 @@ def test_pbt_synch_a_member_that_ends_or_goes_on_does_not_hold_the_others():
     assert s1.report(a, step=2, value=0.5).wait
     s1.ended(b)
     assert [(t.number, d.action) for t, d in s1.released()] == [(a.number, "continue")]
+    # ... nor is an ended trial ranked, or taken as a donor.
+    s4 = study("pbt", {"perturbationInterval": 2, "quantileFraction": 0.5, "synch": True})
+    a, b, c = s4.ask(), s4.ask(), s4.ask()
+    s4.report(b, step=1, value=0.9)
+    s4.ended(b)  # the best so far, then its pod died
+    s4.report(c, step=1, value=0.1)
+    s4.report(c, step=2, value=0.1)
+    s4.report(a, step=1, value=0.5)
+    d = s4.report(a, step=2, value=0.5)
+    held = {t.number: x for t, x in s4.released()}
+    assert d.action == "continue" and held[c.number].action == "exploit" and held[c.number].donor == a.number
     # A trial whose runtime gave up waiting reports again: its held decision is dropped, not sent late.
     s2 = study("pbt", {"perturbationInterval": 2, "quantileFraction": 0.5, "synch": True})
     a, b = s2.ask(), s2.ask()

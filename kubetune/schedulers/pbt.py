@@ -129,7 +129,7 @@ class PBT(Scheduler):
         out = []
         for number, (reports, step, value) in sorted(self._held.items()):
             trial = trials[number]
-            if not trial.state.active or len(trial.intermediate) != reports:
+            if not trial.state.active or number in self._gone or len(trial.intermediate) != reports:
                 del self._held[number]  # gone, or it went on without the answer
             elif not self._behind(trial, step, trials):
                 del self._held[number]
@@ -153,7 +153,7 @@ class PBT(Scheduler):
         # younger. A member ahead counts with the value it had at this step; one behind with
         # its latest (it will be compared fairly when it gets here).
         at = {t.number: self._value_at(t, step) for t in trials
-              if t.intermediate and not t.state.finished and t is not trial}
+              if t.intermediate and not t.state.finished and t.number not in self._gone and t is not trial}
         at = {n: v for n, v in at.items() if v is not None}
         at[trial.number] = value
         if len(at) < 2:
