@@ -19,9 +19,11 @@ optimizer and epoch), in two ways:
    lockstep, so only the scheduler differs.
 2. End to end, as a user runs it (`kubetune run`, one process per trial,
    checkpoints copied and verified on disk), PBT and fixed. Here the members
-   start seconds apart on a small machine while an epoch takes milliseconds, so
-   members are compared at very different epochs; shown for the lineage and the
-   mechanics, not as the measurement.
+   start seconds apart on a small machine while an epoch takes milliseconds.
+   With the example's `synch: true` each check waits until the whole population
+   has reported that epoch, so members are compared (and take donors) at the
+   same epoch as in process; with the asynchronous default (`--e2e-async`) they
+   are compared at very different epochs.
 
 For each seed: the best and mean final validation loss (the objective) and the
 best final validation accuracy of each population, and the lineage of PBT's
@@ -105,12 +107,17 @@ def run_in_process(tr, ex: dict, seed: int, pbt: bool, method: str = "pbt") -> d
             values = {"val_loss": m["loss"], "val_accuracy": m["acc"]}
             d = study.report(m["trial"], step=m["age"], value=values[metric],
                              **{k: v for k, v in values.items() if k != metric})
-            if d.action == "exploit":
-                donor = next(x for x in members if x["trial"].number == d.donor)
-                m["model"].load_state_dict(copy.deepcopy(donor["model"].state_dict()))
-                m["optimizer"].load_state_dict(copy.deepcopy(donor["optimizer"].state_dict()))
-                tr.set_hyperparameters(m["optimizer"], d.params)
-                m["age"] = donor["age"]
+            # With `synch: true` a check is answered `wait` until the generation has reported it;
+            # the held decisions come out of released() (in a generation, when its last member reports).
+            decided = [] if d.wait else [(m, d)]
+            decided += [(next(x for x in members if x["trial"] is t), h) for t, h in study.released()]
+            for x, h in decided:
+                if h.action == "exploit":
+                    donor = next(y for y in members if y["trial"].number == h.donor)
+                    x["model"].load_state_dict(copy.deepcopy(donor["model"].state_dict()))
+                    x["optimizer"].load_state_dict(copy.deepcopy(donor["optimizer"].state_dict()))
+                    tr.set_hyperparameters(x["optimizer"], h.params)
+                    x["age"] = donor["age"]
     # A trial's result is its last report (the objective's strategy: latest), as in the trainer:
     # one that exploits at its last epoch ends with the donor's weights but its own last value.
     for m in members:
@@ -183,6 +190,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 of the in-process comparison")
     parser.add_argument("--e2e-seeds", type=int, default=2, help="end-to-end runs (kubetune run), seeds 0..N-1")
     parser.add_argument("--pb2", action="store_true", help="also PB2 (the GP-bandit explore) in process")
+    parser.add_argument("--e2e-async", action="store_true",
+                        help="end to end with the asynchronous PBT (the example's settings without synch)")
     args = parser.parse_args()
     seeds = list(range(3 if args.quick else args.seeds))
     e2e = list(range(1 if args.quick else args.e2e_seeds))
@@ -219,9 +228,12 @@ def main() -> None:
 
     if not e2e:
         return
-    print("\n2. End to end (`kubetune run`, one process per trial; members start seconds apart):\n")
-    rows = []
     base = copy.deepcopy(ex["doc"])
+    synch = bool(base["spec"]["earlyStopping"]["settings"].get("synch")) and not args.e2e_async
+    base["spec"]["earlyStopping"]["settings"]["synch"] = synch
+    print("\n2. End to end (`kubetune run`, one process per trial; members start seconds apart; "
+          f"{'synchronous: each check waits for the population' if synch else 'asynchronous'}):\n")
+    rows = []
     base["spec"]["trialTemplate"]["workingDir"] = str(ROOT / "examples")
     with tempfile.TemporaryDirectory() as tmp:
         lineages = []

@@ -111,6 +111,32 @@ class Study:
         if self.scheduler is None or not finite(value):
             return CONTINUE
         decision = self.scheduler.on_report(trial, step, float(value), self.trials)
+        return self._follow(trial, step, decision)
+
+    def released(self) -> list[tuple[Trial, Decision]]:
+        """Decisions held back earlier and made now, as (trial, decision), each once.
+
+        With a synchronous scheduler (`pbt`/`pb2` with `synch: true`) `report()` may
+        answer `wait`: the decision on that report waits until every other live trial
+        has reported the same step (or finished). Call this after reports and `tell()`s
+        and hand each decision to its trial, whose report is still the one answered `wait`.
+        """
+        if self.scheduler is None:
+            return []
+        out = []
+        for number, decision in self.scheduler.released(self.trials):
+            trial = self.trials[number]
+            out.append((trial, self._follow(trial, trial.last_step, decision)))
+        return out
+
+    def ended(self, trial: Trial | int) -> None:
+        """The trial's process is gone; its final state is told later (or elsewhere, as in the cluster's
+        suggestion service). A synchronous scheduler stops waiting for it; see `released()`."""
+        if self.scheduler is not None:
+            self.scheduler.on_ended(self._trial(trial))
+
+    def _follow(self, trial: Trial, step: float, decision: Decision) -> Decision:
+        """Records what the decision does to the trial (its state, an exploit's new parameters)."""
         if decision.stop:
             trial.state = TrialState.PRUNED
             trial.reason = decision.reason

@@ -188,6 +188,37 @@ def test_client_batches_reports_and_keeps_a_stop(bus):
     assert client.send_report(21, {"acc": 1}).stop  # a stop sticks
 
 
+def test_client_waits_through_a_held_decision_and_never_returns_wait(bus):
+    """Synchronous PBT: `wait` keeps the report waiting for the real decision on it."""
+    exploit = Decision("exploit", "bottom", donor=1, params={"lr": 0.1})
+
+    def scheduler():
+        msgs = []
+        while not msgs:
+            msgs = bus.read(EXP, "c0", block_s=5)
+        bus.decide(EXP, [(2, msgs[0].report.seq, Decision("wait", "held"))])
+        threading.Event().wait(0.3)  # longer than the client's wait_s: only the hold keeps it waiting
+        bus.decide(EXP, [(2, msgs[0].report.seq, exploit)])
+
+    th = threading.Thread(target=scheduler)
+    th.start()
+    client = TrialClient(bus, EXP, 2, wait=True, wait_s=0.1)
+    assert client.send_report(4, {"acc": 0.5}) == exploit
+    th.join()
+    # A hold that runs out goes on as `continue`; the held report is sent again meanwhile, so that
+    # a restarted scheduler (which holds nothing) can answer it.
+    client = TrialClient(bus, EXP, 3, wait=True, wait_s=1.0, hold_s=0.5, repeat_s=0.2)
+    bus.read(EXP, "c0", count=100)
+    bus.decide(EXP, [(3, 1, Decision("wait", "held"))])
+    assert client.send_report(4, {"acc": 0.5}).action == "continue"
+    again = bus.read(EXP, "c0", count=100)
+    assert len(again) >= 2 and all(m.report == Report(3, 1, 4.0, {"acc": 0.5}) for m in again)
+    # Batched reports do not wait; a `wait` among their answers reads as `continue`.
+    batched = TrialClient(bus, EXP, 4, batch=1)
+    bus.decide(EXP, [(4, 1, Decision("wait", "held"))])
+    assert batched.send_report(1, {"acc": 0.1}).action == "continue"
+
+
 # -- the scheduler loop -----------------------------------------------------------
 
 PARAMS = [{"name": "lr", "type": "double", "min": 1e-3, "max": 1.0, "log": True},
@@ -367,3 +398,52 @@ def test_password_is_required_and_used(redis_server_factory):
     bus.publish(EXP, reports(0, 2))
     assert len(bus.read(EXP, "c0")) == 2
     bus.close()
+
+
+def test_loop_runs_a_synchronous_pbt_population_over_the_bus(bus):
+    """Members start at different times; each check waits for the whole population, so every
+    exploit takes a donor at the exploiting trial's own step, and no trial ever sees `wait`."""
+    import time
+
+    es = {"name": "pbt", "settings": {"perturbationInterval": 3, "quantileFraction": 0.25, "synch": True}}
+    lock = threading.RLock()
+    study = Study(parameters=PARAMS, goal="maximize", seed=3, early_stopping=es)
+    handler = StudyHandler(study, "acc", lock)
+    loop = SchedulerLoop(bus, EXP, handler, released=handler.released)
+    stop = threading.Event()
+    runner = threading.Thread(target=loop.run, args=(stop, 0.05), daemon=True)
+    runner.start()
+    with lock:
+        pop = [study.ask() for _ in range(6)]
+        for t in pop:
+            t.state = TrialState.RUNNING  # started, as the engine and operator record it
+    seen = []
+
+    def member(number):
+        time.sleep(0.05 * number)  # processes start apart
+        client = TrialClient(bus, EXP, number, wait=True, wait_s=10)
+        with lock:
+            params = dict(study.trials[number].params)
+        epoch, value = 0, 0.0
+        while epoch < 12:
+            epoch += 1
+            value = acc(params, epoch)
+            d = client.send_report(epoch, {"acc": value})
+            seen.append(d.action)
+            if d.action == "exploit":
+                params = d.params
+        client.close()
+        with lock:
+            study.tell(study.trials[number], value)
+
+    try:
+        with ThreadPoolExecutor(len(pop)) as pool:
+            for f in [pool.submit(member, t.number) for t in pop]:
+                f.result(timeout=60)
+    finally:
+        stop.set()
+        runner.join()
+    assert "wait" not in seen and "exploit" in seen
+    exploits = [e for t in study.trials for e in t.events if e["event"] == "exploit"]
+    assert exploits and all(e["donor_step"] == e["step"] for e in exploits)
+    assert all(t.state == TrialState.SUCCEEDED for t in study.trials)

@@ -257,3 +257,34 @@ def test_warm_start_takes_the_earlier_experiments_finished_trials(tmp_path):
     result = kubetune("run", str(missing), "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
     assert result.returncode == 2
     assert "spec.warmStart.fromExperiments[0]: no earlier experiment 'nope'" in result.stderr
+
+
+def test_synchronous_pbt_waits_for_the_population_and_not_for_a_member_that_died(tmp_path):
+    """Members start 0.4 s apart (steps take 10 ms): each check waits until every live member has
+    reported that step, so every donor is taken at the taker's step; trial 2 crashes at step 5,
+    and the checks at step 6 go on without it."""
+    spec = {
+        "objective": {"metric": "score", "goal": "maximize", "strategy": "latest"},
+        "parameters": [{"name": "lr", "type": "double", "min": 0.001, "max": 0.3, "log": True}],
+        "algorithm": {"name": "random", "settings": {"seed": 1}},
+        "earlyStopping": {"name": "pbt", "settings": {"perturbationInterval": 3, "quantileFraction": 0.25,
+                                                      "synch": True}},
+        "budget": {"maxTrials": 5, "parallelTrials": 5, "maxFailedTrials": 1},
+        "trialTemplate": {"command": ["python", str(TRIALS / "pbt_toy.py")],
+                          "env": [{"name": "STEPS", "value": "12"}, {"name": "STEP_SECONDS", "value": "0.01"},
+                                  {"name": "START_DELAY", "value": "0.4"}, {"name": "CRASH_TRIAL", "value": "2"},
+                                  {"name": "CRASH_STEP", "value": "5"}]},
+    }
+    path = write_spec(tmp_path / "synch.yaml", "synch", spec)
+    started = time.monotonic()
+    result = kubetune("run", str(path), "--json", "--state-dir", str(tmp_path / "state"), cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 60  # ANSWER_TIMEOUT never ran out: nobody waited for the dead one
+    records = journal(tmp_path / "state", "synch")
+    assert [r["state"] for r in records.values()].count("Failed") == 1 and records[2]["state"] == "Failed"
+    exploits = [e for r in records.values() for e in r["events"] if e["event"] == "exploit"]
+    assert exploits and all(e["donor_step"] == e["step"] for e in exploits)
+    assert all(e["step"] in (3, 6, 9, 12) for e in exploits)
+    for r in records.values():
+        steps = [s for s, _ in r["intermediate"]]
+        assert steps == list(range(1, len(steps) + 1))  # own counter, and no step lost to a wait

@@ -293,6 +293,37 @@ def test_pbt_exploits_in_place_without_restarting_the_pod(k8s_cluster, k8s_names
         assert all(b[0] > a[0] for a, b in zip(t["status"]["intermediate"], t["status"]["intermediate"][1:]))
 
 
+def test_synchronous_pbt_waits_for_every_pod_but_not_for_one_that_died(k8s_cluster, k8s_namespace, make_kubelet,
+                                                                         stack, tmp_path):
+    """synch over Redis and the suggestion service: pods start apart, each check waits for the whole
+    population (so every donor is at the taker's step); trial 2's pod fails at step 5 and the operator's
+    flush of it releases the checks at step 6."""
+    make_kubelet(gpus=4)
+    spec = curve_spec(
+        parameters=[{"name": "lr", "type": "double", "min": 0.001, "max": 0.3, "log": True}],
+        budget={"maxTrials": 4, "parallelTrials": 4, "maxFailedTrials": 1},
+        earlyStopping={"name": "pbt", "settings": {"perturbationInterval": 3, "quantileFraction": 0.25,
+                                                   "synch": True}})
+    spec["trialTemplate"]["command"] = ["python", str(TRIALS / "pbt_toy.py")]
+    spec["trialTemplate"]["env"] = [{"name": "KUBETUNE_CHECKPOINT_DIR", "value": str(tmp_path / "checkpoints")},
+                                    {"name": "STEPS", "value": "12"}, {"name": "STEP_SECONDS", "value": "0.05"},
+                                    {"name": "START_DELAY", "value": "0.5"}, {"name": "CRASH_TRIAL", "value": "2"},
+                                    {"name": "CRASH_STEP", "value": "5"}]
+    spec["objective"]["strategy"] = "latest"
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("synch", k8s_namespace, **spec))
+    status = wait_phase(k8s_cluster, k8s_namespace, "synch", stack)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    trials = {t["spec"]["number"]: t for t in get(k8s_cluster, "trials", k8s_namespace)["items"]}
+    assert trials[2]["status"]["state"] == "Failed"
+    exploits = [e for t in trials.values() for e in t["status"].get("events", []) if e["event"] == "exploit"]
+    assert exploits, trial_states(k8s_cluster, k8s_namespace)
+    assert all(e["donor_step"] == e["step"] for e in exploits), exploits
+    for n, t in trials.items():
+        steps = [s for s, _ in t["status"]["intermediate"]]
+        assert steps == list(range(1, len(steps) + 1))
+        assert len(steps) == (4 if n == 2 else 12)
+
+
 def test_a_trial_lost_with_its_node_runs_again_elsewhere(k8s_cluster, k8s_namespace, make_kubelet, stack):
     # Two nodes: when every node goes silent the node controller evicts nothing (as in a real cluster).
     survivor = make_kubelet(gpus=1)

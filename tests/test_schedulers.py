@@ -304,6 +304,129 @@ def test_pbt_explore_never_hands_back_the_donors_parameters():
             assert all(out[k] != params[k] for k in params)
 
 
+def run_staggered(s, offsets, steps=16):
+    """Members start `offsets` ticks apart (processes started seconds apart) and report one step a
+    tick; a member answered `wait` blocks until Study.released() answers it. Returns the log of
+    (tick, trial, step, action) for every decision handed out."""
+    pop = [s.ask() for _ in offsets]
+    step = {t.number: 0 for t in pop}
+    acc = {t.number: 0.0 for t in pop}
+    blocked, log = set(), []
+
+    def follow(t, d, tick):
+        log.append((tick, t.number, step[t.number], d.action))
+        if d.action == "exploit":
+            step[t.number], acc[t.number] = step[d.donor], acc[d.donor]
+
+    for tick in range(200):
+        for t, offset in zip(pop, offsets):
+            if tick < offset or t.number in blocked or t.state.finished:
+                continue
+            if step[t.number] >= steps:
+                s.tell(t, acc[t.number])
+            else:
+                step[t.number] += 1
+                acc[t.number] += curve(t.params, 3)
+                d = s.report(t, step=step[t.number], value=acc[t.number])
+                if d.wait:
+                    blocked.add(t.number)
+                else:
+                    follow(t, d, tick)
+            for held, d in s.released():
+                blocked.discard(held.number)
+                follow(held, d, tick)
+        if all(t.state.finished for t in pop):
+            break
+    return pop, log
+
+
+def test_pbt_synch_holds_a_check_until_every_live_member_has_reported_that_step():
+    settings = {"perturbationInterval": 4, "quantileFraction": 0.25, "synch": True}
+    s = study("pbt", settings)
+    pop, log = run_staggered(s, offsets=[0, 3, 5, 9, 10, 14])
+    assert all(t.state == TrialState.SUCCEEDED for t in pop) and not s.scheduler._held
+    checks = [entry for entry in log if entry[2] % 4 == 0]
+    # Each check is answered only once the last member got there: at one tick per generation.
+    assert {tick for tick, *_ in checks} == {14 + 3, 14 + 7, 14 + 11, 14 + 15}
+    exploits = [e for t in s.trials for e in t.events if e["event"] == "exploit"]
+    assert exploits
+    # Like for like: every donor was at the exploiting trial's step (its checkpoint from that step).
+    assert all(e["donor_step"] == e["step"] for e in exploits)
+    # The asynchronous default, on the same population, takes donors at other steps.
+    a = study("pbt", {k: v for k, v in settings.items() if k != "synch"})
+    run_staggered(a, offsets=[0, 3, 5, 9, 10, 14])
+    assert any(e["donor_step"] != e["step"] for t in a.trials for e in t.events if e["event"] == "exploit")
+
+
+def test_pbt_synch_ranks_the_generation_together():
+    s = study("pbt", {"perturbationInterval": 2, "quantileFraction": 0.5, "synch": True})
+    a, b, c, d = (s.ask() for _ in range(4))
+    values = {a.number: 0.9, b.number: 0.1, c.number: 0.8, d.number: 0.2}
+    for t in (a, b, c):
+        assert s.report(t, step=1, value=values[t.number]).action == "continue"
+        w = s.report(t, step=2, value=values[t.number])
+        assert w.wait and w.reason.endswith(f"{d.number} to report step 2")
+        assert s.released() == []
+    assert s.report(d, step=1, value=0.2).action == "continue"
+    last = s.report(d, step=2, value=0.2)  # the last one is decided at once, the others released
+    got = {t.number: x for t, x in s.released()} | {d.number: last}
+    assert sorted(got) == [a.number, b.number, c.number, d.number]
+    assert {n for n, x in got.items() if x.action == "exploit"} == {b.number, d.number}
+    assert {x.donor for x in got.values() if x.action == "exploit"} <= {a.number, c.number}
+    assert b.events[-1]["event"] == "exploit" and b.params == b.events[-1]["new"]  # applied by the Study
+    assert s.released() == []  # each decision once
+
+
+def test_pbt_synch_a_member_that_ends_or_goes_on_does_not_hold_the_others():
+    s = study("pbt", {"perturbationInterval": 2, "quantileFraction": 0.5, "synch": True})
+    a, b, c = s.ask(), s.ask(), s.ask()
+    for t in (a, b):
+        s.report(t, step=1, value=0.5)
+        assert s.report(t, step=2, value=0.5 + t.number / 10).wait
+    s.report(c, step=1, value=0.1)
+    s.tell(c, None, state=TrialState.FAILED)  # it crashed before step 2
+    assert sorted(t.number for t, _ in s.released()) == [a.number, b.number]
+    # The cluster's service hears that a pod ended before it hears the trial's final state.
+    s1 = study("pbt", {"perturbationInterval": 2, "quantileFraction": 0.5, "synch": True})
+    a, b = s1.ask(), s1.ask()
+    s1.report(a, step=1, value=0.5)
+    assert s1.report(a, step=2, value=0.5).wait
+    s1.ended(b)
+    assert [(t.number, d.action) for t, d in s1.released()] == [(a.number, "continue")]
+    # ... nor is an ended trial ranked, or taken as a donor.
+    s4 = study("pbt", {"perturbationInterval": 2, "quantileFraction": 0.5, "synch": True})
+    a, b, c = s4.ask(), s4.ask(), s4.ask()
+    s4.report(b, step=1, value=0.9)
+    s4.ended(b)  # the best so far, then its pod died
+    s4.report(c, step=1, value=0.1)
+    s4.report(c, step=2, value=0.1)
+    s4.report(a, step=1, value=0.5)
+    d = s4.report(a, step=2, value=0.5)
+    held = {t.number: x for t, x in s4.released()}
+    assert d.action == "continue" and held[c.number].action == "exploit" and held[c.number].donor == a.number
+    # A trial whose runtime gave up waiting reports again: its held decision is dropped, not sent late.
+    s2 = study("pbt", {"perturbationInterval": 2, "quantileFraction": 0.5, "synch": True})
+    a, b = s2.ask(), s2.ask()
+    s2.report(a, step=1, value=0.5)
+    assert s2.report(a, step=2, value=0.5).wait
+    assert s2.report(a, step=3, value=0.6).action == "continue"
+    s2.report(b, step=1, value=0.1)
+    s2.report(b, step=2, value=0.1)
+    assert s2.released() == [] and not s2.scheduler._held
+    # Pending members (started, no report yet) count: the first report at a check waits for them.
+    s3 = study("pbt", {"perturbationInterval": 1, "quantileFraction": 0.5, "synch": True})
+    a, _ = s3.ask(), s3.ask()
+    assert s3.report(a, step=1, value=0.5).wait
+
+
+def test_pb2_synch_uses_the_gp_bandit_on_released_decisions():
+    s = study("pb2", {"perturbationInterval": 3, "quantileFraction": 0.25, "minData": 4, "synch": True})
+    pop, log = run_staggered(s, offsets=[0, 1, 2, 4, 6, 7], steps=18)
+    exploits = [e for t in s.trials for e in t.events if e["event"] == "exploit"]
+    assert exploits and all(e["donor_step"] == e["step"] for e in exploits)
+    assert not [entry for entry in log if entry[3] == "wait"]
+
+
 def test_pb2_explores_with_the_gp_bandit_once_it_has_data():
     s = study("pb2", {"perturbationInterval": 3, "quantileFraction": 0.25, "minData": 4})
     log = run_pbt(s, rounds=24, population=6)
@@ -403,6 +526,7 @@ def test_same_seed_same_decisions_other_seed_other_configurations():
         ("pbt", {"quantileFraction": 0.7}, "early_stopping.settings.quantileFraction", "0.5"),
         ("pbt", {"resampleProbability": 2}, "early_stopping.settings.resampleProbability", "between 0 and 1"),
         ("pbt", {"perturbationFactors": []}, "early_stopping.settings.perturbationFactors", "non-empty"),
+        ("pbt", {"synch": "yes"}, "early_stopping.settings.synch", "true or false"),
     ],
 )
 def test_settings_errors_name_the_field(name, settings, field, words):

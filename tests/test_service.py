@@ -68,3 +68,37 @@ def test_trials_asked_for_but_not_created_are_asked_for_again_identically():
     created = [Trial(0, first["suggestions"][0]["params"])]
     again = service.suggest(delta(first["epoch"], created, 1, 2))
     assert again["suggestions"] == first["suggestions"][1:]
+
+
+def test_a_trial_whose_pod_ended_no_longer_holds_a_synchronous_pbt_population():
+    """The operator's flush at a pod's end ("ended") releases the members waiting for it."""
+    import copy
+    import threading
+    import time
+
+    from kubetune.bus import MemoryBus, TrialClient
+
+    doc = copy.deepcopy(DOCUMENT)
+    doc["spec"]["algorithm"] = {"name": "random"}
+    doc["spec"]["budget"] = {"maxTrials": 2, "parallelTrials": 2}
+    doc["spec"]["earlyStopping"] = {"name": "pbt", "settings": {"perturbationInterval": 1, "synch": True}}
+    bus = MemoryBus()
+    service = SuggestionService(bus=bus)
+    try:
+        service.suggest({**full([], 2), "document": doc})
+        brain = service.brains.get("team/tune")
+        got = []
+        member = threading.Thread(target=lambda: got.append(
+            TrialClient(bus, "team/tune", 0, wait=True, wait_s=0.2).send_report(1, {"loss": 0.5})))
+        member.start()
+        deadline = time.monotonic() + 10
+        while not brain.study.scheduler._held and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert brain.study.scheduler._held, "trial 0's check waits for trial 1"
+        time.sleep(0.3)  # past the client's wait_s: only the hold keeps it waiting
+        assert member.is_alive()
+        service.flush({"experiment": EXPERIMENT, "trial": 1, "ended": True})  # trial 1's pod failed
+        member.join(10)
+        assert not member.is_alive() and got[0].action == "continue"
+    finally:
+        service.close()

@@ -61,3 +61,23 @@ def test_bus_reports_after_a_long_stretch_wait_for_their_own_decision():
         now[0] += gap
         channel.send(1, {"val_accuracy": 0.5})
     assert waits == [True, False, False, True, False]
+
+
+def test_bus_reports_all_wait_for_their_decision_under_synchronous_pbt(monkeypatch):
+    """The operator sets KUBETUNE_REPORT_WAIT=1 for synch PBT: a held check must block its trial
+    however soon it follows the previous report."""
+    from kubetune.bus import MemoryBus, TrialClient
+    from kubetune.trial import _BusChannel
+
+    monkeypatch.setenv("KUBETUNE_REPORT_WAIT", "1")
+    waits = []
+
+    class Client(TrialClient):
+        def send_report(self, step, metrics):
+            waits.append(self.wait)
+            return super().send_report(step, metrics)
+
+    channel = _BusChannel(Client(MemoryBus(), "ns/exp", 0, wait_s=0.0))
+    for step in range(1, 4):
+        channel.send(step, {"val_accuracy": 0.5})
+    assert waits == [True, True, True]

@@ -92,7 +92,10 @@ class Decision:
     """What a scheduler answers to a reported metric; `report()` hands it to the trial."""
 
     # continue | stop | exploit | pause (save a checkpoint and exit; the
-    # scheduler may resume the trial later from that checkpoint)
+    # scheduler may resume the trial later from that checkpoint) | wait (synchronous
+    # PBT: the decision on this report comes later, once the rest of the population
+    # has reported this step; Study.released() hands it out. The trial SDK never
+    # returns it: report() blocks until the real decision arrives.)
     action: str = "continue"
     reason: str = ""
     # exploit (PBT): continue from the donor trial's checkpoint with new parameters.
@@ -107,6 +110,11 @@ class Decision:
     def pause(self) -> bool:
         """Save a checkpoint and exit; the scheduler may resume this trial from it later."""
         return self.action == "pause"
+
+    @property
+    def wait(self) -> bool:
+        """The decision on this report is held back until the population catches up."""
+        return self.action == "wait"
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}

@@ -5,7 +5,12 @@ trial's decision queue) every `batch` reports or `flush_s` seconds, so that
 reporting every step costs a training loop microseconds. With wait=True each
 report is sent at once and the call blocks up to `wait_s` for its decision
 (for trials reporting once an epoch, where an immediate answer matters).
-A stop or pause, once seen, is returned by every later call. If the bus is
+A stop or pause, once seen, is returned by every later call. A `wait` answer
+(synchronous PBT: the decision is held until the population catches up) keeps
+a waiting report waiting, up to `hold_s`, for the real decision on it; the
+report is sent again every `repeat_s` meanwhile, so that a scheduler restarted
+in between (which holds nothing) answers it. `wait` is never returned: a batched
+report, or one whose hold ran out, goes on as `continue`. If the bus is
 unreachable the reports stay buffered (up to `max_buffer`, oldest dropped
 first) and the trial carries on: losing the bus costs intermediate metrics,
 never the trial.
@@ -24,9 +29,11 @@ _FINAL = ("stop", "pause")
 
 class TrialClient:
     def __init__(self, bus: MetricBus, experiment: str, trial: int, *, batch: int = 32, flush_s: float = 0.05,
-                 wait: bool = False, wait_s: float = 0.5, max_buffer: int = 10_000):
+                 wait: bool = False, wait_s: float = 0.5, max_buffer: int = 10_000, hold_s: float = 3600.0,
+                 repeat_s: float = 30.0):
         self.bus, self.experiment, self.trial = bus, experiment, trial
         self.batch, self.flush_s, self.wait, self.wait_s = batch, flush_s, wait, wait_s
+        self.hold_s, self.repeat_s = hold_s, repeat_s
         self.max_buffer = max_buffer
         self.seq = 0
         self.decision: Decision = CONTINUE  # the latest one
@@ -46,7 +53,7 @@ class TrialClient:
             self.flush()
         elif len(self._buffer) >= self.batch or time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
-        return self.decision
+        return CONTINUE if self.decision.wait else self.decision
 
     def flush(self) -> Decision:
         """Sends what is buffered and picks up decisions that have arrived."""
@@ -58,30 +65,48 @@ class TrialClient:
             return self.decision
         self._buffer = []
         self._apply(got)
-        return self.decision
+        return CONTINUE if self.decision.wait else self.decision
 
     def _send_and_wait(self, seq: int) -> None:
         """Sends the buffer and waits for the decision on `seq` in the same round trip."""
+        if self.decision.wait:
+            self.decision = CONTINUE  # a hold on an earlier (batched) report: that one went on
         self._last_flush = time.monotonic()
         try:
             got = self.bus.publish_and_wait(self.experiment, self._buffer, self.trial, self.wait_s)
         except Exception:  # bus down: keep the reports, carry on training
             self.errors += 1
             return
+        sent = self._buffer[-1]
         self._buffer = []
         self._apply(got)
-        self._await(seq, self._last_flush + self.wait_s)
+        self._await(seq, self._last_flush + self.wait_s, sent)
+        if self.decision.wait:  # the hold ran out (or the bus failed): go on without the answer
+            self.decision = CONTINUE
 
-    def _await(self, seq: int, deadline: float) -> None:
-        while self.decided_seq < seq and self.decision.action not in _FINAL and not self._buffer:
-            left = deadline - time.monotonic()
+    def _await(self, seq: int, deadline: float, sent: Report) -> None:
+        held = False
+        while ((self.decided_seq < seq or self.decision.wait) and self.decision.action not in _FINAL
+               and not self._buffer):
+            now = time.monotonic()
+            if self.decision.wait and self.decided_seq == seq and not held:
+                held, deadline, repeat_at = True, now + self.hold_s, now + self.repeat_s
+            if held and now >= repeat_at:
+                repeat_at = now + self.repeat_s
+                try:
+                    self.bus.publish(self.experiment, [sent])  # the same report: applied once
+                except Exception:
+                    self.errors += 1
+            left = deadline - now
             if left <= 0:
                 return
             try:
-                self._apply(self.bus.take_decisions(self.experiment, self.trial, block_s=left))
+                got = self.bus.take_decisions(self.experiment, self.trial,
+                                              block_s=min(left, repeat_at - now) if held else left)
             except Exception:
                 self.errors += 1
                 return
+            self._apply(got)
 
     def _apply(self, got) -> None:
         for seq, d in got:

@@ -24,6 +24,8 @@ class StudyHandler:
     def __init__(self, study, metric: str, lock: threading.Lock | None = None):
         self.study, self.metric = study, metric
         self.lock = lock or threading.Lock()
+        # Synchronous PBT: trial -> seq of its report answered `wait`, whose decision comes later.
+        self.waiting: dict[int, int] = {}
 
     def __call__(self, msg: Message) -> Decision:
         r = msg.report
@@ -40,8 +42,25 @@ class StudyHandler:
                 return CONTINUE
             step = r.step if r.step is not None else (trial.last_step or 0) + 1
             if _already_applied(trial, step, value):
-                return _answer_for(trial)
-            return self.study.report(trial, step=step, value=value, **others)
+                # A held report sent again is still held here; held by a scheduler that has since
+                # restarted (nothing is held now), it is answered from the trial's state instead.
+                return Decision("wait", "still held") if self.waiting.get(r.trial) == r.seq else _answer_for(trial)
+            decision = self.study.report(trial, step=step, value=value, **others)
+            if decision.wait:
+                self.waiting[r.trial] = r.seq
+            else:
+                self.waiting.pop(r.trial, None)
+            return decision
+
+    def released(self) -> list[tuple[int, int, Decision]]:
+        """Held decisions made now (a generation complete, a member gone), as (trial, seq, decision)."""
+        with self.lock:
+            out = []
+            for trial, decision in self.study.released():
+                seq = self.waiting.pop(trial.number, None)
+                if seq is not None:
+                    out.append((trial.number, seq, decision))
+            return out
 
 
 def _already_applied(trial: Trial, step: float, value: float) -> bool:
@@ -60,9 +79,13 @@ def _answer_for(trial: Trial) -> Decision:
 
 class SchedulerLoop:
     def __init__(self, bus: MetricBus, experiment: str, handler: Handler, *, consumer: str = "scheduler-0",
-                 count: int = 512, persist: Callable[[], None] | None = None):
-        """persist: saves the trial list; called before reports are acknowledged."""
+                 count: int = 512, persist: Callable[[], None] | None = None,
+                 released: Callable[[], list[tuple[int, int, Decision]]] | None = None):
+        """persist: saves the trial list; called before reports are acknowledged. released: the
+        decisions held back earlier (synchronous PBT) and made now, e.g. StudyHandler.released;
+        asked after each batch and whenever the bus is quiet (a trial's end can release them)."""
         self.bus, self.experiment, self.handler = bus, experiment, handler
+        self.released = released
         self.consumer, self.count, self.persist = consumer, count, persist
         # Held from read to acknowledgement, so that drain() sees every report taken so far handled.
         self.lock = threading.Lock()
@@ -109,8 +132,14 @@ class SchedulerLoop:
         else:
             msgs = self.bus.read(self.experiment, self.consumer, self.count, block_s=block_s)
         if not msgs:
+            if self.released is not None and (late := self.released()):
+                if self.persist is not None:
+                    self.persist()
+                self.bus.decide(self.experiment, late)
             return 0
         decisions = [(m.report.trial, m.report.seq, self.handler(m)) for m in msgs]
+        if self.released is not None:
+            decisions += self.released()
         if self.persist is not None:
             self.persist()
         ids = [m.id for m in msgs]

@@ -119,6 +119,21 @@ class Engine:
         if step is None:
             step = _step_from(metrics, trial)
         decision = self.study.report(trial, step, float(metrics[metric]), **others)
+        return self._follow(trial, step, decision)
+
+    def released(self) -> list[tuple[int, Decision]]:
+        """Decisions on earlier reports answered `wait` (synchronous PBT) that are made now,
+        as (trial number, decision): the driver hands each to the trial still waiting for it.
+        Call it after reports and exits: either can complete a generation."""
+        out = []
+        for trial, decision in self.study.released():
+            if trial.state != TrialState.RUNNING or trial.number in self._stopping:
+                continue  # being stopped: it hears that instead
+            out.append((trial.number, self._follow(trial, trial.last_step, decision)))
+        return out
+
+    def _follow(self, trial: Trial, step: float, decision: Decision) -> Decision:
+        number = trial.number
         if decision.stop or decision.action == "pause":
             # The Study marked it Pruned or Paused; keep it Running until its process is gone.
             trial.state = TrialState.RUNNING

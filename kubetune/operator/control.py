@@ -289,7 +289,8 @@ class Controller:
     def _reported(self, exp: dict, spec: ExperimentSpec, record: Trial) -> dict:
         """The trial's reported values, once the suggestion service has taken all it sent."""
         meta = exp["metadata"]
-        request = {"experiment": {"namespace": meta["namespace"], "name": meta["name"]}, "trial": record.number}
+        request = {"experiment": {"namespace": meta["namespace"], "name": meta["name"]}, "trial": record.number,
+                   "ended": True}
         try:
             got = self.ask_service("/v1/flush", request)
             if not got.get("known"):

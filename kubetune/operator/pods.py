@@ -79,6 +79,9 @@ def _bus_env(bus: Mapping[str, Any], spec: ExperimentSpec) -> list[dict]:
         return []
     env = [{"name": "KUBETUNE_REDIS_URL", "value": bus["url"]},
            {"name": "KUBETUNE_OBJECTIVE", "value": spec.objective.metric}]
+    if ((spec.early_stopping or {}).get("settings") or {}).get("synch"):
+        # Synchronous PBT holds a check's answer: every report must wait for its own (see kubetune.trial).
+        env.append({"name": "KUBETUNE_REPORT_WAIT", "value": "1"})
     secret = bus.get("passwordSecret")
     if secret:
         env.append({"name": "KUBETUNE_REDIS_PASSWORD",

@@ -17,10 +17,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..api.spec import ExperimentSpec
 from ..api.template import render_command, trial_env
-from ..api.trial import Trial
+from ..api.trial import Decision, Trial
 from ..engine.metric_lines import parse_metric_line
 from .channel import ReportChannel
 from .events import Event, Exited, Reported, Started
@@ -51,6 +52,8 @@ class LocalRuntime:
         self.kill_after = kill_after
         self._events: queue.Queue[Event] = queue.Queue()
         self._procs: dict[int, _Proc] = {}
+        # Trials blocked in report() on a held (synchronous PBT) decision: number -> its reply.
+        self.waiting: dict[int, Callable[[Decision], None]] = {}
         kind = spec.collector_kind
         self._read_stdout = kind in ("auto", "stdout")
         self.channel = ReportChannel(self._events) if kind in ("auto", "sdk") else None

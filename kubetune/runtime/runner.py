@@ -126,6 +126,7 @@ def _loop(engine, runtime, store, clock, on_progress) -> None:
         store.save_trials(engine.take_changed())
         for event in runtime.events(POLL):
             _handle(engine, runtime, event, clock())
+        _release(engine, runtime)
         store.save_trials(engine.take_changed())
         now = clock()
         if on_progress is not None and now - last_progress >= 0.5:
@@ -140,6 +141,7 @@ def _drain(engine, runtime, store, clock) -> None:
     while runtime.running:
         for event in runtime.events(POLL):
             _handle(engine, runtime, event, clock())
+        _release(engine, runtime)
     store.save_trials(engine.take_changed())
 
 
@@ -156,11 +158,30 @@ def _handle(engine: Engine, runtime: LocalRuntime, event, now: float) -> None:
         engine.on_started(event.number, now)
     elif isinstance(event, Reported):
         decision = engine.on_report(event.number, event.metrics, event.step)
-        if event.reply is not None:
-            event.reply(decision)
-        if decision.stop or decision.action == "pause":
-            # An SDK trial hears the decision and gets time to exit (saving its checkpoint on a
-            # pause); a stdout trial is stopped now.
-            runtime.stop(event.number, SDK_GRACE if event.reply is not None else 0.0)
+        if decision.wait:
+            # Synchronous PBT: the trial's report() blocks until _release() answers it (a stdout
+            # trial cannot wait, and just goes on).
+            if event.reply is not None:
+                event.reply(decision)  # tells the channel that the answer is held, not lost
+                runtime.waiting[event.number] = event.reply
+            return
+        runtime.waiting.pop(event.number, None)
+        _answer(runtime, event.number, event.reply, decision)
     elif isinstance(event, Exited):
+        runtime.waiting.pop(event.number, None)
         engine.on_exit(event.number, event.exit_code, now, event.error)
+
+
+def _release(engine: Engine, runtime: LocalRuntime) -> None:
+    """Answers the trials whose held decisions are made now."""
+    for number, decision in engine.released():
+        _answer(runtime, number, runtime.waiting.pop(number, None), decision)
+
+
+def _answer(runtime: LocalRuntime, number: int, reply, decision) -> None:
+    if reply is not None:
+        reply(decision)
+    if decision.stop or decision.action == "pause":
+        # An SDK trial hears the decision and gets time to exit (saving its checkpoint on a
+        # pause); a stdout trial is stopped now.
+        runtime.stop(number, SDK_GRACE if reply is not None else 0.0)

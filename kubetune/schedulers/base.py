@@ -63,6 +63,16 @@ class Scheduler:
     def on_complete(self, trial: Trial, trials: Sequence[Trial]) -> None:
         """The trial finished (succeeded, failed, pruned or killed)."""
 
+    def on_ended(self, trial: Trial) -> None:
+        """The trial's process is gone, its final state not known here yet (the cluster's suggestion
+        service hears of a pod's end before the trial's final record): stop waiting for it."""
+
+    def released(self, trials: Sequence[Trial]) -> list[tuple[int, Decision]]:
+        """Decisions on earlier reports that were answered `wait` (synchronous PBT) and can
+        now be made, as (trial number, decision); each is handed out once. Called by the
+        Study after reports and completions, and by drivers whenever the trial list changed."""
+        return []
+
     def on_ask(self, trials: Sequence[Trial], new_allowed: bool = True) -> Assignment | None:
         """What a free worker should do; None: a new configuration with no budget.
 

@@ -42,8 +42,8 @@ class PB2(PBT):
         "candidates": Setting(int, 512, "random candidates the acquisition is maximised over", positive),
     }
 
-    def on_report(self, trial: Trial, step: float, value: float, trials: Sequence[Trial]) -> Decision:
-        d = super().on_report(trial, step, value, trials)
+    def decide(self, trial: Trial, step: float, value: float, trials: Sequence[Trial]) -> Decision:
+        d = super().decide(trial, step, value, trials)
         if d.action != "exploit":
             return d
         rng = self.rng(3, trial.number, len(trial.intermediate))

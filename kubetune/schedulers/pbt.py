@@ -11,6 +11,17 @@ neighbouring value, or any value resampled with `resampleProbability`. Donors at
 most an interval ahead are preferred (a checkpoint far ahead ages the taker's
 model at once). The Study applies the new parameters to the trial and
 records the exploit in the trial's events; `lineage()` reads them.
+
+With `synch: true` (Ray Tune's `synch=True`) the population moves in
+generations: a trial's decision at a check waits (answered `wait`) until every
+other live trial (pending or running) has reported that step or finished, and
+is then made on every member's value at that step, with donors' checkpoints
+from that step. That is PBT as the paper runs it; the asynchronous default
+never holds a trial back, but members that start at different times (pods
+scheduled minutes apart, processes seconds apart next to millisecond epochs)
+are then compared, and take donors, at different points of training. Held
+decisions live in memory: a rebuilt scheduler holds nothing, and a trial whose
+runtime gave up waiting (and answered `continue`) simply reports again.
 """
 
 from __future__ import annotations
@@ -39,12 +50,17 @@ class PBT(Scheduler):
         "resampleProbability": Setting(float, 0.25, "chance that explore resamples a value instead of perturbing it",
                                        fraction),
         "perturbationFactors": Setting(list, [0.8, 1.2], "factors a numeric value is multiplied by"),
+        "synch": Setting(bool, False, "synchronous generations: a trial's decision at a check waits until "
+                                      "every other live trial has reported that step (or finished)"),
     }
 
     def __init__(self, **kw):
         super().__init__(**kw)
         # trial number -> (entries seen, step of its last check); rebuilt from intermediates and events.
         self._last: dict[int, tuple[int, float]] = {}
+        # synch: trial number -> (its reports then, step, value) of a check answered `wait`.
+        self._held: dict[int, tuple[int, float, float]] = {}
+        self._gone: set[int] = set()  # processes ended, final states not known yet (on_ended)
 
     @classmethod
     def check(cls, settings, spec, path):
@@ -93,17 +109,51 @@ class PBT(Scheduler):
 
     def on_report(self, trial: Trial, step: float, value: float, trials: Sequence[Trial]) -> Decision:
         s = self.settings
+        # A newer report: a decision held for this trial was given up on by its runtime.
+        self._held.pop(trial.number, None)
+        self._gone.discard(trial.number)  # running again (a new attempt)
         # The cache stops before this report: an exploit decided now is recorded after it.
         last = self._last_check(trial, len(trial.intermediate) - 1)
         if step < s["burnIn"] or step - last < s["perturbationInterval"]:
             return CONTINUE
+        if s["synch"]:
+            behind = self._behind(trial, step, trials)
+            if behind:
+                self._held[trial.number] = (len(trial.intermediate), step, value)
+                shown = ", ".join(map(str, behind[:5])) + (", ..." if len(behind) > 5 else "")
+                return Decision("wait", f"synch: waits for trial{'s' if len(behind) > 1 else ''} {shown} "
+                                        f"to report {s['resource']} {step:g}")
+        return self.decide(trial, step, value, trials)
+
+    def released(self, trials: Sequence[Trial]) -> list[tuple[int, Decision]]:
+        out = []
+        for number, (reports, step, value) in sorted(self._held.items()):
+            trial = trials[number]
+            if not trial.state.active or number in self._gone or len(trial.intermediate) != reports:
+                del self._held[number]  # gone, or it went on without the answer
+            elif not self._behind(trial, step, trials):
+                del self._held[number]
+                out.append((number, self.decide(trial, step, value, trials)))
+        return out
+
+    def on_ended(self, trial: Trial) -> None:
+        self._gone.add(trial.number)
+
+    def _behind(self, trial: Trial, step: float, trials: Sequence[Trial]) -> list[int]:
+        """The other live trials (pending or running) that have not reported `step` yet."""
+        return [t.number for t in trials if t is not trial and t.state.active and t.number not in self._gone
+                and (not t.intermediate or t.intermediate[-1][0] < step)]
+
+    def decide(self, trial: Trial, step: float, value: float, trials: Sequence[Trial]) -> Decision:
+        """The decision at a check: continue, or exploit a top trial (the bottom quantile)."""
+        s = self.settings
         interval = s["perturbationInterval"]
         # Members are compared at this step, not at whatever step each has reached: a trial
         # started later (a pod scheduled minutes after the others) is not "worse" for being
         # younger. A member ahead counts with the value it had at this step; one behind with
         # its latest (it will be compared fairly when it gets here).
         at = {t.number: self._value_at(t, step) for t in trials
-              if t.intermediate and not t.state.finished and t is not trial}
+              if t.intermediate and not t.state.finished and t.number not in self._gone and t is not trial}
         at = {n: v for n, v in at.items() if v is not None}
         at[trial.number] = value
         if len(at) < 2:

@@ -4,7 +4,8 @@
     POST /v1/suggest      {experiment, document, seed, prior, trials, count} -> {suggestions, exhausted, epoch}
                           or {experiment, epoch, changed, total, count}: only the trials changed since
                           (answered {resync: true} when this service no longer holds that epoch)
-    POST /v1/flush        {experiment, document, seed, prior, trials, trial} -> that trial's reported values
+    POST /v1/flush        {experiment, document, seed, prior, trials, trial, ended} -> that trial's reported values
+                          (ended: its pod is gone; a synchronous PBT population stops waiting for it)
     POST /v1/forget       {experiment} -> drops the experiment and its bus keys (the finalizer calls it)
 
 It also hosts one scheduler loop per experiment: reports from the metric bus
@@ -70,6 +71,8 @@ class SuggestionService:
             if not 0 <= number < len(brain.study.trials):
                 return {"known": False}
             t = brain.study.trials[number]
+            if req.get("ended"):
+                brain.study.ended(t)  # the loop hands out the decisions this releases
             return {"known": True, "intermediate": t.intermediate, "metrics": t.metrics,
                     "state": t.state.value, "reason": t.reason}
 
@@ -106,8 +109,13 @@ class SuggestionService:
             brain.dirty.add(msg.report.trial)
             return decision
 
+        def released():
+            late = handler.released()
+            brain.dirty.update(number for number, _, _ in late)  # an exploit changed its parameters
+            return late
+
         loop = SchedulerLoop(self.bus, brain.key, handle, consumer="suggestion",
-                             persist=lambda: self._persist(brain))
+                             persist=lambda: self._persist(brain), released=released)
         stop = threading.Event()
         thread = threading.Thread(target=loop.run, args=(stop,), kwargs={"on_error": self._bus_error},
                                   name=f"scheduler {brain.key}", daemon=True)

@@ -76,7 +76,8 @@ class _BusChannel:
     client's wait_s): otherwise an ASHA stop at a rung would arrive with the next
     report, after a whole further epoch, and a PBT exploit would be applied an epoch
     late. The wait is one round trip to the scheduler, small next to such a report's
-    interval.
+    interval. KUBETUNE_REPORT_WAIT=1 (set by the operator for synchronous PBT, whose checks
+    are held until the population catches up) makes every report wait for its decision.
     """
 
     SLOW_S = 0.2
@@ -93,12 +94,13 @@ class _BusChannel:
             client = TrialClient(bus, experiment, int(os.environ["KUBETUNE_TRIAL"]))
             atexit.register(client.close)
         self.client = client
+        self.always_wait = os.environ.get("KUBETUNE_REPORT_WAIT") == "1"
         self._clock = time.monotonic
         self._last = self._clock()
 
     def send(self, step: float | None, metrics: dict[str, float]) -> Decision:
         now = self._clock()
-        self.client.wait = now - self._last >= self.SLOW_S
+        self.client.wait = self.always_wait or now - self._last >= self.SLOW_S
         self._last = now
         return self.client.send_report(step, metrics)
 
