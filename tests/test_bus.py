@@ -190,6 +190,23 @@ def test_client_batches_reports_and_keeps_a_stop(bus):
 
 # -- the scheduler loop -----------------------------------------------------------
 
+
+def test_the_loop_pauses_the_garbage_collector_only_while_it_handles_a_batch(bus):
+    import gc
+
+    seen = []
+    loop = SchedulerLoop(bus, EXP, lambda m: seen.append(gc.isenabled()) or Decision(), consumer="c0", count=4)
+    bus.publish(EXP, reports(0, 6))
+    assert loop.drain() == 6 and seen == [False] * 6
+    assert gc.isenabled()
+    gc.disable()  # the application's choice is left alone
+    try:
+        bus.publish(EXP, reports(0, 2, start=7))
+        assert loop.drain() == 2 and not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 PARAMS = [{"name": "lr", "type": "double", "min": 1e-3, "max": 1.0, "log": True},
           {"name": "units", "type": "int", "min": 1, "max": 8}]
 ASHA = {"name": "asha", "settings": {"resource": "epoch", "min": 1, "max": 9, "reductionFactor": 3}}

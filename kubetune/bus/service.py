@@ -9,7 +9,9 @@ already holds is answered from the trial's state, not applied again.
 
 from __future__ import annotations
 
+import gc
 import threading
+from contextlib import contextmanager
 from typing import Callable
 
 from ..api.trial import CONTINUE, Decision, Trial, TrialState
@@ -110,17 +112,20 @@ class SchedulerLoop:
             msgs = self.bus.read(self.experiment, self.consumer, self.count, block_s=block_s)
         if not msgs:
             return 0
-        decisions = [(m.report.trial, m.report.seq, self.handler(m)) for m in msgs]
+        with _collector_paused():
+            decisions = coalesce([(m.report.trial, m.report.seq, self.handler(m)) for m in msgs])
         if self.persist is not None:
             self.persist()
         ids = [m.id for m in msgs]
-        if self._recovered:
-            # The decisions, the acknowledgement and the read of the next batch in one round trip;
-            # the next batch is handled by the next call (still unacknowledged until then).
-            self._next = self.bus.decide_ack_read(self.experiment, coalesce(decisions), ids, self.consumer,
-                                                  self.count, block_s) or None
-        else:
-            self.bus.decide_and_ack(self.experiment, coalesce(decisions), ids)
+        with _collector_paused():
+            if self._recovered:
+                # The decisions, the acknowledgement and the read of the next batch in one round trip;
+                # the next batch is handled by the next call (still unacknowledged until then). That
+                # read does not wait (the collector is paused): with nothing there, the next call does.
+                self._next = self.bus.decide_ack_read(self.experiment, decisions, ids, self.consumer,
+                                                      self.count, 0.0) or None
+            else:
+                self.bus.decide_and_ack(self.experiment, decisions, ids)
         self.handled += len(msgs)
         newest = position(ids[-1])  # a batch comes in stream order
         with self._progress:
@@ -138,6 +143,25 @@ class SchedulerLoop:
                     on_error(e)
                 stop.wait(0.05)
                 self._recovered, self._next = False, None  # re-read whatever was taken and not acknowledged
+
+
+@contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector waits while a batch is decoded and handled (it runs at the
+    next allocation after). A batch keeps a few container objects per report alive until its end
+    (messages, decisions) and each report adds one for good (its [step, value]): collections during
+    the batch promoted those to the oldest generation, and the full collections that followed every
+    few batches scanned the whole heap, ~3.5 us per report of the loop's ~9.5 (loop alone, 128k
+    reports). Never held while waiting (for reports, or on persist): other threads' garbage is
+    collected as usual."""
+    if not gc.isenabled():  # off already (another loop's pause, or the application's choice): leave it so
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def coalesce(decisions: list[tuple[int, int, Decision]]) -> list[tuple[int, int, Decision]]:
