@@ -9,6 +9,7 @@ already holds is answered from the trial's state, not applied again.
 
 from __future__ import annotations
 
+import functools
 import gc
 import threading
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from ..api.trial import CONTINUE, Decision, Trial, TrialState
 from .base import Message, MetricBus, position
 
 Handler = Callable[[Message], Decision]
+_NONE: dict = {}  # no other metrics (never written to)
 
 
 class StudyHandler:
@@ -29,21 +31,27 @@ class StudyHandler:
 
     def __call__(self, msg: Message) -> Decision:
         r = msg.report
+        metric, metrics = self.metric, r.metrics
         with self.lock:
-            if not 0 <= r.trial < len(self.study.trials):
+            trials = self.study.trials
+            if not 0 <= r.trial < len(trials):
                 return Decision("stop", f"no trial number {r.trial} in this experiment")
-            trial = self.study.trials[r.trial]
-            if trial.state.finished or trial.state == TrialState.PAUSED:
+            trial = trials[r.trial]
+            if trial.state != TrialState.RUNNING and (trial.state.finished or trial.state == TrialState.PAUSED):
                 return _answer_for(trial)
-            value = r.metrics.get(self.metric)
-            others = {k: v for k, v in r.metrics.items() if k != self.metric}
+            value = metrics.get(metric)
             if value is None:
-                trial.metrics.update(others)
+                trial.metrics.update({k: v for k, v in metrics.items() if k != metric})
                 return CONTINUE
-            step = r.step if r.step is not None else (trial.last_step or 0) + 1
-            if _already_applied(trial, step, value):
+            # Once per report: the objective alone (the usual report) makes no copy.
+            others = {k: v for k, v in metrics.items() if k != metric} if len(metrics) > 1 else _NONE
+            step = r.step
+            if step is None:
+                step = (trial.last_step or 0) + 1
+            inter = trial.intermediate
+            if inter and step <= inter[-1][0] and _already_applied(trial, step, value):
                 return _answer_for(trial)
-            return self.study.report(trial, step=step, value=value, **others)
+            return self.study.report_to(trial, step, value, others)
 
 
 def _already_applied(trial: Trial, step: float, value: float) -> bool:
@@ -54,10 +62,20 @@ def _already_applied(trial: Trial, step: float, value: float) -> bool:
 
 def _answer_for(trial: Trial) -> Decision:
     if trial.state == TrialState.PAUSED:
-        return Decision("pause", "paused")
+        return _PAUSED
     if trial.state.finished:
-        return Decision("stop", trial.reason or f"trial is {trial.state.value}")
+        return _stop(trial.reason or f"trial is {trial.state.value}")
     return CONTINUE
+
+
+# A stopped or paused trial may go on reporting until it sees its answer: decisions are
+# immutable, so each distinct answer is made once rather than per report.
+_PAUSED = Decision("pause", "paused")
+
+
+@functools.lru_cache(maxsize=1024)
+def _stop(reason: str) -> Decision:
+    return Decision("stop", reason)
 
 
 class SchedulerLoop:
