@@ -149,6 +149,22 @@ def test_decide_ack_read_answers_acknowledges_and_takes_the_next_batch(bus):
     assert bus.read(EXP, "c0", pending=True) == []
 
 
+def test_a_batch_with_an_odd_entry_is_decoded_entry_by_entry(redis_server):
+    from kubetune.bus.redis_streams import RedisBus
+
+    bus = RedisBus(url=redis_server.url)
+    key = bus.stream_key(EXP)
+    bus.publish(EXP, reports(0, 2))
+    bus.r.xadd(key, {"r": '[1,1,1.0,{"acc":0.5}]', "note": "x"})  # another field: not the usual layout
+    bus.r.xadd(key, {"r": '[2,1,1,{"acc":0.5}],[2,2,2,{"acc":0.6}]'})  # two values in one payload
+    bus.publish(EXP, reports(3, 2))
+    got = bus.read(EXP, "c0", count=10)
+    assert [(m.report.trial, m.report.seq) for m in got] == [(0, 1), (0, 2), (1, 1), (2, 1), (3, 1), (3, 2)]
+    assert got[3].report == Report(2, 1, 1.0, {"acc": 0.5}) and isinstance(got[3].report.step, float)
+    assert [m.report for m in got[4:]] == reports(3, 2)
+    bus.close()
+
+
 def test_the_stream_is_bounded(bus):
     for i in range(10):
         bus.publish(EXP, reports(0, 100, start=1 + 100 * i))

@@ -8,6 +8,7 @@ The scheduler loop reads the stream through the consumer group "scheduler".
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Sequence
 
@@ -20,6 +21,7 @@ from ..api.trial import Decision
 from .base import GROUP, Message, MetricBus, Report, _scan, decode_decision, encode_decision
 
 _tuple = tuple.__new__  # builds a named tuple without the Python-level __new__
+_loads = json.JSONDecoder().decode
 
 
 def connect(url: str = "redis://127.0.0.1:6379/0", *, password: str | None = None, tls: bool | None = None,
@@ -171,6 +173,12 @@ class RedisBus(MetricBus):
         out = []
         # RESP3 (redis-py's default) answers a map of stream -> entries, RESP2 a list of pairs.
         for _, entries in (got.items() if isinstance(got, dict) else got or []):
+            rows = _rows(entries)
+            if rows is not None:  # the usual batch: this runs once per report
+                out += [_tuple(Message, (mid.decode(), _tuple(Report, (trial, seq, step if step is None else float(step),
+                                                                         metrics))))
+                        for (mid, _), (trial, seq, step, metrics) in zip(entries, rows)]
+                continue
             for mid, fields in entries:
                 if not fields:  # a pending entry trimmed away comes back empty
                     continue
@@ -260,6 +268,20 @@ class RedisBus(MetricBus):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+def _rows(entries: list) -> list | None:
+    """Every entry's payload ([trial, seq, step, metrics]) parsed in one call of the JSON decoder:
+    a third less than one call per entry. None when some entry is not a plain payload (a trimmed
+    pending entry, an older layout) or one does not parse: those go one by one."""
+    try:
+        payloads = [fields[1] for _, fields in entries if fields[0] == b"r" and len(fields) == 2]
+        if len(payloads) != len(entries):
+            return None
+        rows = _loads((b"[%s]" % b",".join(payloads)).decode())
+    except (IndexError, TypeError, ValueError):
+        return None
+    return rows if len(rows) == len(entries) else None  # a payload of two values would shift the rest
 
 
 def _pack(*args) -> bytes:
