@@ -48,6 +48,7 @@ class RedisBus(MetricBus):
         self.decision_ttl_s = decision_ttl_s
         self._groups: set[str] = set()
         self._prefixes: dict[str, bytes] = {}
+        self._per_trial: dict[tuple[str, int], tuple[bytes, bytes, bytes]] = {}
 
     @staticmethod
     def stream_key(experiment: str) -> str:
@@ -195,7 +196,12 @@ class RedisBus(MetricBus):
             _raise_first(self._exchange(self._xack(experiment, ids), 1))
 
     def _xack(self, experiment, ids) -> bytes:
-        return _pack("XACK", self.stream_key(experiment), GROUP, *ids)
+        if not all(i.__class__ is str and i.isascii() for i in ids):
+            return _pack("XACK", self.stream_key(experiment), GROUP, *ids)
+        # Stream ids are ASCII: a batch's thousand are packed as one string, then encoded once.
+        head = _pack("XACK", self.stream_key(experiment), GROUP)
+        body = "".join([f"${len(i)}\r\n{i}\r\n" for i in ids]).encode()
+        return b"*%d%s%s" % (len(ids) + 3, head[head.index(b"\r\n"):], body)
 
     def _decisions(self, experiment, decisions) -> list[bytes]:
         per_trial: dict[int, list[str]] = {}
@@ -203,10 +209,22 @@ class RedisBus(MetricBus):
             per_trial.setdefault(trial, []).append(encode_decision(seq, d))
         out = []
         for trial, items in per_trial.items():
-            key = self.decision_key(experiment, trial)
-            out += [_pack("RPUSH", key, *items), _pack("LTRIM", key, -self.decisions_kept, -1),
-                    _pack("EXPIRE", key, self.decision_ttl_s)]
+            rpush, trim, expire = self._decision_commands(experiment, trial)
+            values = [x.encode() for x in items]
+            out += [b"*%d\r\n%s%s" % (len(values) + 2, rpush, b"".join([b"$%d\r\n%s\r\n" % (len(v), v) for v in values])),
+                    trim, expire]
         return out
+
+    def _decision_commands(self, experiment: str, trial: int) -> tuple[bytes, bytes, bytes]:
+        """RPUSH's name and key, packed, and the whole LTRIM and EXPIRE after it: the same every batch."""
+        got = self._per_trial.get((experiment, trial))
+        if got is None:
+            key = self.decision_key(experiment, trial)
+            rpush = _pack("RPUSH", key)
+            got = self._per_trial[(experiment, trial)] = (
+                rpush[rpush.index(b"\r\n") + 2:], _pack("LTRIM", key, -self.decisions_kept, -1),
+                _pack("EXPIRE", key, self.decision_ttl_s))
+        return got
 
     def decide(self, experiment, decisions: Sequence[tuple[int, int, Decision]]):
         parts = self._decisions(experiment, decisions)
@@ -253,6 +271,8 @@ class RedisBus(MetricBus):
         for i in range(0, len(keys), 500):
             self.r.delete(*keys[i:i + 500])
         self._groups.discard(experiment)
+        for k in [k for k in self._per_trial if k[0] == experiment]:
+            del self._per_trial[k]
 
     def close(self):
         self.r.close()
