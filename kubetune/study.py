@@ -114,6 +114,7 @@ class Study:
         trial.intermediate.append([step, v])
         if metrics:
             trial.metrics.update({k: float(x) for k, x in metrics.items()})
+        # finite(value), a plain float's case first
         if self.scheduler is None or not (value.__class__ is float and math.isfinite(v) or finite(value)):
             return CONTINUE
         decision = self.scheduler.on_report(trial, step, v, self.trials)

@@ -165,6 +165,23 @@ def test_a_batch_with_an_odd_entry_is_decoded_entry_by_entry(redis_server):
     bus.close()
 
 
+def test_packed_commands_are_those_of_the_plain_packer():
+    from kubetune.bus.base import encode_decision
+    from kubetune.bus.redis_streams import GROUP, RedisBus, _pack
+
+    bus = RedisBus(url="redis://127.0.0.1:1/0")  # never connects
+    ids = ["1700000000000-0", "1700000000000-17", "1700000000001-3"]
+    assert bus._xack(EXP, ids) == _pack("XACK", bus.stream_key(EXP), GROUP, *ids)
+    decisions = [(1, 2, Decision()), (3, 4, Decision("stop", "pruné")), (1, 5, Decision("pause", "rung 0"))]
+    expected = []
+    for trial, seqs in ((1, (0, 2)), (3, (1,))):
+        key = bus.decision_key(EXP, trial)
+        expected += [_pack("RPUSH", key, *[encode_decision(*decisions[i][1:]) for i in seqs]),
+                     _pack("LTRIM", key, -bus.decisions_kept, -1), _pack("EXPIRE", key, bus.decision_ttl_s)]
+    assert bus._decisions(EXP, decisions) == expected
+    assert bus._decisions(EXP, decisions) == expected  # from the per-trial cache
+
+
 def test_the_stream_is_bounded(bus):
     for i in range(10):
         bus.publish(EXP, reports(0, 100, start=1 + 100 * i))

@@ -176,8 +176,8 @@ class RedisBus(MetricBus):
         for _, entries in (got.items() if isinstance(got, dict) else got or []):
             rows = _rows(entries)
             if rows is not None:  # the usual batch: this runs once per report
-                out += [_tuple(Message, (mid.decode(), _tuple(Report, (trial, seq, step if step is None else float(step),
-                                                                         metrics))))
+                out += [_tuple(Message, (mid.decode(),
+                                         _tuple(Report, (trial, seq, None if step is None else float(step), metrics))))
                         for (mid, _), (trial, seq, step, metrics) in zip(entries, rows)]
                 continue
             for mid, fields in entries:
@@ -210,9 +210,8 @@ class RedisBus(MetricBus):
         out = []
         for trial, items in per_trial.items():
             rpush, trim, expire = self._decision_commands(experiment, trial)
-            values = [x.encode() for x in items]
-            out += [b"*%d\r\n%s%s" % (len(values) + 2, rpush, b"".join([b"$%d\r\n%s\r\n" % (len(v), v) for v in values])),
-                    trim, expire]
+            values = b"".join([b"$%d\r\n%s\r\n" % (len(v), v) for v in (x.encode() for x in items)])
+            out += [b"*%d\r\n%s%s" % (len(items) + 2, rpush, values), trim, expire]
         return out
 
     def _decision_commands(self, experiment: str, trial: int) -> tuple[bytes, bytes, bytes]:
@@ -292,8 +291,8 @@ class RedisBus(MetricBus):
 
 def _rows(entries: list) -> list | None:
     """Every entry's payload ([trial, seq, step, metrics]) parsed in one call of the JSON decoder:
-    a third less than one call per entry. None when some entry is not a plain payload (a trimmed
-    pending entry, an older layout) or one does not parse: those go one by one."""
+    a quarter less work per entry than one call each. None when some entry is not a plain payload
+    (a trimmed pending entry, other fields) or one does not parse: those go one by one."""
     try:
         payloads = [fields[1] for _, fields in entries if fields[0] == b"r" and len(fields) == 2]
         if len(payloads) != len(entries):
