@@ -103,14 +103,23 @@ class Study:
 
     def report(self, trial: Trial | int, step: float, value: float, **metrics: float) -> Decision:
         """Records an intermediate objective value; returns what the trial should do next."""
-        trial = self._trial(trial)
+        return self.report_to(self._trial(trial), step, value, metrics)
+
+    def report_to(self, trial: Trial, step: float, value: float, metrics: Mapping[str, float]) -> Decision:
+        """report() for one of this study's Trial objects, the other metrics as a mapping: the scheduler
+        loop's path, once per report, so it skips the lookup and the keyword arguments."""
         if trial.state == TrialState.PENDING:
             trial.state = TrialState.RUNNING
-        trial.intermediate.append([step, float(value)])
-        trial.metrics.update({k: float(v) for k, v in metrics.items()})
-        if self.scheduler is None or not finite(value):
+        v = float(value)
+        trial.intermediate.append([step, v])
+        if metrics:
+            trial.metrics.update({k: float(x) for k, x in metrics.items()})
+        # finite(value), a plain float's case first
+        if self.scheduler is None or not (value.__class__ is float and math.isfinite(v) or finite(value)):
             return CONTINUE
-        decision = self.scheduler.on_report(trial, step, float(value), self.trials)
+        decision = self.scheduler.on_report(trial, step, v, self.trials)
+        if decision is CONTINUE:
+            return decision
         return self._follow(trial, step, decision)
 
     def released(self) -> list[tuple[Trial, Decision]]:

@@ -149,6 +149,39 @@ def test_decide_ack_read_answers_acknowledges_and_takes_the_next_batch(bus):
     assert bus.read(EXP, "c0", pending=True) == []
 
 
+def test_a_batch_with_an_odd_entry_is_decoded_entry_by_entry(redis_server):
+    from kubetune.bus.redis_streams import RedisBus
+
+    bus = RedisBus(url=redis_server.url)
+    key = bus.stream_key(EXP)
+    bus.publish(EXP, reports(0, 2))
+    bus.r.xadd(key, {"r": '[1,1,1.0,{"acc":0.5}]', "note": "x"})  # another field: not the usual layout
+    bus.r.xadd(key, {"r": '[2,1,1,{"acc":0.5}],[2,2,2,{"acc":0.6}]'})  # two values in one payload
+    bus.publish(EXP, reports(3, 2))
+    got = bus.read(EXP, "c0", count=10)
+    assert [(m.report.trial, m.report.seq) for m in got] == [(0, 1), (0, 2), (1, 1), (2, 1), (3, 1), (3, 2)]
+    assert got[3].report == Report(2, 1, 1.0, {"acc": 0.5}) and isinstance(got[3].report.step, float)
+    assert [m.report for m in got[4:]] == reports(3, 2)
+    bus.close()
+
+
+def test_packed_commands_are_those_of_the_plain_packer():
+    from kubetune.bus.base import encode_decision
+    from kubetune.bus.redis_streams import GROUP, RedisBus, _pack
+
+    bus = RedisBus(url="redis://127.0.0.1:1/0")  # never connects
+    ids = ["1700000000000-0", "1700000000000-17", "1700000000001-3"]
+    assert bus._xack(EXP, ids) == _pack("XACK", bus.stream_key(EXP), GROUP, *ids)
+    decisions = [(1, 2, Decision()), (3, 4, Decision("stop", "pruné")), (1, 5, Decision("pause", "rung 0"))]
+    expected = []
+    for trial, seqs in ((1, (0, 2)), (3, (1,))):
+        key = bus.decision_key(EXP, trial)
+        expected += [_pack("RPUSH", key, *[encode_decision(*decisions[i][1:]) for i in seqs]),
+                     _pack("LTRIM", key, -bus.decisions_kept, -1), _pack("EXPIRE", key, bus.decision_ttl_s)]
+    assert bus._decisions(EXP, decisions) == expected
+    assert bus._decisions(EXP, decisions) == expected  # from the per-trial cache
+
+
 def test_the_stream_is_bounded(bus):
     for i in range(10):
         bus.publish(EXP, reports(0, 100, start=1 + 100 * i))
@@ -220,6 +253,23 @@ def test_client_waits_through_a_held_decision_and_never_returns_wait(bus):
 
 
 # -- the scheduler loop -----------------------------------------------------------
+
+
+def test_the_loop_pauses_the_garbage_collector_only_while_it_handles_a_batch(bus):
+    import gc
+
+    seen = []
+    loop = SchedulerLoop(bus, EXP, lambda m: seen.append(gc.isenabled()) or Decision(), consumer="c0", count=4)
+    bus.publish(EXP, reports(0, 6))
+    assert loop.drain() == 6 and seen == [False] * 6
+    assert gc.isenabled()
+    gc.disable()  # the application's choice is left alone
+    try:
+        bus.publish(EXP, reports(0, 2, start=7))
+        assert loop.drain() == 2 and not gc.isenabled()
+    finally:
+        gc.enable()
+
 
 PARAMS = [{"name": "lr", "type": "double", "min": 1e-3, "max": 1.0, "log": True},
           {"name": "units", "type": "int", "min": 1, "max": 8}]

@@ -547,3 +547,63 @@ def test_spec_level_checks_see_the_budget():
 
 def test_every_scheduler_is_registered():
     assert set(SCHEDULERS) == {"median", "sha", "hyperband", "asha", "bohb", "pbt", "pb2"}
+
+
+# -- the rung bookkeeping's fast path against the straightforward rule -----------------
+
+
+def _reference_ingest(self, trial, upto):
+    """RungScheduler._ingest as first written: every entry walks the milestones."""
+    b = self.bracket_of(trial)
+    ms = self.milestones(b)
+    recs = self._recs.setdefault(b, [{} for _ in ms])
+    done, k = self._seen.get(trial.number, (0, 0))
+    crossed = []
+    for step, value in trial.intermediate[done:upto]:
+        while k < len(ms) and step >= ms[k] * (1 - 1e-9):
+            recs[k][trial.number] = self.loss(value)
+            crossed.append(k)
+            k += 1
+    self._seen[trial.number] = (max(done, upto), k)
+    return crossed
+
+
+def random_drive(s, seed, ticks=70, workers=4):
+    """Round-robin workers with irregular steps (jumps over rungs, repeats, a step back, fractions,
+    a NaN now and then); the log of every answer, the trials, and the scheduler's rung records."""
+    rng = np.random.default_rng(seed)
+    log, slots, step = [], [None] * workers, {}
+    for _ in range(ticks):
+        for w in range(workers):
+            if slots[w] is None:
+                t = s.ask(new=len(s.trials) < 30)
+                if t is None:
+                    continue
+                slots[w] = t
+                step.setdefault(t.number, 0.0)
+                log.append(("ask", t.number, t.budget))
+            t = slots[w]
+            step[t.number] += float(rng.choice([0, 0.5, 1, 1, 1, 2, 3, 7, -1]))
+            value = float("nan") if rng.random() < 0.03 else float(rng.random())
+            d = s.report(t, step=step[t.number], value=value)
+            log.append(("report", t.number, step[t.number], d.to_dict()))
+            if d.action in ("stop", "pause") or step[t.number] >= 9 or rng.random() < 0.05:
+                if d.action != "pause":
+                    s.tell(t, value)
+                slots[w] = None
+    sched = getattr(s.scheduler, "_async", None) or s.scheduler
+    return log, [t.to_dict() for t in s.trials], sched._recs, sched._seen
+
+
+@pytest.mark.parametrize("name,settings", CONFIGS[:7], ids=[f"{n}-{s.get('mode', s.get('brackets', ''))}"
+                                                            for n, s in CONFIGS[:7]])
+def test_rung_fast_path_decides_as_the_reference_rule(name, settings, monkeypatch):
+    from kubetune.schedulers.rungs import RungScheduler
+
+    for seed in range(4):
+        fast = random_drive(study(name, settings, seed=seed), seed)
+        with monkeypatch.context() as m:
+            m.setattr(RungScheduler, "_ingest", _reference_ingest)
+            reference = random_drive(study(name, settings, seed=seed), seed)
+        assert repr(fast) == repr(reference)  # repr: NaN values compare unequal
+        assert any(e[0] == "report" and e[3].get("action", "continue") != "continue" for e in fast[0])

@@ -8,6 +8,7 @@ The scheduler loop reads the stream through the consumer group "scheduler".
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Sequence
 
@@ -20,6 +21,7 @@ from ..api.trial import Decision
 from .base import GROUP, Message, MetricBus, Report, _scan, decode_decision, encode_decision
 
 _tuple = tuple.__new__  # builds a named tuple without the Python-level __new__
+_loads = json.JSONDecoder().decode
 
 
 def connect(url: str = "redis://127.0.0.1:6379/0", *, password: str | None = None, tls: bool | None = None,
@@ -46,6 +48,7 @@ class RedisBus(MetricBus):
         self.decision_ttl_s = decision_ttl_s
         self._groups: set[str] = set()
         self._prefixes: dict[str, bytes] = {}
+        self._per_trial: dict[tuple[str, int], tuple[bytes, bytes, bytes]] = {}
 
     @staticmethod
     def stream_key(experiment: str) -> str:
@@ -171,6 +174,12 @@ class RedisBus(MetricBus):
         out = []
         # RESP3 (redis-py's default) answers a map of stream -> entries, RESP2 a list of pairs.
         for _, entries in (got.items() if isinstance(got, dict) else got or []):
+            rows = _rows(entries)
+            if rows is not None:  # the usual batch: this runs once per report
+                out += [_tuple(Message, (mid.decode(),
+                                         _tuple(Report, (trial, seq, None if step is None else float(step), metrics))))
+                        for (mid, _), (trial, seq, step, metrics) in zip(entries, rows)]
+                continue
             for mid, fields in entries:
                 if not fields:  # a pending entry trimmed away comes back empty
                     continue
@@ -187,7 +196,12 @@ class RedisBus(MetricBus):
             _raise_first(self._exchange(self._xack(experiment, ids), 1))
 
     def _xack(self, experiment, ids) -> bytes:
-        return _pack("XACK", self.stream_key(experiment), GROUP, *ids)
+        if not all(i.__class__ is str and i.isascii() for i in ids):
+            return _pack("XACK", self.stream_key(experiment), GROUP, *ids)
+        # Stream ids are ASCII: a batch's thousand are packed as one string, then encoded once.
+        head = _pack("XACK", self.stream_key(experiment), GROUP)
+        body = "".join([f"${len(i)}\r\n{i}\r\n" for i in ids]).encode()
+        return b"*%d%s%s" % (len(ids) + 3, head[head.index(b"\r\n"):], body)
 
     def _decisions(self, experiment, decisions) -> list[bytes]:
         per_trial: dict[int, list[str]] = {}
@@ -195,10 +209,21 @@ class RedisBus(MetricBus):
             per_trial.setdefault(trial, []).append(encode_decision(seq, d))
         out = []
         for trial, items in per_trial.items():
-            key = self.decision_key(experiment, trial)
-            out += [_pack("RPUSH", key, *items), _pack("LTRIM", key, -self.decisions_kept, -1),
-                    _pack("EXPIRE", key, self.decision_ttl_s)]
+            rpush, trim, expire = self._decision_commands(experiment, trial)
+            values = b"".join([b"$%d\r\n%s\r\n" % (len(v), v) for v in (x.encode() for x in items)])
+            out += [b"*%d\r\n%s%s" % (len(items) + 2, rpush, values), trim, expire]
         return out
+
+    def _decision_commands(self, experiment: str, trial: int) -> tuple[bytes, bytes, bytes]:
+        """RPUSH's name and key, packed, and the whole LTRIM and EXPIRE after it: the same every batch."""
+        got = self._per_trial.get((experiment, trial))
+        if got is None:
+            key = self.decision_key(experiment, trial)
+            rpush = _pack("RPUSH", key)
+            got = self._per_trial[(experiment, trial)] = (
+                rpush[rpush.index(b"\r\n") + 2:], _pack("LTRIM", key, -self.decisions_kept, -1),
+                _pack("EXPIRE", key, self.decision_ttl_s))
+        return got
 
     def decide(self, experiment, decisions: Sequence[tuple[int, int, Decision]]):
         parts = self._decisions(experiment, decisions)
@@ -245,6 +270,8 @@ class RedisBus(MetricBus):
         for i in range(0, len(keys), 500):
             self.r.delete(*keys[i:i + 500])
         self._groups.discard(experiment)
+        for k in [k for k in self._per_trial if k[0] == experiment]:
+            del self._per_trial[k]
 
     def close(self):
         self.r.close()
@@ -260,6 +287,20 @@ class RedisBus(MetricBus):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+def _rows(entries: list) -> list | None:
+    """Every entry's payload ([trial, seq, step, metrics]) parsed in one call of the JSON decoder:
+    a quarter less work per entry than one call each. None when some entry is not a plain payload
+    (a trimmed pending entry, other fields) or one does not parse: those go one by one."""
+    try:
+        payloads = [fields[1] for _, fields in entries if fields[0] == b"r" and len(fields) == 2]
+        if len(payloads) != len(entries):
+            return None
+        rows = _loads((b"[%s]" % b",".join(payloads)).decode())
+    except (IndexError, TypeError, ValueError):
+        return None
+    return rows if len(rows) == len(entries) else None  # a payload of two values would shift the rest
 
 
 def _pack(*args) -> bytes:

@@ -9,13 +9,17 @@ already holds is answered from the trial's state, not applied again.
 
 from __future__ import annotations
 
+import functools
+import gc
 import threading
+from contextlib import contextmanager
 from typing import Callable
 
 from ..api.trial import CONTINUE, Decision, Trial, TrialState
 from .base import Message, MetricBus, position
 
 Handler = Callable[[Message], Decision]
+_NONE: dict = {}  # no other metrics (never written to)
 
 
 class StudyHandler:
@@ -29,26 +33,32 @@ class StudyHandler:
 
     def __call__(self, msg: Message) -> Decision:
         r = msg.report
+        metric, metrics = self.metric, r.metrics
         with self.lock:
-            if not 0 <= r.trial < len(self.study.trials):
+            trials = self.study.trials
+            if not 0 <= r.trial < len(trials):
                 return Decision("stop", f"no trial number {r.trial} in this experiment")
-            trial = self.study.trials[r.trial]
-            if trial.state.finished or trial.state == TrialState.PAUSED:
+            trial = trials[r.trial]
+            if trial.state != TrialState.RUNNING and (trial.state.finished or trial.state == TrialState.PAUSED):
                 return _answer_for(trial)
-            value = r.metrics.get(self.metric)
-            others = {k: v for k, v in r.metrics.items() if k != self.metric}
+            value = metrics.get(metric)
             if value is None:
-                trial.metrics.update(others)
+                trial.metrics.update({k: v for k, v in metrics.items() if k != metric})
                 return CONTINUE
-            step = r.step if r.step is not None else (trial.last_step or 0) + 1
-            if _already_applied(trial, step, value):
+            # Once per report: the objective alone (the usual report) makes no copy.
+            others = {k: v for k, v in metrics.items() if k != metric} if len(metrics) > 1 else _NONE
+            step = r.step
+            if step is None:
+                step = (trial.last_step or 0) + 1
+            inter = trial.intermediate
+            if inter and step <= inter[-1][0] and _already_applied(trial, step, value):
                 # A held report sent again is still held here; held by a scheduler that has since
                 # restarted (nothing is held now), it is answered from the trial's state instead.
                 return Decision("wait", "still held") if self.waiting.get(r.trial) == r.seq else _answer_for(trial)
-            decision = self.study.report(trial, step=step, value=value, **others)
+            decision = self.study.report_to(trial, step, value, others)
             if decision.wait:
                 self.waiting[r.trial] = r.seq
-            else:
+            elif self.waiting:
                 self.waiting.pop(r.trial, None)
             return decision
 
@@ -71,10 +81,20 @@ def _already_applied(trial: Trial, step: float, value: float) -> bool:
 
 def _answer_for(trial: Trial) -> Decision:
     if trial.state == TrialState.PAUSED:
-        return Decision("pause", "paused")
+        return _PAUSED
     if trial.state.finished:
-        return Decision("stop", trial.reason or f"trial is {trial.state.value}")
+        return _stop(trial.reason or f"trial is {trial.state.value}")
     return CONTINUE
+
+
+# A stopped or paused trial may go on reporting until it sees its answer: decisions are
+# immutable, so each distinct answer is made once rather than per report.
+_PAUSED = Decision("pause", "paused")
+
+
+@functools.lru_cache(maxsize=1024)
+def _stop(reason: str) -> Decision:
+    return Decision("stop", reason)
 
 
 class SchedulerLoop:
@@ -137,19 +157,23 @@ class SchedulerLoop:
                     self.persist()
                 self.bus.decide(self.experiment, late)
             return 0
-        decisions = [(m.report.trial, m.report.seq, self.handler(m)) for m in msgs]
-        if self.released is not None:
-            decisions += self.released()
+        with _collector_paused():
+            decisions = [(m.report.trial, m.report.seq, self.handler(m)) for m in msgs]
+            if self.released is not None:
+                decisions += self.released()
+            decisions = coalesce(decisions)
         if self.persist is not None:
             self.persist()
         ids = [m.id for m in msgs]
-        if self._recovered:
-            # The decisions, the acknowledgement and the read of the next batch in one round trip;
-            # the next batch is handled by the next call (still unacknowledged until then).
-            self._next = self.bus.decide_ack_read(self.experiment, coalesce(decisions), ids, self.consumer,
-                                                  self.count, block_s) or None
-        else:
-            self.bus.decide_and_ack(self.experiment, coalesce(decisions), ids)
+        with _collector_paused():
+            if self._recovered:
+                # The decisions, the acknowledgement and the read of the next batch in one round trip;
+                # the next batch is handled by the next call (still unacknowledged until then). That
+                # read does not wait (the collector is paused): with nothing there, the next call does.
+                self._next = self.bus.decide_ack_read(self.experiment, decisions, ids, self.consumer,
+                                                      self.count, 0.0) or None
+            else:
+                self.bus.decide_and_ack(self.experiment, decisions, ids)
         self.handled += len(msgs)
         newest = position(ids[-1])  # a batch comes in stream order
         with self._progress:
@@ -167,6 +191,25 @@ class SchedulerLoop:
                     on_error(e)
                 stop.wait(0.05)
                 self._recovered, self._next = False, None  # re-read whatever was taken and not acknowledged
+
+
+@contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector waits while a batch is decoded and handled (it runs at the
+    next allocation after). A batch keeps a few container objects per report alive until its end
+    (messages, decisions) and each report adds one for good (its [step, value]): collections during
+    the batch promoted those to the oldest generation, and the full collections that followed every
+    few batches scanned the whole heap, ~3.5 us per report of the loop's ~9.5 (loop alone, 128k
+    reports). Never held while waiting (for reports, or on persist): other threads' garbage is
+    collected as usual."""
+    if not gc.isenabled():  # off already (another loop's pause, or the application's choice): leave it so
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def coalesce(decisions: list[tuple[int, int, Decision]]) -> list[tuple[int, int, Decision]]:

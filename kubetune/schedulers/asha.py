@@ -64,6 +64,8 @@ class ASHA(RungScheduler):
     def on_report(self, trial: Trial, step: float, value: float, trials: Sequence[Trial]) -> Decision:
         self.sync(trials, holdback=trial)
         crossed = self._ingest(trial, len(trial.intermediate))
+        if not crossed:
+            return CONTINUE  # most reports
         b = self.bracket_of(trial)
         ms = self.milestones(b)
         resource = self.settings["resource"]

@@ -16,6 +16,7 @@ from ..api.validation import Problem
 from .base import Scheduler, setting_problem
 
 _EPS = 1e-9
+_START = (0, 0)  # (entries ingested, next rung) of a trial not seen yet
 
 
 def rung_settings(mode_default: str, modes: tuple) -> dict[str, Setting]:
@@ -43,6 +44,7 @@ class RungScheduler(Scheduler):
         # trial number -> (entries ingested, next rung index); bracket -> rung -> {trial: loss}
         self._seen: dict[int, tuple[int, int]] = {}
         self._recs: dict[int, list[dict[int, float]]] = {}
+        self._thresholds: dict[int, list[float]] = {}  # bracket -> the steps that reach its rungs
         self._synced = -1  # length of the trial list at the last full scan
 
     @classmethod
@@ -104,7 +106,7 @@ class RungScheduler(Scheduler):
         """
         if holdback is not None and len(trials) == self._synced:
             n = len(holdback.intermediate) - 1
-            if n > self._seen.get(holdback.number, (0, 0))[0]:
+            if n > self._seen.get(holdback.number, _START)[0]:
                 self._ingest(holdback, n)
             return
         self._synced = len(trials)
@@ -113,19 +115,31 @@ class RungScheduler(Scheduler):
             if n > self._seen.get(t.number, (0, 0))[0]:
                 self._ingest(t, n)
 
-    def _ingest(self, trial: Trial, upto: int) -> list[int]:
-        """Records trial's entries up to index `upto`; returns the rungs newly crossed."""
+    def _ingest(self, trial: Trial, upto: int) -> Sequence[int]:
+        """Records trial's entries up to index `upto`; returns the rungs newly crossed.
+        Runs once per report: most reports cross no rung, and cost one comparison here."""
         b = self.bracket_of(trial)
-        ms = self.milestones(b)
-        recs = self._recs.setdefault(b, [{} for _ in ms])
-        done, k = self._seen.get(trial.number, (0, 0))
-        crossed = []
-        for step, value in trial.intermediate[done:upto]:
-            while k < len(ms) and step >= ms[k] * (1 - _EPS):
-                recs[k][trial.number] = self.loss(value)
-                crossed.append(k)
-                k += 1
-        self._seen[trial.number] = (max(done, upto), k)
+        th = self._thresholds.get(b)
+        if th is None:
+            th = self._thresholds[b] = [m * (1 - _EPS) for m in self.milestones(b)]
+        recs = self._recs.get(b)
+        if recs is None:  # made on a bracket's first ingest, as always: observations() follows this order
+            recs = self._recs[b] = [{} for _ in th]
+        number = trial.number
+        done, k = self._seen.get(number, _START)
+        crossed: Sequence[int] = ()
+        if k < len(th):
+            for step, value in trial.intermediate[done:upto]:
+                if step < th[k]:
+                    continue
+                crossed = list(crossed)
+                while k < len(th) and step >= th[k]:
+                    recs[k][number] = self.loss(value)
+                    crossed.append(k)
+                    k += 1
+                if k == len(th):
+                    break
+        self._seen[number] = (max(done, upto), k)
         return crossed
 
     def rung(self, bracket: int, k: int) -> dict[int, float]:
