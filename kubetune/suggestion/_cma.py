@@ -27,15 +27,20 @@ class CMA:
         self.cov = np.eye(d) if cov is None else np.array(cov, dtype=float)
         self.popsize = lam = popsize or default_popsize(d)
         mu = lam // 2
-        raw = math.log((lam + 1) / 2) - np.log(np.arange(1, mu + 1))
-        self.weights = raw / raw.sum()
-        self.mu_eff = 1.0 / (self.weights ** 2).sum()
-        me = self.mu_eff
+        # Hansen's tutorial (2016), eqs. 49-53: positive weights for the better half, negative
+        # ones for the worse half (active CMA: the covariance shrinks along bad directions).
+        raw = math.log((lam + 1) / 2) - np.log(np.arange(1, lam + 1))
+        pos, neg = raw[:mu], raw[mu:]
+        self.mu_eff = me = pos.sum() ** 2 / (pos ** 2).sum()
+        me_neg = neg.sum() ** 2 / (neg ** 2).sum() if len(neg) and neg.sum() else 0.0
         self.c_sigma = (me + 2) / (d + me + 5)
         self.d_sigma = 1 + 2 * max(0.0, math.sqrt((me - 1) / (d + 1)) - 1) + self.c_sigma
         self.c_c = (4 + me / d) / (d + 4 + 2 * me / d)
         self.c_1 = 2 / ((d + 1.3) ** 2 + me)
         self.c_mu = min(1 - self.c_1, 2 * (me - 2 + 1 / me) / ((d + 2) ** 2 + me))
+        shrink = min(1 + self.c_1 / self.c_mu, 1 + 2 * me_neg / (me + 2),
+                     (1 - self.c_1 - self.c_mu) / (d * self.c_mu))
+        self.weights = np.concatenate([pos / pos.sum(), neg * shrink / np.abs(neg).sum() if neg.sum() else neg])
         self.chi_n = math.sqrt(d) * (1 - 1 / (4 * d) + 1 / (21 * d * d))
         self.max_step = math.sqrt(d) + 2 * d / (d + 2)  # Mahalanobis clip for told solutions
         self.p_sigma = np.zeros(d)
@@ -82,7 +87,9 @@ class CMA:
                 y = y * (self.max_step / length)
             ys.append(y)
         ys = np.array(ys)
-        y_w = w @ ys
+        w = w[: len(ys)]
+        mu = min(len(ys), self.popsize // 2)
+        y_w = w[:mu] @ ys[:mu]  # the mean moves by the positive weights only
         self.mean = self.mean + self.sigma * y_w
 
         g = self.generation + 1
@@ -93,8 +100,15 @@ class CMA:
         cc = self.c_c
         self.p_c = (1 - cc) * self.p_c + h_sigma * math.sqrt(cc * (2 - cc) * self.mu_eff) * y_w
         delta = (1 - h_sigma) * cc * (2 - cc)
-        rank_mu = (ys.T * w) @ ys
-        self.cov = ((1 + self.c_1 * delta - self.c_1 - self.c_mu) * self.cov
+        # Negative weights act on directions rescaled to length sqrt(d), so that a long bad
+        # step cannot remove more variance than a short one (tutorial, eq. 46).
+        w_o = w.copy()
+        bad = w < 0
+        if bad.any():
+            lengths = np.array([np.dot(v, v) for v in (self._whiten(y) for y in ys[bad])])
+            w_o[bad] *= d / np.maximum(lengths, 1e-20)
+        rank_mu = (ys.T * w_o) @ ys
+        self.cov = ((1 + self.c_1 * delta - self.c_1 - self.c_mu * w.sum()) * self.cov
                     + self.c_1 * np.outer(self.p_c, self.p_c) + self.c_mu * rank_mu)
         self.sigma *= math.exp(min(1.0, (cs / self.d_sigma) * (norm_ps / self.chi_n - 1)))
         self.sigma = min(self.sigma, 1e3)
