@@ -37,6 +37,29 @@ def recency_weights(n: int, flat: int = 25) -> np.ndarray:
     return np.concatenate([np.linspace(1.0 / n, 1.0, n - flat), np.ones(flat)])
 
 
+def joint_ranking(enc, l: Parzen, g: Parzen, rng: np.random.Generator, m: int, conditional: np.ndarray) -> np.ndarray:
+    """m candidates drawn from l, best l(x)/g(x) first, with the joint densities (multivariate TPE, BOHB).
+
+    Conditional parameters are chosen one by one (as univariate TPE does) and left out of
+    the joint score: a joint density that mixes 'inactive' with values blurs both, and it
+    favours candidates with more active parameters (each a peaked good kernel > 1 against
+    an inactive column's 1), which drew BOHB to whichever SVM kernel had extra parameters.
+    """
+    cand = enc.snap(l.sample_joint(rng, m))
+    active = enc.active(cand)
+    if conditional.any():
+        marg = enc.snap(l.sample_marginal(rng, m))
+        cells = enc.cells(marg)
+        per_column = l.log_pdf_marginal(marg, cells) - g.log_pdf_marginal(marg, cells)
+        best = marg[np.argmax(per_column, axis=0), np.arange(enc.dim)]
+        cand[:, conditional] = best[conditional]
+        active = enc.active(cand)
+        active[:, conditional] = False
+    cells = enc.cells(cand)
+    score = l.log_pdf_joint(cand, active, cells) - g.log_pdf_joint(cand, active, cells)
+    return cand[np.argsort(-score, kind="stable")]
+
+
 class TPESampler(ModelSampler):
     name = "tpe"
     SETTINGS = {
@@ -75,21 +98,7 @@ class TPESampler(ModelSampler):
         g = self._density(*thin(bad_rows, recency_weights(len(bad_rows)), MAX_BAD, rng))
         enc = self.encoder
         if s["multivariate"]:
-            cand = enc.snap(l.sample_joint(rng, s["candidates"]))
-            active = enc.active(cand)
-            if self._conditional.any():
-                # Conditional parameters are chosen one by one (as univariate TPE does); the joint
-                # density ranks the rest. Densities that mix 'inactive' with values blur both.
-                marg = enc.snap(l.sample_marginal(rng, s["candidates"]))
-                cells = enc.cells(marg)
-                per_column = l.log_pdf_marginal(marg, cells) - g.log_pdf_marginal(marg, cells)
-                best = marg[np.argmax(per_column, axis=0), np.arange(enc.dim)]
-                cand[:, self._conditional] = best[self._conditional]
-                active = enc.active(cand)
-                active[:, self._conditional] = False
-            cells = enc.cells(cand)
-            score = l.log_pdf_joint(cand, active, cells) - g.log_pdf_joint(cand, active, cells)
-            ranked = cand[np.argsort(-score, kind="stable")]
+            ranked = joint_ranking(enc, l, g, rng, s["candidates"], self._conditional)
         else:
             cand = enc.snap(l.sample_marginal(rng, s["candidates"]))
             cells = enc.cells(cand)
