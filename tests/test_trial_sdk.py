@@ -40,20 +40,24 @@ def test_a_metric_that_is_not_a_number_is_refused_with_its_name():
         trial.report(step=1, acc="high")
 
 
-def test_bus_reports_after_a_long_stretch_wait_for_their_own_decision():
-    """Once-an-epoch reports must get the decision on that report (an ASHA stop at the rung, not
-    an epoch later); reports every step stay batched."""
+def _channel_recording_waits(waits: list):
+    """A trial's bus channel (in-memory bus) that appends, per report sent, whether it waits for its decision."""
     from kubetune.bus import MemoryBus, TrialClient
     from kubetune.trial import _BusChannel
-
-    waits = []
 
     class Client(TrialClient):
         def send_report(self, step, metrics):
             waits.append(self.wait)
             return super().send_report(step, metrics)
 
-    channel = _BusChannel(Client(MemoryBus(), "ns/exp", 0, wait_s=0.0))
+    return _BusChannel(Client(MemoryBus(), "ns/exp", 0, wait_s=0.0))
+
+
+def test_bus_reports_after_a_long_stretch_wait_for_their_own_decision():
+    """Once-an-epoch reports must get the decision on that report (an ASHA stop at the rung, not
+    an epoch later); reports every step stay batched."""
+    waits = []
+    channel = _channel_recording_waits(waits)
     now = [100.0]
     channel._clock = lambda: now[0]
     channel._last = now[0]
@@ -66,18 +70,9 @@ def test_bus_reports_after_a_long_stretch_wait_for_their_own_decision():
 def test_bus_reports_all_wait_for_their_decision_under_synchronous_pbt(monkeypatch):
     """The operator sets KUBETUNE_REPORT_WAIT=1 for synch PBT: a held check must block its trial
     however soon it follows the previous report."""
-    from kubetune.bus import MemoryBus, TrialClient
-    from kubetune.trial import _BusChannel
-
     monkeypatch.setenv("KUBETUNE_REPORT_WAIT", "1")
     waits = []
-
-    class Client(TrialClient):
-        def send_report(self, step, metrics):
-            waits.append(self.wait)
-            return super().send_report(step, metrics)
-
-    channel = _BusChannel(Client(MemoryBus(), "ns/exp", 0, wait_s=0.0))
+    channel = _channel_recording_waits(waits)
     for step in range(1, 4):
         channel.send(step, {"val_accuracy": 0.5})
     assert waits == [True, True, True]
