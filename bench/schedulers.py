@@ -42,6 +42,7 @@ from kubetune import Study  # noqa: E402
 from kubetune.api.space import SearchSpace  # noqa: E402
 from kubetune.suggestion import SAMPLERS  # noqa: E402
 from kubetune.suggestion.base import SEED, Sampler  # noqa: E402
+from kubetune.suggestion.bohb import BOHBSampler  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "mlp_digits_curves.npz"
 EPOCHS = 27
@@ -115,45 +116,36 @@ class TableSampler(Sampler):
         return TABLE.configs[self._order[len(trials) % len(TABLE.configs)]]
 
 
-class TableKDE(TableSampler):
-    """A stand-in for BOHB's model until the `bohb` sampler is merged: a Parzen ratio l(x)/g(x)
-    fitted on the largest budget with enough observations (read from the scheduler),
-    maximised over untried table rows; a third of the configurations stay random."""
+class TableBOHB(BOHBSampler):
+    """kubetune's `bohb` model choosing among the table's configurations. The replay can only run
+    recorded configurations, so instead of drawing candidates from the good density it ranks up to
+    400 untried table rows by the same good/bad ratio; the model itself (the largest budget with
+    enough observations, the good fraction, the densities, the random fraction) is BOHBSampler's."""
 
-    name = "table-kde"
-
-    def attach_scheduler(self, scheduler):
-        self.scheduler = scheduler
+    name = "table-bohb"
 
     def ask(self, trials):
-        rng = np.random.default_rng([self.seed, len(trials)])
-        obs = self.scheduler.observations(trials) if hasattr(self, "scheduler") else {}
-        usable = [v for v in obs.values() if len(v) >= len(self.space) + 2]
-        if not usable or rng.random() < 1 / 3:
+        rng = self.rng(trials)
+        model = None if rng.random() < self.settings["randomFraction"] else self.model(trials)
+        if model is None:
             return TableSampler.ask(self, trials)
-        pts = usable[-1]
-        x = np.array([self.space.to_unit(p, fill=0.5) for p, _ in pts])
-        loss = np.array([v for _, v in pts])
-        n_good = max(1, int(math.ceil(0.15 * len(pts))))
-        order = np.argsort(loss)
-        good, bad = x[order[:n_good]], x[order[n_good:]]
+        good, bad = model
         tried = {self.space.key(t.params) for t in trials}
-        cand_rows = [i for i in rng.permutation(len(TABLE.configs))[:400]
-                     if self.space.key(self.space.canonical(TABLE.configs[i])) not in tried]
-        if not cand_rows or len(bad) == 0:
+        rows = [i for i in rng.permutation(len(TABLE.configs))[:400]
+                if self.space.key(self.space.canonical(TABLE.configs[i])) not in tried]
+        if not rows:
             return TableSampler.ask(self, trials)
-        cand = np.array([self.space.to_unit(TABLE.configs[i], fill=0.5) for i in cand_rows])
+        enc = self.encoder
+        cand = np.array([enc.row(TABLE.configs[i]) for i in rows])
+        active, cells = enc.active(cand), enc.cells(cand)
+        score = good.log_pdf_joint(cand, active, cells) - bad.log_pdf_joint(cand, active, cells)
+        return TABLE.configs[rows[int(np.argmax(score))]]
 
-        def logkde(c, data, h=0.2):
-            d2 = ((c[:, None, :] - data[None, :, :]) ** 2).sum(-1)
-            return np.logaddexp.reduce(-d2 / (2 * h * h), axis=1) - math.log(len(data))
-
-        score = logkde(cand, good) - logkde(cand, bad)
-        return TABLE.configs[cand_rows[int(np.argmax(score))]]
+    order = TableSampler.order
 
 
 SAMPLERS["table"] = TableSampler
-SAMPLERS["table-kde"] = TableKDE
+SAMPLERS["table-bohb"] = TableBOHB
 
 
 # -- methods: what a free worker runs and what a report means ------------------------
@@ -312,8 +304,7 @@ def methods():
         "kubetune HyperBand (sync)": lambda s: KubetuneMethod({"name": "hyperband", "settings": RUNGS}, s),
         "kubetune HyperBand (async)": lambda s: KubetuneMethod(
             {"name": "hyperband", "settings": {**RUNGS, "mode": "asynchronous"}}, s),
-        "kubetune BOHB (KDE stand-in)": lambda s: KubetuneMethod({"name": "bohb", "settings": RUNGS}, s,
-                                                                 sampler="table-kde"),
+        "kubetune BOHB": lambda s: KubetuneMethod({"name": "bohb", "settings": RUNGS}, s, sampler="table-bohb"),
         "kubetune median stopping": lambda s: KubetuneMethod({"name": "median", "settings": {"startupTrials": 5}}, s),
         "Ray Tune ASHA": lambda s: RayASHA(1, s),
         "Ray Tune async HyperBand (4 brackets)": lambda s: RayASHA(4, s),
