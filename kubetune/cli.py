@@ -15,6 +15,7 @@ import json
 import math
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from .api.durations import format_duration
@@ -78,10 +79,13 @@ def cmd_run(args) -> int:
     spec = load_spec(args.file)
     out = sys.stderr if args.json else sys.stdout
     progress = None if args.quiet else _Progress(out)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C and `kill` stop the run cleanly, at the runner's next pass (see run_experiment).
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         result = run_experiment(spec, args.state_dir, base_dir=Path(args.file).resolve().parent,
-                                on_progress=progress)
+                                on_progress=progress, stop=stop)
     except KeyboardInterrupt:
         if progress:
             progress.end()
@@ -91,11 +95,6 @@ def cmd_run(args) -> int:
     if progress:
         progress.end()
     return _finish(result, args.json, out, show_all=False)
-
-
-def _interrupt(signum, frame):
-    """`kill` stops a run as cleanly as Ctrl-C does."""
-    raise KeyboardInterrupt
 
 
 def cmd_results(args) -> int:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,8 @@ def test_quickstart_runs_and_names_the_best_trial(tmp_path):
     assert json.loads(shown.stdout)["best"] == best
 
 
-def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_trials(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_trials(tmp_path, sig):
     count_file = tmp_path / "finished.txt"
     spec = write_spec(tmp_path / "exp.yaml", "resumable", {
         "objective": {"metric": "loss", "goal": "minimize"},
@@ -89,7 +91,7 @@ def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_tr
             return (sum(r["state"] == "Succeeded" for r in records) >= 3 and quiet
                     and any(r["state"] == "Running" for r in records))
         wait_for(some_done_some_running, 120, "three finished trials and one mid-run")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()

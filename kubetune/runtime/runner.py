@@ -7,6 +7,7 @@ from the store and never run again; trials cut short are run again.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,12 @@ def run_experiment(
     base_dir: str | Path = ".",
     on_progress: Callable[[Engine, float], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    stop: threading.Event | None = None,
 ) -> RunResult:
+    """Runs the experiment to its end. `stop` (set from a signal handler, as the CLI does) ends it
+    like Ctrl-C, but between two passes of the loop: a KeyboardInterrupt raised at an arbitrary
+    point can land between taking a trial's exit event off the queue and recording it, and the
+    drain then waits for a process that is already gone."""
     # Absolute: trials run in another working directory and get these paths.
     state_root = Path(state_root).resolve()
     store = StateStore(state_root, spec.name)
@@ -91,7 +97,7 @@ def run_experiment(
     engine = Engine(spec, study, start, elapsed_before=state.get("elapsed", 0.0))
     runtime = LocalRuntime(spec, store.trial_dir, Path(base_dir), checkpoints=store.dir / "checkpoints")
     try:
-        _loop(engine, runtime, store, clock, on_progress)
+        _loop(engine, runtime, store, clock, on_progress, stop)
     except KeyboardInterrupt:
         _apply(engine.interrupt(), runtime)
         _drain(engine, runtime, store, clock)
@@ -119,9 +125,11 @@ def _can_continue(state: dict, study: Study, spec: ExperimentSpec) -> bool:
     return False
 
 
-def _loop(engine, runtime, store, clock, on_progress) -> None:
+def _loop(engine, runtime, store, clock, on_progress, stop=None) -> None:
     last_progress = 0.0
     while not engine.done:
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt
         _apply(engine.step(clock()), runtime)
         store.save_trials(engine.take_changed())
         for event in runtime.events(POLL):
