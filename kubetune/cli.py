@@ -21,7 +21,7 @@ from pathlib import Path
 from .api.durations import format_duration
 from .api.spec import ExperimentSpec, load_spec
 from .api.trial import Trial, TrialState, best_of
-from .api.validation import SpecError
+from .api.validation import Problem, SpecError, suggestion
 from .runtime.runner import RunResult, run_experiment
 from .runtime.store import DEFAULT_STATE_DIR, StateError, StateStore
 
@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("--json", action="store_true")
     res.add_argument("--all", action="store_true", help="every trial, not only the best ten")
     res.set_defaults(func=cmd_results)
+
+    st = sub.add_parser("settings", help="list the algorithms and early-stopping methods with their settings")
+    st.add_argument("name", nargs="?", help="only this algorithm or early-stopping method")
+    st.set_defaults(func=cmd_settings)
     return p
 
 
@@ -95,6 +99,33 @@ def cmd_run(args) -> int:
     if progress:
         progress.end()
     return _finish(result, args.json, out, show_all=False)
+
+
+def cmd_settings(args) -> int:
+    """What `algorithm.settings` and `earlyStopping.settings` accept, from the classes themselves."""
+    from .schedulers import SCHEDULERS
+    from .suggestion import SAMPLERS
+
+    kinds = [("algorithm", SAMPLERS), ("earlyStopping", SCHEDULERS)]
+    if args.name is not None and not any(args.name in table for _, table in kinds):
+        known = sorted({n for _, table in kinds for n in table})
+        raise SpecError([Problem("name", f"unknown algorithm or early-stopping method {args.name!r}; "
+                                         f"{suggestion(args.name, known)} (known: {', '.join(known)})")])
+    for field, table in kinds:
+        for name, cls in table.items():
+            if args.name not in (None, name):
+                continue
+            doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
+            summary = doc.splitlines()[0] if doc else ""
+            print(f"{field}.name: {name}" + (f"  -- {summary}" if summary else ""))
+            settings = getattr(cls, "SETTINGS", {})
+            width = max((len(k) for k in settings), default=0)
+            for key, s in settings.items():
+                default = "(none)" if s.default is None else json.dumps(s.default)
+                choices = f" (one of {', '.join(map(str, s.choices))})" if s.choices else ""
+                print(f"  {key:<{width}}  {s.type.__name__:<5}  default {default:<8}  {s.help}{choices}")
+            print()
+    return 0
 
 
 def cmd_results(args) -> int:

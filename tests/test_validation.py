@@ -185,3 +185,24 @@ def test_validate_command_accepts_a_good_spec(tmp_path):
     result = _cli("validate", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "valid Experiment 'demo'" in result.stdout
+
+
+def test_settings_command_lists_what_validation_accepts(tmp_path):
+    """`kubetune settings` lists every algorithm and early-stopping method with each of the settings the
+    validation accepts; a name narrows it (both kinds for bohb); an unknown name is refused with a hint."""
+    from kubetune.schedulers import SCHEDULERS
+    from kubetune.suggestion import SAMPLERS
+
+    listing = _cli("settings", cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    for field, table in (("algorithm", SAMPLERS), ("earlyStopping", SCHEDULERS)):
+        for name, cls in table.items():
+            assert f"{field}.name: {name}" in listing.stdout
+            for key in cls.SETTINGS:
+                assert f"  {key} " in listing.stdout
+    one = _cli("settings", "cmaes", cwd=tmp_path)
+    assert one.returncode == 0 and "categoricalExploration" in one.stdout and "earlyStopping" not in one.stdout
+    both = _cli("settings", "bohb", cwd=tmp_path).stdout
+    assert "algorithm.name: bohb" in both and "earlyStopping.name: bohb" in both
+    wrong = _cli("settings", "tpx", cwd=tmp_path)
+    assert wrong.returncode == 2 and "did you mean 'tpe'?" in wrong.stderr

@@ -115,7 +115,7 @@ class HyperBand(RungScheduler):
 
 
 class SuccessiveHalving(HyperBand):
-    """One bracket kind, from the smallest resource up: eta**s_max configurations per bracket."""
+    """Successive halving: one HyperBand bracket kind, from the smallest resource up (eta**s_max configurations)."""
 
     name = "sha"
 

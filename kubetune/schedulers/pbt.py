@@ -1,4 +1,4 @@
-"""Population-Based Training (Jaderberg et al. 2017), the asynchronous form.
+"""Population-Based Training (Jaderberg et al. 2017): asynchronous, or in generations with `synch`.
 
 Every `perturbationInterval` steps (after `burnIn`), a trial compares its
 value with the other live trials' values at the same step (their most recent
