@@ -458,6 +458,17 @@ CONFIGS = [
 ]
 
 
+def _worker_trial(s, slots, w, max_trials, log):
+    """Worker w's trial: the one it runs, or a new one asked for (None when the Study has none)."""
+    if slots[w] is None:
+        t = s.ask(new=len(s.trials) < max_trials)
+        if t is None:
+            return None
+        slots[w] = t
+        log.append(("ask", t.number, t.budget))
+    return slots[w]
+
+
 def drive(s, ticks, workers=3, restart_at=None, factory=None):
     """Round-robin workers, one report per tick; optionally rebuilds the Study mid-way."""
     log, slots, step, acc = [], [None] * workers, {}, {}
@@ -466,15 +477,11 @@ def drive(s, ticks, workers=3, restart_at=None, factory=None):
             s = factory(copy.deepcopy(s.trials))
             slots = [s.trials[t.number] if t is not None else None for t in slots]
         for w in range(workers):
-            if slots[w] is None:
-                t = s.ask(new=len(s.trials) < 25)
-                if t is None:
-                    continue
-                slots[w] = t
-                step.setdefault(t.number, 0)
-                acc.setdefault(t.number, 0.0)
-                log.append(("ask", t.number, t.budget))
-            t = slots[w]
+            t = _worker_trial(s, slots, w, 25, log)
+            if t is None:
+                continue
+            step.setdefault(t.number, 0)
+            acc.setdefault(t.number, 0.0)
             step[t.number] += 1
             acc[t.number] += curve(t.params, step[t.number]) / 9
             d = s.report(t, step=step[t.number], value=acc[t.number])
@@ -575,14 +582,10 @@ def random_drive(s, seed, ticks=70, workers=4):
     log, slots, step = [], [None] * workers, {}
     for _ in range(ticks):
         for w in range(workers):
-            if slots[w] is None:
-                t = s.ask(new=len(s.trials) < 30)
-                if t is None:
-                    continue
-                slots[w] = t
-                step.setdefault(t.number, 0.0)
-                log.append(("ask", t.number, t.budget))
-            t = slots[w]
+            t = _worker_trial(s, slots, w, 30, log)
+            if t is None:
+                continue
+            step.setdefault(t.number, 0.0)
             step[t.number] += float(rng.choice([0, 0.5, 1, 1, 1, 2, 3, 7, -1]))
             value = float("nan") if rng.random() < 0.03 else float(rng.random())
             d = s.report(t, step=step[t.number], value=value)
