@@ -241,7 +241,7 @@ def main() -> None:
         for name, spent in sorted(cpu.items(), key=lambda kv: -kv[1]):
             print(f"| {name} | {spent / count:.4f} | {100 * spent / total:.0f}% |")
         print(f"| all | {total / count:.4f} | |")
-        print(f"\nkube-apiserver requests per created trial (all clients), over 0.05:\n")
+        print("\nkube-apiserver requests per created trial (all clients), over 0.05:\n")
         print("| verb | resource | per trial |")
         print("| --- | --- | ---: |")
         made = {k: requests_after[k] - requests_before.get(k, 0.0) for k in requests_after}
