@@ -76,3 +76,16 @@ def test_bus_reports_all_wait_for_their_decision_under_synchronous_pbt(monkeypat
     for step in range(1, 4):
         channel.send(step, {"val_accuracy": 0.5})
     assert waits == [True, True, True]
+
+
+def test_a_decision_with_fields_this_version_does_not_know_is_still_understood():
+    """Trial images outlive scheduler versions: an exploit sent with a field added later (say, the
+    donor's step) must still reach an older SDK as an exploit (the bus client and the local channel
+    both decode with Decision.from_dict)."""
+    from kubetune.api.trial import Decision
+    from kubetune.bus.base import decode_decision
+
+    seq, d = decode_decision(json.dumps({"seq": 7, "action": "exploit", "donor": 2, "params": {"lr": 0.1},
+                                         "donor_step": 12}))
+    assert (seq, d) == (7, Decision("exploit", donor=2, params={"lr": 0.1}))
+    assert Decision.from_dict({"action": "stop", "reason": "r", "hint": "x"}) == Decision("stop", "r")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
 
 
 class TrialState(str, enum.Enum):
@@ -119,5 +119,13 @@ class Decision:
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Decision":
+        """A decision as sent over the wire. Fields this version does not know are ignored: trial
+        images outlive scheduler versions, and a newer scheduler's extra detail (a field that a
+        later version adds) must not crash an older trial's report()."""
+        return cls(**{k: v for k, v in d.items() if k in _DECISION_FIELDS})
 
+
+_DECISION_FIELDS = frozenset(f.name for f in fields(Decision))
 CONTINUE = Decision()

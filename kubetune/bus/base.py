@@ -74,7 +74,7 @@ def encode_decision(seq: int, decision: Decision) -> str:
 def decode_decision(raw) -> tuple[int, Decision]:
     d = json.loads(raw)
     seq = d.pop("seq")
-    return seq, Decision(**d)
+    return seq, Decision.from_dict(d)
 
 
 class MetricBus:

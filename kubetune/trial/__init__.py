@@ -119,4 +119,4 @@ class _Channel:
         self.sock.sendall((json.dumps(msg) + "\n").encode())
         answer = json.loads(self.reader.readline() or b'{"action": "continue"}')
         answer.pop("error", None)
-        return Decision(**answer)
+        return Decision.from_dict(answer)
