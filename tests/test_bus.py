@@ -165,6 +165,41 @@ def test_a_batch_with_an_odd_entry_is_decoded_entry_by_entry(redis_server):
     bus.close()
 
 
+def test_entries_that_are_not_reports_are_acknowledged_and_skipped(redis_server):
+    """A stray or corrupt stream entry must not wedge the experiment: left pending, it would come back
+    at every recovery read and fail the loop each time."""
+    from kubetune.bus.redis_streams import GROUP, RedisBus
+
+    bus = RedisBus(url=redis_server.url)
+    key = bus.stream_key(EXP)
+    bus.publish(EXP, reports(0, 2))
+    bus.r.xadd(key, {"r": "not json"})
+    bus.r.xadd(key, {"r": '["one",1,1,{"acc":0.5}]'})  # parses, but the trial is not a number
+    bus.r.xadd(key, {"r": '[1,1,1,{"acc":"high"}]'})  # a metric that is not a number
+    bus.r.xadd(key, {"other": "field"})
+    bus.publish(EXP, reports(3, 2))
+    got = bus.read(EXP, "c0", count=10)
+    assert [(m.report.trial, m.report.seq) for m in got] == [(0, 1), (0, 2), (3, 1), (3, 2)]
+    bus.ack(EXP, [m.id for m in got])
+    assert bus.r.xpending(key, GROUP)["pending"] == 0
+    bus.close()
+
+
+def test_a_report_the_handler_fails_on_is_answered_continue_and_the_loop_goes_on(bus):
+    def handler(m):
+        if m.report.trial == 0 and m.report.seq == 2:
+            raise ValueError("no such metric")
+        return Decision("stop", "done") if m.report.trial == 1 else Decision()
+
+    loop = SchedulerLoop(bus, EXP, handler, consumer="c0")
+    bus.publish(EXP, reports(0, 2) + reports(1, 1))
+    assert loop.drain() == 3
+    got = dict(bus.take_decisions(EXP, 0))
+    assert got[2].action == "continue" and "no such metric" in got[2].reason
+    assert dict(bus.take_decisions(EXP, 1))[1] == Decision("stop", "done")  # the rest of the batch was decided
+    assert loop.drain() == 0  # nothing left pending or unread
+
+
 def test_packed_commands_are_those_of_the_plain_packer():
     from kubetune.bus.base import encode_decision
     from kubetune.bus.redis_streams import GROUP, RedisBus, _pack
@@ -308,21 +343,30 @@ class Experiment:
         return [Trial.from_dict(d) for d in json.loads(self.path.read_text())] if self.path.exists() else []
 
     def start_loop(self, crash_after=None):
-        handler = StudyHandler(self.study, "acc", self.lock)
+        handler, persist = StudyHandler(self.study, "acc", self.lock), self.persist
         if crash_after is not None:
-            inner, seen = handler, [0]
-
-            def handler(msg):  # noqa: F811 - dies before answering its batch
-                seen[0] += 1
-                if seen[0] > crash_after:
-                    raise RuntimeError("scheduler loop killed")
-                return inner(msg)
-
-        self.loop = SchedulerLoop(self.bus, EXP, handler, persist=self.persist)
+            handler, persist = self.dying(handler, crash_after)
+        self.loop = SchedulerLoop(self.bus, EXP, handler, persist=persist)
         self.stop = threading.Event()
         self.loop_thread = threading.Thread(target=self.loop.run, args=(self.stop, 0.2, self.on_error),
                                             daemon=True)
         self.loop_thread.start()
+
+    def dying(self, inner, crash_after):
+        """A handler that counts reports, and a persist that dies once more than crash_after were
+        handled: after handling a batch, before saving or answering it."""
+        seen = [0]
+
+        def handler(msg):
+            seen[0] += 1
+            return inner(msg)
+
+        def persist():
+            if seen[0] > crash_after:
+                raise RuntimeError("scheduler loop killed")
+            self.persist()
+
+        return handler, persist
 
     def stop_loop(self):
         self.stop.set()

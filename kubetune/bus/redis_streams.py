@@ -9,6 +9,7 @@ The scheduler loop reads the stream through the consumer group "scheduler".
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Sequence
 
@@ -19,6 +20,8 @@ from redis.utils import SENTINEL as _SENTINEL
 
 from ..api.trial import Decision
 from .base import GROUP, Message, MetricBus, Report, _scan, decode_decision, encode_decision
+
+log = logging.getLogger(__name__)
 
 _tuple = tuple.__new__  # builds a named tuple without the Python-level __new__
 _loads = json.JSONDecoder().decode
@@ -171,24 +174,39 @@ class RedisBus(MetricBus):
                 raise got
             self._ensure_group(experiment, force=True)  # Redis restarted without its data
             return []
-        out = []
+        out, bad = [], []
         # RESP3 (redis-py's default) answers a map of stream -> entries, RESP2 a list of pairs.
         for _, entries in (got.items() if isinstance(got, dict) else got or []):
             rows = _rows(entries)
             if rows is not None:  # the usual batch: this runs once per report
-                out += [_tuple(Message, (mid.decode(),
-                                         _tuple(Report, (trial, seq, None if step is None else float(step), metrics))))
-                        for (mid, _), (trial, seq, step, metrics) in zip(entries, rows)]
-                continue
+                try:
+                    out += [_tuple(Message, (mid.decode(), _tuple(Report, (trial, seq, None if step is None
+                                                                          else float(step), metrics))))
+                            for (mid, _), (trial, seq, step, metrics) in zip(entries, rows)]
+                    continue
+                except (TypeError, ValueError):  # a payload of another shape: entry by entry
+                    pass
             for mid, fields in entries:
                 if not fields:  # a pending entry trimmed away comes back empty
                     continue
-                if fields[0] == b"r":  # the usual entry, decoded inline: this runs once per report
-                    trial, seq, step, metrics = _scan(fields[1].decode(), 0)[0]
-                    report = _tuple(Report, (trial, seq, step if step is None else float(step), metrics))
-                else:
-                    report = Report.from_fields(fields)
+                try:
+                    if fields[0] == b"r":  # the usual entry, decoded inline: this runs once per report
+                        trial, seq, step, metrics = _scan(fields[1].decode(), 0)[0]
+                        report = _tuple(Report, (trial, seq, step if step is None else float(step), metrics))
+                    else:
+                        report = Report.from_fields(fields)
+                    _check(report)
+                # (the JSON scanner raises StopIteration at text that is not JSON)
+                except (IndexError, KeyError, StopIteration, TypeError, ValueError) as e:
+                    bad.append(mid.decode())
+                    log.warning("metric bus %s: entry %s is not a report (%s); acknowledged and skipped",
+                                experiment, mid.decode(), e)
+                    continue
                 out.append(_tuple(Message, (mid.decode(), report)))
+        if bad:
+            # Acknowledged now: left pending, it would come back at every recovery read, and the
+            # loop would fail on it for ever.
+            self.ack(experiment, bad)
         return out
 
     def ack(self, experiment, ids):
@@ -287,6 +305,13 @@ class RedisBus(MetricBus):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+def _check(r: Report) -> None:
+    """Raises TypeError unless the report has the types the scheduler loop relies on."""
+    if not (isinstance(r.trial, int) and isinstance(r.seq, int) and isinstance(r.metrics, dict)
+            and all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in r.metrics.items())):
+        raise TypeError("expected an integer trial and seq and a mapping of metric names to numbers")
 
 
 def _rows(entries: list) -> list | None:

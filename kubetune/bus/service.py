@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 import threading
 from contextlib import contextmanager
 from typing import Callable
 
 from ..api.trial import CONTINUE, Decision, Trial, TrialState
 from .base import Message, MetricBus, position
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], Decision]
 _NONE: dict = {}  # no other metrics (never written to)
@@ -148,7 +151,7 @@ class SchedulerLoop:
             msgs, self._next = self._next, None
         elif not self._recovered:
             msgs = self.bus.read(self.experiment, self.consumer, self.count, pending=True)
-            self._recovered = len(msgs) < self.count
+            self._recovered = not msgs  # (a batch can come back short: entries that are not reports)
         else:
             msgs = self.bus.read(self.experiment, self.consumer, self.count, block_s=block_s)
         if not msgs:
@@ -158,7 +161,7 @@ class SchedulerLoop:
                 self.bus.decide(self.experiment, late)
             return 0
         with _collector_paused():
-            decisions = [(m.report.trial, m.report.seq, self.handler(m)) for m in msgs]
+            decisions = [(m.report.trial, m.report.seq, self._handle(m)) for m in msgs]
             if self.released is not None:
                 decisions += self.released()
             decisions = coalesce(decisions)
@@ -180,6 +183,14 @@ class SchedulerLoop:
             self._handled_upto = max(self._handled_upto, newest)
             self._progress.notify_all()
         return len(msgs)
+
+    def _handle(self, m: Message) -> Decision:
+        try:
+            return self.handler(m)
+        except Exception as e:  # noqa: BLE001 -- one report the scheduler cannot take must not stall the rest
+            log.warning("experiment %s: report %s of trial %s not handled: %r", self.experiment, m.report.seq,
+                        m.report.trial, e, exc_info=True)
+            return Decision("continue", f"report not handled: {e}")
 
     def run(self, stop: threading.Event, block_s: float = 0.1, on_error: Callable[[Exception], None] | None = None):
         """Until `stop` is set; bus errors (Redis restarting) are reported and retried."""
