@@ -185,6 +185,23 @@ def test_entries_that_are_not_reports_are_acknowledged_and_skipped(redis_server)
     bus.close()
 
 
+def test_pending_entries_trimmed_away_are_acknowledged_so_recovery_reaches_the_rest(redis_server):
+    """A recovery read starts at the oldest pending entry: trimmed entries (empty when read back)
+    left pending would come back first every time and hide the pending reports behind them."""
+    from kubetune.bus.redis_streams import GROUP, RedisBus
+
+    bus = RedisBus(url=redis_server.url)
+    key = bus.stream_key(EXP)
+    bus.publish(EXP, reports(0, 6))
+    taken = bus.read(EXP, "c0", count=6)  # read, never acknowledged: the consumer died
+    bus.r.xdel(key, *[m.id for m in taken[:4]])  # as MAXLEN trimming does to the oldest
+    got = bus.read(EXP, "c0", count=4, pending=True)  # four trimmed ones first: skipped, read on
+    assert [(m.report.trial, m.report.seq) for m in got] == [(0, 5), (0, 6)]
+    assert bus.r.xpending(key, GROUP)["pending"] == 2  # the trimmed ones were acknowledged
+    assert bus.read(EXP, "c0", count=4, pending=True) != []  # the two reports wait for their handler
+    bus.close()
+
+
 def test_a_report_the_handler_fails_on_is_answered_continue_and_the_loop_goes_on(bus):
     def handler(m):
         if m.report.trial == 0 and m.report.seq == 2:

@@ -166,7 +166,13 @@ class RedisBus(MetricBus):
     def read(self, experiment, consumer, count=256, block_s=0.0, pending=False):
         self._ensure_group(experiment)
         cmd, block = self._xreadgroup(experiment, consumer, count, block_s, pending)
-        return self._messages(experiment, self._exchange(cmd, 1, block)[0])
+        while True:
+            got = self._exchange(cmd, 1, block)[0]
+            msgs = self._messages(experiment, got)
+            # A batch of nothing but skipped entries (now acknowledged) is not the end of the
+            # stream, nor of this consumer's pending reports: read on.
+            if msgs or not _entries(got):
+                return msgs
 
     def _messages(self, experiment, got) -> list[Message]:
         if isinstance(got, redis.ResponseError):
@@ -187,7 +193,8 @@ class RedisBus(MetricBus):
                 except (TypeError, ValueError):  # a payload of another shape: entry by entry
                     pass
             for mid, fields in entries:
-                if not fields:  # a pending entry trimmed away comes back empty
+                if not fields:  # a pending entry trimmed away comes back empty: nothing to handle
+                    bad.append(mid.decode())
                     continue
                 try:
                     if fields[0] == b"r":  # the usual entry, decoded inline: this runs once per report
@@ -204,8 +211,8 @@ class RedisBus(MetricBus):
                     continue
                 out.append(_tuple(Message, (mid.decode(), report)))
         if bad:
-            # Acknowledged now: left pending, it would come back at every recovery read, and the
-            # loop would fail on it for ever.
+            # Acknowledged now: left pending, it would come back at every recovery read (which starts
+            # at the oldest pending entry), failing the loop or hiding the pending reports behind it.
             self.ack(experiment, bad)
         return out
 
@@ -305,6 +312,13 @@ class RedisBus(MetricBus):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+def _entries(got) -> bool:
+    """Whether an XREADGROUP reply holds any entry (RESP3: a map, RESP2: a list of pairs)."""
+    if isinstance(got, redis.ResponseError) or not got:
+        return False
+    return any(entries for _, entries in (got.items() if isinstance(got, dict) else got))
 
 
 def _check(r: Report) -> None:

@@ -112,7 +112,7 @@ class RungScheduler(Scheduler):
         self._synced = len(trials)
         for t in trials:
             n = len(t.intermediate) - (1 if t is holdback else 0)
-            if n > self._seen.get(t.number, (0, 0))[0]:
+            if n > self._seen.get(t.number, _START)[0]:
                 self._ingest(t, n)
 
     def _ingest(self, trial: Trial, upto: int) -> Sequence[int]:
@@ -148,7 +148,7 @@ class RungScheduler(Scheduler):
 
     def top_rung(self, trial: Trial) -> int:
         """Highest rung index the trial has a value at (-1: none yet)."""
-        return self._seen.get(trial.number, (0, 0))[1] - 1
+        return self._seen.get(trial.number, _START)[1] - 1
 
     def cutoff(self, rung: Mapping[int, float]) -> float:
         """The worst loss still in the top 1/eta of a rung's values (the trial's own included).
