@@ -138,6 +138,24 @@ class Study:
             out.append((trial, self._follow(trial, trial.last_step, decision)))
         return out
 
+    def resent(self, trial: Trial | int) -> Decision:
+        """The decision on the trial's latest report, for a trial that sent it again because it is
+        still waiting for the answer (lost with a scheduler or Redis restart). A held decision that a
+        rebuilt scheduler no longer holds is made again (and may be held again: `wait`); an exploit
+        decided on that report before is handed out again, never drawn twice."""
+        trial = self._trial(trial)
+        n = len(trial.intermediate)
+        if self.scheduler is not None and n and trial.state == TrialState.RUNNING:
+            step, value = trial.intermediate[-1]
+            decision = self.scheduler.on_resent(trial, step, value, self.trials)
+            if decision is not None:
+                return decision if decision is CONTINUE or decision.wait else self._follow(trial, step, decision)
+        exploit = trial.events[-1] if trial.events else {}
+        if exploit.get("event") == "exploit" and exploit.get("report") == n:
+            return Decision("exploit", f"decided on this report before: continues from trial {exploit['donor']}'s "
+                            "checkpoint", donor=exploit["donor"], params=dict(exploit["new"]))
+        return CONTINUE
+
     def ended(self, trial: Trial | int) -> None:
         """The trial's process is gone; its final state is told later (or elsewhere, as in the cluster's
         suggestion service). A synchronous scheduler stops waiting for it; see `released()`."""

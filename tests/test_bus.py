@@ -558,3 +558,107 @@ def test_loop_runs_a_synchronous_pbt_population_over_the_bus(bus):
     exploits = [e for t in study.trials for e in t.events if e["event"] == "exploit"]
     assert exploits and all(e["donor_step"] == e["step"] for e in exploits)
     assert all(t.state == TrialState.SUCCEEDED for t in study.trials)
+
+
+def test_synchronous_pbt_survives_a_scheduler_killed_while_members_wait(bus, tmp_path):
+    """The loop dies while members wait on held decisions. A new one, rebuilt from the state store,
+    judges the reports they send again: no member is waved on without its generation's decision, and
+    what every trainer applied is what the store records (parameters and exploits)."""
+    import time
+
+    es = {"name": "pbt", "settings": {"perturbationInterval": 3, "quantileFraction": 0.25, "synch": True}}
+    path = tmp_path / "trials.json"
+    lock = threading.RLock()
+    state = {"study": Study(parameters=PARAMS, goal="maximize", seed=3, early_stopping=es)}
+    with lock:
+        pop = [state["study"].ask() for _ in range(6)]
+        for t in pop:
+            t.state = TrialState.RUNNING
+
+    def persist():
+        with lock:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps([t.to_dict() for t in state["study"].trials]))
+            tmp.replace(path)
+
+    def stored():
+        return [Trial.from_dict(d) for d in json.loads(path.read_text())]
+
+    persist()
+    killed, errors = threading.Event(), []
+    held_saved = [0]  # persists that saved a trial answered `wait`
+
+    def start(dying):
+        handler = StudyHandler(state["study"], "acc", lock)
+
+        def save():
+            if dying and held_saved[0] >= 2 and not killed.is_set():
+                killed.set()  # dies after handling a batch, before saving or answering it
+                raise RuntimeError("scheduler loop killed")
+            persist()
+            if handler.waiting:
+                held_saved[0] += 1
+
+        loop = SchedulerLoop(bus, EXP, handler, persist=save, released=handler.released)
+        stop = threading.Event()
+        runner = threading.Thread(target=loop.run, args=(stop, 0.05, errors.append), daemon=True)
+        runner.start()
+        return stop, runner
+
+    stop, runner = start(dying=True)
+
+    def restart():
+        nonlocal stop, runner
+        assert killed.wait(60)
+        stop.set()
+        runner.join(30)
+        with lock:  # a new process: the Study from the state store
+            state["study"] = Study(parameters=PARAMS, goal="maximize", seed=3, early_stopping=es, trials=stored())
+        stop, runner = start(dying=False)
+
+    applied = {}  # trial -> (parameters the trainer used last, exploits it applied)
+
+    def member(number):
+        time.sleep(0.05 * number)
+        client = TrialClient(bus, EXP, number, wait=True, wait_s=10, repeat_s=0.3)
+        with lock:
+            params = dict(state["study"].trials[number].params)
+        exploits, epoch, value = [], 0, 0.0
+        while epoch < 12:
+            epoch += 1
+            value = acc(params, epoch)
+            d = client.send_report(epoch, {"acc": value})
+            assert d.action != "wait"
+            if d.action == "exploit":
+                params = d.params
+                exploits.append((epoch, d.donor))
+        client.close()
+        applied[number] = (params, exploits)
+        with lock:
+            state["study"].tell(state["study"].trials[number], value)
+            persist()
+
+    watcher = threading.Thread(target=restart)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(len(pop)) as pool:
+            for f in [pool.submit(member, t.number) for t in pop]:
+                f.result(timeout=90)
+    finally:
+        watcher.join(60)
+        stop.set()
+        runner.join()
+    assert killed.is_set() and any("killed" in str(e) for e in errors)
+    trials = stored()
+    assert all(t.state == TrialState.SUCCEEDED for t in trials)
+    recorded = {t.number: [(e["step"], e["donor"]) for t in [t] for e in t.events if e["event"] == "exploit"]
+                for t in trials}
+    for t in trials:
+        params, exploits = applied[t.number]
+        assert t.params == params, f"trial {t.number}: the store's parameters are not what it trained with"
+        assert recorded[t.number] == exploits
+    exploits = [e for t in trials for e in t.events if e["event"] == "exploit"]
+    # Every generation (steps 3, 6, 9, 12) still has its bottom quarter (2 of 6) exploit, each at the
+    # members' common step.
+    steps = sorted(e["step"] for e in exploits)
+    assert steps == [3, 3, 6, 6, 9, 9, 12, 12] and all(e["donor_step"] == e["step"] for e in exploits)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kubetune import Study
-from kubetune.api.trial import TrialState
+from kubetune.api.trial import Trial, TrialState
 from kubetune.api.validation import SpecError
 from kubetune.schedulers import SCHEDULERS, check_early_stopping
 
@@ -417,6 +417,55 @@ def test_pbt_synch_a_member_that_ends_or_goes_on_does_not_hold_the_others():
     s3 = study("pbt", {"perturbationInterval": 1, "quantileFraction": 0.5, "synch": True})
     a, _ = s3.ask(), s3.ask()
     assert s3.report(a, step=1, value=0.5).wait
+
+
+def test_pbt_synch_decisions_lost_with_a_restart_are_made_again_identically():
+    settings = {"perturbationInterval": 2, "quantileFraction": 0.5, "synch": True}
+    values = [0.9, 0.1, 0.8, 0.2]
+
+    def reports(s, members, upto=2):
+        return {t.number: [s.report(t, step=k, value=values[t.number]) for k in range(1, upto + 1)][-1]
+                for t in members}
+
+    def rebuilt(s):  # a new process: the scheduler from the saved trial list, holding nothing
+        return study("pbt", settings, trials=[Trial.from_dict(t.to_dict()) for t in s.trials])
+
+    def ask_again(s, numbers):
+        """Each waiting trial sends its report again; held answers come with s.released()."""
+        got = {}
+        for n in numbers:
+            got[n] = s.resent(n)
+            got |= {t.number: d for t, d in s.released()}
+        return got
+
+    def summary(decisions):
+        return {n: (d.action, d.donor, d.params) for n, d in decisions.items()}
+
+    # Without a restart.
+    ref = study("pbt", settings)
+    pop = [ref.ask() for _ in range(4)]
+    reports(ref, pop[:3])
+    last = reports(ref, pop[3:])
+    expected = summary({t.number: d for t, d in ref.released()} | last)
+    assert {n for n, (action, *_) in expected.items() if action == "exploit"} == {1, 3}
+
+    # Restarted while trials 0-2 waited and trial 3 had not reached step 2.
+    s = study("pbt", settings)
+    pop = [s.ask() for _ in range(4)]
+    reports(s, pop[:3])
+    s = rebuilt(s)
+    assert all(d.wait for d in ask_again(s, [0, 1, 2]).values())  # held again: trial 3 is behind
+    last = reports(s, s.trials[3:])
+    assert summary({t.number: d for t, d in s.released()} | last) == expected
+
+    # Restarted after the generation was decided and saved, before its answers went out: the recorded
+    # exploits are handed out again (none drawn twice), the others are decided as before; no one goes on
+    # past step 2 until every member has asked, so no donor moves on before its checkpoint is taken.
+    s = rebuilt(s)
+    assert s.resent(0).wait and s.resent(2).wait
+    got = ask_again(s, [1, 3])
+    assert summary(got) == {n: expected[n] for n in range(4)}
+    assert [sum(e["event"] == "exploit" for e in t.events) for t in s.trials] == [0, 1, 0, 1]
 
 
 def test_pb2_synch_uses_the_gp_bandit_on_released_decisions():

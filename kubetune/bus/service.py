@@ -55,9 +55,17 @@ class StudyHandler:
                 step = (trial.last_step or 0) + 1
             inter = trial.intermediate
             if inter and step <= inter[-1][0] and _already_applied(trial, step, value):
-                # A held report sent again is still held here; held by a scheduler that has since
-                # restarted (nothing is held now), it is answered from the trial's state instead.
-                return Decision("wait", "still held") if self.waiting.get(r.trial) == r.seq else _answer_for(trial)
+                # Sent again: a held report is still held here. Otherwise the trial is still waiting
+                # for an answer this process does not have (a restart lost it): the Study makes it
+                # again, or hands out the one recorded. An older report: the trial has gone on since.
+                if self.waiting.get(r.trial) == r.seq:
+                    return Decision("wait", "still held")
+                if step != inter[-1][0]:
+                    return _answer_for(trial)
+                decision = self.study.resent(trial)
+                if decision.wait:
+                    self.waiting[r.trial] = r.seq
+                return decision
             decision = self.study.report_to(trial, step, value, others)
             if decision.wait:
                 self.waiting[r.trial] = r.seq

@@ -60,6 +60,13 @@ class Scheduler:
         """The trial reported `value` at `step` (already appended to trial.intermediate)."""
         return CONTINUE
 
+    def on_resent(self, trial: Trial, step: float, value: float, trials: Sequence[Trial]) -> Decision | None:
+        """The trial sent its latest report again, still waiting for the answer to it, and this
+        scheduler holds nothing for it: a scheduler rebuilt after a restart that lost a held
+        decision. The decision on that report if this scheduler can make it again; None: the
+        trial's state answers (a stop or pause is recorded there)."""
+        return None
+
     def on_complete(self, trial: Trial, trials: Sequence[Trial]) -> None:
         """The trial finished (succeeded, failed, pruned or killed)."""
 

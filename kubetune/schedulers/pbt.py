@@ -20,8 +20,10 @@ from that step. That is PBT as the paper runs it; the asynchronous default
 never holds a trial back, but members that start at different times (pods
 scheduled minutes apart, processes seconds apart next to millisecond epochs)
 are then compared, and take donors, at different points of training. Held
-decisions live in memory: a rebuilt scheduler holds nothing, and a trial whose
-runtime gave up waiting (and answered `continue`) simply reports again.
+decisions live in memory: a rebuilt scheduler holds nothing, so a waiting trial
+sends its report again and the rebuilt scheduler judges it as the first did
+(`on_resent`: the same ranking at that step, the same seeded draws); a trial
+whose runtime gave up waiting (and answered `continue`) simply reports again.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class PBT(Scheduler):
         # synch: trial number -> (its reports then, step, value) of a check answered `wait`.
         self._held: dict[int, tuple[int, float, float]] = {}
         self._gone: set[int] = set()  # processes ended, final states not known yet (on_ended)
+        # trial number -> its reports when it last reported, or asked again, here: a member whose latest
+        # report came before a restart has not asked again yet (see _behind).
+        self._asked: dict[int, int] = {}
 
     @classmethod
     def check(cls, settings, spec, path):
@@ -112,6 +117,7 @@ class PBT(Scheduler):
         # A newer report: a decision held for this trial was given up on by its runtime.
         self._held.pop(trial.number, None)
         self._gone.discard(trial.number)  # running again (a new attempt)
+        self._asked[trial.number] = len(trial.intermediate)
         # The cache stops before this report: an exploit decided now is recorded after it.
         last = self._last_check(trial, len(trial.intermediate) - 1)
         if step < s["burnIn"] or step - last < s["perturbationInterval"]:
@@ -124,6 +130,15 @@ class PBT(Scheduler):
                 return Decision("wait", f"synch: waits for trial{'s' if len(behind) > 1 else ''} {shown} "
                                         f"to report {s['resource']} {step:g}")
         return self.decide(trial, step, value, trials)
+
+    def on_resent(self, trial: Trial, step: float, value: float, trials: Sequence[Trial]) -> Decision | None:
+        n = len(trial.intermediate)
+        if not self.settings["synch"] or self._asked.get(trial.number) == n:
+            return None  # its answer went out from here, or is held here
+        if any(e.get("event") == "exploit" and e.get("report") == n for e in trial.events[-1:]):
+            self._asked[trial.number] = n
+            return None  # decided and recorded before the restart: the Study hands that out again
+        return self.on_report(trial, step, value, trials)
 
     def released(self, trials: Sequence[Trial]) -> list[tuple[int, Decision]]:
         out = []
@@ -140,9 +155,12 @@ class PBT(Scheduler):
         self._gone.add(trial.number)
 
     def _behind(self, trial: Trial, step: float, trials: Sequence[Trial]) -> list[int]:
-        """The other live trials (pending or running) that have not reported `step` yet."""
+        """The other live trials (pending or running) that have not reported `step` yet, or reported it
+        to a scheduler that has since restarted and have not asked again for their answer: a generation
+        is decided together, before any donor trains on past the step its checkpoint is taken at."""
         return [t.number for t in trials if t is not trial and t.state.active and t.number not in self._gone
-                and (not t.intermediate or t.intermediate[-1][0] < step)]
+                and (not t.intermediate or t.intermediate[-1][0] < step
+                     or (t.intermediate[-1][0] == step and self._asked.get(t.number) != len(t.intermediate)))]
 
     def decide(self, trial: Trial, step: float, value: float, trials: Sequence[Trial]) -> Decision:
         """The decision at a check: continue, or exploit a top trial (the bottom quantile)."""
