@@ -153,7 +153,8 @@ class Study:
         exploit = trial.events[-1] if trial.events else {}
         if exploit.get("event") == "exploit" and exploit.get("report") == n:
             return Decision("exploit", f"decided on this report before: continues from trial {exploit['donor']}'s "
-                            "checkpoint", donor=exploit["donor"], params=dict(exploit["new"]))
+                            "checkpoint", donor=exploit["donor"], params=dict(exploit["new"]),
+                            donor_step=exploit.get("donor_step"))
         return CONTINUE
 
     def ended(self, trial: Trial | int) -> None:

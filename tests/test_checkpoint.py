@@ -66,3 +66,21 @@ def test_copy_from_a_donor_without_checkpoint_says_so(in_experiment):
     in_experiment(2)
     with pytest.raises(checkpoint.CheckpointError, match="has no checkpoint to copy"):
         checkpoint.copy_from(checkpoint.donor_name(7))
+
+
+def test_an_exploit_takes_the_donors_checkpoint_from_the_step_it_was_judged_at(in_experiment):
+    from kubetune.api.trial import Decision
+
+    in_experiment(1)
+    for step in range(1, 6):  # the donor went on training after the decision at step 4
+        checkpoint.save({"w": step}, step=step)
+    in_experiment(2)
+    meta = checkpoint.copy_from(Decision("exploit", donor=1, donor_step=4))
+    assert meta["step"] == 4 and checkpoint.load() == {"w": 4}
+    assert checkpoint.load_bytes()[1]["step"] == 4  # now this trial's latest
+    # Older than every checkpoint the donor still keeps (the last 3): the nearest one it has.
+    checkpoint.copy_from(Decision("exploit", donor=1, donor_step=1))
+    assert checkpoint.load() == {"w": 3}
+    # By name only (an older scheduler's decision has no step): the donor's latest.
+    checkpoint.copy_from(checkpoint.donor_name(1))
+    assert checkpoint.load() == {"w": 5}

@@ -86,6 +86,6 @@ def test_a_decision_with_fields_this_version_does_not_know_is_still_understood()
     from kubetune.bus.base import decode_decision
 
     seq, d = decode_decision(json.dumps({"seq": 7, "action": "exploit", "donor": 2, "params": {"lr": 0.1},
-                                         "donor_step": 12}))
-    assert (seq, d) == (7, Decision("exploit", donor=2, params={"lr": 0.1}))
+                                         "donor_step": 12, "donor_checkpoint": "x"}))
+    assert (seq, d) == (7, Decision("exploit", donor=2, params={"lr": 0.1}, donor_step=12))
     assert Decision.from_dict({"action": "stop", "reason": "r", "hint": "x"}) == Decision("stop", "r")

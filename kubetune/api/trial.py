@@ -101,6 +101,9 @@ class Decision:
     # exploit (PBT): continue from the donor trial's checkpoint with new parameters.
     donor: int | None = None
     params: dict[str, Any] | None = None
+    # exploit: the donor's step the decision was made at; its checkpoint from then is the one to take
+    # (the donor may have saved newer ones by the time it is copied).
+    donor_step: float | None = None
 
     @property
     def stop(self) -> bool:

@@ -51,7 +51,7 @@ class PB2(PBT):
         if params is None:
             return d
         return Decision("exploit", d.reason.replace("explored parameters", "parameters chosen by the GP bandit"),
-                        donor=d.donor, params=params)
+                        donor=d.donor, params=params, donor_step=d.donor_step)
 
     # -- the data ------------------------------------------------------------
 

@@ -192,7 +192,7 @@ class PBT(Scheduler):
         params = self.explore(donor.params, rng)
         return Decision("exploit", f"bottom {s['quantileFraction']:g} at {s['resource']} {step:g}: "
                         f"continues from trial {donor.number}'s checkpoint with explored parameters",
-                        donor=donor.number, params=params)
+                        donor=donor.number, params=params, donor_step=donor.last_step)
 
     @staticmethod
     def _value_at(trial: Trial, step: float) -> float | None:

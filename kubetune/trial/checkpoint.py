@@ -5,7 +5,10 @@ the local state directory, or a shared volume in a cluster). A save writes the
 data to a temporary file, fsyncs it and renames it into place, then records
 its SHA-256 in `latest.json` the same way, so a reader never sees half a
 checkpoint. Taking another trial's checkpoint copies it into this trial's
-folder and checks the digest before anything is loaded.
+folder and checks the digest before anything is loaded. `latest.json` also
+lists the few newest checkpoints with their steps: a PBT exploit takes the
+donor's checkpoint from the step it was judged at, even when the donor has
+saved a newer one since.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from ..api.trial import Decision
 
 LATEST = "latest.json"
 KEEP = 3  # checkpoint files kept per trial: the latest, and older ones a reader may still be opening
@@ -53,20 +58,39 @@ def save_bytes(data: bytes, step: float | None = None) -> Path:
     path = folder / f"checkpoint-{time.time_ns()}.bin"
     _atomic_write(path, data)
     meta = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "step": step}
-    _atomic_write(folder / LATEST, json.dumps(meta).encode())
+    recent = [m for m in _read_latest(folder).get("recent", []) if m["file"] != path.name][-(KEEP - 1):]
+    _atomic_write(folder / LATEST, json.dumps({**meta, "recent": recent + [meta]}).encode())
     for old in sorted(folder.glob("checkpoint-*.bin"))[:-KEEP]:
         old.unlink(missing_ok=True)
     return path
 
 
-def load_bytes(name: str | None = None) -> tuple[bytes, dict] | None:
-    """The latest checkpoint of this trial (or of trial `name`), verified; None if it has none."""
+def _read_latest(folder: Path) -> dict:
+    try:
+        return json.loads((folder / LATEST).read_bytes())
+    except FileNotFoundError:
+        return {}
+
+
+def _at_step(latest: dict, step: float | None) -> dict:
+    """The newest kept checkpoint saved at or before `step`; when all kept ones are newer, the oldest
+    of them (the nearest); the latest when steps are not recorded."""
+    recent = [m for m in latest.get("recent", []) if m.get("step") is not None]
+    if step is None or not recent:
+        return latest
+    fits = [m for m in recent if m["step"] <= step]
+    return fits[-1] if fits else recent[0]
+
+
+def load_bytes(name: str | None = None, step: float | None = None) -> tuple[bytes, dict] | None:
+    """The latest checkpoint of this trial (or of trial `name`), verified; None if it has none.
+    With `step`: the newest one saved at or before that step, if it is still kept."""
     folder = trial_folder(name)
     for attempt in range(READ_ATTEMPTS):
-        try:
-            meta = json.loads((folder / LATEST).read_bytes())
-        except FileNotFoundError:
+        latest = _read_latest(folder)
+        if not latest:
             return None
+        meta = {k: v for k, v in _at_step(latest, step).items() if k != "recent"}
         try:
             data = (folder / meta["file"]).read_bytes()
         except FileNotFoundError:
@@ -77,9 +101,15 @@ def load_bytes(name: str | None = None) -> tuple[bytes, dict] | None:
     raise CheckpointError(f"checkpoint of {folder.name} does not match its digest")
 
 
-def copy_from(donor: str) -> dict:
-    """Copies the donor trial's latest checkpoint into this trial's folder, verified; returns its metadata."""
-    got = load_bytes(donor)
+def copy_from(donor: "str | Decision", step: float | None = None) -> dict:
+    """Copies the donor trial's checkpoint into this trial's folder, verified; returns its metadata.
+
+    donor: the donor trial's folder name (`donor_name(number)`), or the exploit decision itself,
+    which names the donor and the step it was judged at. From that step (or `step`) when that
+    checkpoint is still kept, else the donor's latest."""
+    if isinstance(donor, Decision):
+        donor, step = donor_name(donor.donor), donor.donor_step if step is None else step
+    got = load_bytes(donor, step)
     if got is None:
         raise CheckpointError(f"trial {donor} has no checkpoint to copy")
     data, meta = got

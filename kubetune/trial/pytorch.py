@@ -6,7 +6,7 @@
     ckpt.save(model, optimizer, step=epoch)
     d = trial.report(step=epoch, val_accuracy=acc)
     if d.action == "exploit":                        # PBT: take the donor's weights, then its new params
-        ckpt.restore(model, optimizer, donor=d.donor)
+        ckpt.restore(model, optimizer, donor=d)     # its checkpoint from the step it was judged at
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import io
 
 import torch
 
+from ..api.trial import Decision
 from . import checkpoint
 
 
@@ -29,10 +30,13 @@ def save(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
 
 
 def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-            donor: int | None = None, map_location="cpu") -> float | None:
-    """Loads this trial's checkpoint, or first copies (and verifies) the donor trial's; returns its step."""
+            donor: "int | Decision | None" = None, map_location="cpu") -> float | None:
+    """Loads this trial's checkpoint, or first copies (and verifies) the donor's; returns its step.
+
+    donor: the exploit decision (its donor's checkpoint from the step it was judged at), or a
+    donor trial's number (its latest checkpoint)."""
     if donor is not None:
-        checkpoint.copy_from(checkpoint.donor_name(donor))
+        checkpoint.copy_from(donor if isinstance(donor, Decision) else checkpoint.donor_name(donor))
     got = checkpoint.load_bytes()
     if got is None:
         return None

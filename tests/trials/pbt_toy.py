@@ -26,6 +26,6 @@ for step in range(1, int(os.environ.get("STEPS", "24")) + 1):
     if d.stop:
         break
     if d.action == "exploit":
-        checkpoint.copy_from(checkpoint.donor_name(d.donor))
+        checkpoint.copy_from(d)  # the donor's checkpoint from the step it was judged at
         w, lr = checkpoint.load()["w"], d.params["lr"]
         print(f"step={step} exploited trial {d.donor}: w={w:.4f} lr={lr:.4f}", flush=True)

@@ -101,7 +101,7 @@ def main():
         if d.stop or d.pause:
             break
         if d.action == "exploit":
-            donor_epoch = ckpt.restore(model, optimizer, donor=d.donor, map_location=device)
+            donor_epoch = ckpt.restore(model, optimizer, donor=d, map_location=device)
             set_hyperparameters(optimizer, d.params)
             print(f"epoch={epoch} exploit: took trial {d.donor}'s checkpoint (epoch {donor_epoch:g}), "
                   + ", ".join(f"{k}={v:.4g}" for k, v in d.params.items()), flush=True)
