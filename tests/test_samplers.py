@@ -169,6 +169,25 @@ def test_cmaes_restarts_with_a_larger_population_when_converged():
     assert replay.cma.popsize == 6 * 2 ** replay.restarts  # 4 + 3 ln 2, doubled per restart
 
 
+def test_cmaes_warm_start_asks_the_transferred_mean_first():
+    """The first trial of a warm start is the WS-CMA-ES mean (the average of the best prior
+    configurations); later asks are draws, and a cold start asks no mean."""
+    rng = np.random.default_rng(0)
+    space = SearchSpace.from_spec(sphere_params())
+    prior = []
+    for _ in range(30):
+        p = space.sample(rng)
+        prior.append({"params": p, "value": sphere(p, 1.0)})
+    best = sorted(prior, key=lambda t: t["value"])[:3]  # the best 10% of 30
+    mean = {k: np.mean([t["params"][k] for t in best]) for k in best[0]["params"]}
+    warm = run("cmaes", sphere_params(), sphere, 5, seed=3, prior=prior)
+    first = warm.trials[0].params
+    assert all(first[k] == pytest.approx(mean[k]) for k in mean)
+    assert all(t.params != first for t in warm.trials[1:])
+    cold = run("cmaes", sphere_params(), sphere, 1, seed=3).trials[0].params
+    assert any(abs(v) > 1e-6 for v in cold.values())
+
+
 @pytest.mark.parametrize("name", MODEL_BASED)
 def test_warm_start_helps_early(name):
     """Prior trials of a slightly different task put the first suggestions near its optimum."""
