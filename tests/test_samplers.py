@@ -169,6 +169,51 @@ def test_cmaes_restarts_with_a_larger_population_when_converged():
     assert replay.cma.popsize == 6 * 2 ** replay.restarts  # 4 + 3 ln 2, doubled per restart
 
 
+def test_cmaes_warm_start_asks_the_transferred_mean_first():
+    """The first trial of a warm start is the WS-CMA-ES mean; later asks are draws, and a cold
+    start asks no mean."""
+    from kubetune.suggestion._cma import warm_start
+
+    rng = np.random.default_rng(0)
+    space = SearchSpace.from_spec(sphere_params())
+    prior = []
+    for _ in range(30):
+        p = space.sample(rng)
+        prior.append({"params": p, "value": sphere(p, 1.0)})
+    names = list(prior[0]["params"])
+    rows = np.array([[(t["params"][k] + 5) / 10 for k in names] for t in prior])
+    mean = warm_start(rows, np.array([t["value"] for t in prior]))[0]
+    warm = run("cmaes", sphere_params(), sphere, 5, seed=3, prior=prior)
+    first = warm.trials[0].params
+    assert [first[k] for k in names] == pytest.approx(list(mean * 10 - 5))
+    assert all(t.params != first for t in warm.trials[1:])
+    cold = run("cmaes", sphere_params(), sphere, 1, seed=3).trials[0].params
+    assert any(abs(v) > 1e-6 for v in cold.values())
+
+
+def test_cmaes_warm_start_gaussian_sits_on_the_best_solutions_basin():
+    """WS-CMA-ES's estimate from the promising solutions on the best one's mode of the mixture:
+    the paper's estimate when they form one cluster, that cluster's alone when they form two."""
+    from kubetune.suggestion._cma import warm_start
+
+    rng = np.random.default_rng(1)
+    near = 0.2 + 0.02 * rng.standard_normal((6, 3))
+    far = 0.8 + 0.02 * rng.standard_normal((4, 3))
+    rest = rng.random((90, 3))
+
+    def paper(points):
+        centred = points - points.mean(axis=0)
+        return points.mean(axis=0), 0.01 * np.eye(3) + centred.T @ centred / len(points)
+
+    for top, expected in [(near, near), (np.vstack([near, far]), near), (np.vstack([far, near]), far)]:
+        rows = np.vstack([top, rest])
+        loss = np.arange(len(rows), dtype=float)  # the promising ones first, in the order given
+        mean, sigma, cov = warm_start(rows, loss, gamma=len(top) / len(rows), alpha=0.1)
+        want_mean, want_cov = paper(expected)
+        assert np.allclose(mean, want_mean)
+        assert np.allclose(sigma ** 2 * cov, want_cov)
+
+
 @pytest.mark.parametrize("name", MODEL_BASED)
 def test_warm_start_helps_early(name):
     """Prior trials of a slightly different task put the first suggestions near its optimum."""
