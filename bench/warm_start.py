@@ -59,8 +59,9 @@ def warm_table(results) -> list[str]:
     out = [f"Prior: {BUDGET} trials of the same sampler on the shifted source task (its own seed). "
            f"'Trials to reach' = first warm trial at or below the cold run's best after {BUDGET} (same seed); "
            "target: median at most half the cold budget.", "",
-           "| problem | sampler | seeds | cold best @100 | warm best @50 | median trials to reach | seeds within 50 | target met |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | :---: |"]
+           "| problem | sampler | seeds | cold best @100 | warm best @50 | median trials to reach | 90% interval | "
+           "seeds within 50 | target met |",
+           "| --- | --- | ---: | ---: | ---: | ---: | :---: | ---: | :---: |"]
     for (problem, name) in sorted(groups):
         runs = groups[(problem, name)]
         reach = [trials_to_reach(warm, cold[-1]) for cold, warm in runs]
@@ -68,10 +69,21 @@ def warm_table(results) -> list[str]:
         within = sum(r <= BUDGET // 2 for r in reach)
         cold_best = float(np.median([c[-1] for c, _ in runs]))
         warm50 = float(np.median([w[BUDGET // 2 - 1] for _, w in runs]))
-        shown = "never" if math.isinf(med) else f"{med:.0f}"
-        out.append(f"| {problem} | {name} | {len(runs)} | {cold_best:.4f} | {warm50:.4f} | {shown} | "
-                   f"{within}/{len(runs)} | {'yes' if med <= BUDGET // 2 else 'no'} |")
+        lo, hi = median_interval(np.array(reach, dtype=float))
+        out.append(f"| {problem} | {name} | {len(runs)} | {cold_best:.4f} | {warm50:.4f} | {_trials(med)} | "
+                   f"{_trials(lo)}-{_trials(hi)} | {within}/{len(runs)} | {'yes' if med <= BUDGET // 2 else 'no'} |")
     return out
+
+
+def median_interval(values: np.ndarray, reps: int = 2000) -> tuple[float, float]:
+    """90% bootstrap interval of the median over seeds ("never" is infinite, and stays so)."""
+    idx = np.random.default_rng(0).integers(len(values), size=(reps, len(values)))
+    medians = np.median(values[idx], axis=1)
+    return float(np.quantile(medians, 0.05, method="lower")), float(np.quantile(medians, 0.95, method="higher"))
+
+
+def _trials(v: float) -> str:
+    return "never" if math.isinf(v) else f"{v:.0f}"
 
 
 __all__ = ["WARM_PROBLEMS", "warm_start_job", "warm_table", "best_so_far"]
