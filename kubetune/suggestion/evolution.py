@@ -36,8 +36,16 @@ class EvolutionSampler(ModelSampler):
     name = "evolution"
     SETTINGS = {
         "seed": SEED,
-        "populationSize": Setting(int, 12, "finished trials in the population (also the random start)", at_least(2)),
-        "tournamentSize": Setting(int, 4, "population members drawn per tournament", at_least(1)),
+        # 16 and 6, not 12 and 4 (bench.samplers, 20 seeds): better than random search in 23 of 24
+        # cells, not 20 (SVM log-loss @50 0.0754, @100 0.0738 vs random 0.0768, 0.0750; SGD @200
+        # 0.0280 vs 0.0320). Over seeds 0-39, 24 of 24 vs 23, and better than 12/4 in 16 cells,
+        # worse in 2; on the SVM alone the two are within the tie tolerance of each other, so
+        # the SVM verdicts at 20 seeds are partly seed luck. A population of 16 needs the larger
+        # tournament to keep its selection pressure (6/16 vs 4/12): with 4 its median best on a
+        # 3-D sphere after 40 trials was 0.66 x random search's (tests/test_samplers.py asks for
+        # < 0.6; 0.26 with 6, 0.44 at 12/4).
+        "populationSize": Setting(int, 16, "finished trials in the population (also the random start)", at_least(2)),
+        "tournamentSize": Setting(int, 6, "population members drawn per tournament", at_least(1)),
         # 0.3, not the textbook 1/d: changing one parameter at a time stalled in 10-D (Ackley-10d
         # after 200 trials, 10 seeds: 17.5 at 1/d, no better than random search; 12.9 at 0.3).
         "mutationRate": Setting(float, 0.3, "probability each parameter mutates (at least one always does)", fraction),
