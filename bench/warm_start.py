@@ -83,7 +83,7 @@ def median_interval(values: np.ndarray, reps: int = 2000) -> tuple[float, float]
 
 
 def _trials(v: float) -> str:
-    return "never" if math.isinf(v) else f"{v:.0f}"
+    return "never" if math.isinf(v) else f"{v:g}"  # a median of an even count can end in .5
 
 
 __all__ = ["WARM_PROBLEMS", "warm_start_job", "warm_table", "best_so_far"]
