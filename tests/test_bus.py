@@ -273,6 +273,28 @@ def test_client_batches_reports_and_keeps_a_stop(bus):
     assert client.send_report(21, {"acc": 1}).stop  # a stop sticks
 
 
+def test_client_hands_out_an_exploit_once(bus):
+    """An exploit is acted on once: later reports that no newer decision answered yet go on as
+    `continue` (batched or timed out), and a copy of the same decision sent again is not taken twice."""
+    exploit = Decision("exploit", "bottom", donor=1, params={"lr": 0.1}, donor_step=4)
+    client = TrialClient(bus, EXP, 5, batch=1)
+    assert client.send_report(4, {"acc": 0.5}).action == "continue"
+    bus.decide(EXP, [(5, 1, exploit)])
+    assert client.send_report(5, {"acc": 0.5}) == exploit
+    assert [client.send_report(s, {"acc": 0.6}).action for s in (6, 7, 8)] == ["continue"] * 3
+    bus.decide(EXP, [(5, 1, exploit)])  # the same decision again (a report sent again, answered again)
+    assert client.send_report(9, {"acc": 0.6}).action == "continue"
+    # An exploit and a later report's `continue` taken in one batch: the exploit is not lost.
+    later = Decision("exploit", "bottom", donor=2, params={"lr": 0.2}, donor_step=9)
+    bus.decide(EXP, [(5, 9, later), (5, 10, Decision())])
+    assert client.send_report(11, {"acc": 0.6}) == later
+    # Waiting for its own decision, which does not come in time: not the earlier exploit either.
+    waiting = TrialClient(bus, EXP, 6, wait=True, wait_s=0.05)
+    bus.decide(EXP, [(6, 1, exploit)])
+    assert waiting.send_report(4, {"acc": 0.5}) == exploit
+    assert waiting.send_report(5, {"acc": 0.5}).action == "continue"
+
+
 def test_client_waits_through_a_held_decision_and_never_returns_wait(bus):
     """Synchronous PBT: `wait` keeps the report waiting for the real decision on it."""
     exploit = Decision("exploit", "bottom", donor=1, params={"lr": 0.1})

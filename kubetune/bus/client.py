@@ -5,7 +5,9 @@ trial's decision queue) every `batch` reports or `flush_s` seconds, so that
 reporting every step costs a training loop microseconds. With wait=True each
 report is sent at once and the call blocks up to `wait_s` for its decision
 (for trials reporting once an epoch, where an immediate answer matters).
-A stop or pause, once seen, is returned by every later call. A `wait` answer
+A stop or pause, once seen, is returned by every later call; an exploit is
+returned once (a trainer acts on it once), and a copy of it that comes again
+(its report sent again and answered again) is not taken. A `wait` answer
 (synchronous PBT: the decision is held until the population catches up) keeps
 a waiting report waiting, up to `hold_s`, for the real decision on it; the
 report is sent again every `repeat_s` meanwhile, so that a scheduler restarted
@@ -38,6 +40,7 @@ class TrialClient:
         self.seq = 0
         self.decision: Decision = CONTINUE  # the latest one
         self.decided_seq = 0
+        self._handed_seq = 0  # seq of the last exploit handed out: it, and any answer before it, is done
         self.errors = 0
         self._buffer: list[Report] = []
         self._last_flush = time.monotonic()
@@ -50,22 +53,34 @@ class TrialClient:
         if self.wait and self.decision.action not in _FINAL:
             self._send_and_wait(self.seq)
         elif self.wait:
-            self.flush()
+            self._flush()
         elif len(self._buffer) >= self.batch or time.monotonic() - self._last_flush >= self.flush_s:
-            self.flush()
-        return CONTINUE if self.decision.wait else self.decision
+            self._flush()
+        return self._hand_out()
 
     def flush(self) -> Decision:
         """Sends what is buffered and picks up decisions that have arrived."""
+        self._flush()
+        return self._hand_out()
+
+    def _flush(self) -> None:
         self._last_flush = time.monotonic()
         try:
             got = self.bus.publish_and_take(self.experiment, self._buffer, self.trial)
         except Exception:  # bus down: keep the reports, carry on training
             self.errors += 1
-            return self.decision
+            return
         self._buffer = []
         self._apply(got)
-        return CONTINUE if self.decision.wait else self.decision
+
+    def _hand_out(self) -> Decision:
+        """The decision a report() returns: a stop or pause for good, an exploit once."""
+        d = self.decision
+        if d.wait:
+            return CONTINUE
+        if d.action not in _FINAL and d.action != "continue":
+            self.decision, self._handed_seq = CONTINUE, self.decided_seq
+        return d
 
     def _send_and_wait(self, seq: int) -> None:
         """Sends the buffer and waits for the decision on `seq` in the same round trip."""
@@ -110,11 +125,14 @@ class TrialClient:
 
     def _apply(self, got) -> None:
         for seq, d in got:
-            if seq < self.decided_seq and d.action == "continue":
-                continue
+            if d.action not in _FINAL and (seq <= self._handed_seq or seq < self.decided_seq and d.action == "continue"):
+                continue  # an answer to a report whose exploit was acted on, or an older `continue`
             self.decided_seq = max(self.decided_seq, seq)
-            if self.decision.action not in _FINAL:
-                self.decision = d
+            if self.decision.action in _FINAL:
+                continue
+            if self.decision.action == "exploit" and d.action in ("continue", "wait"):
+                continue  # not acted on yet: a later report's `continue` must not hide it
+            self.decision = d
 
     def close(self) -> Decision:
         return self.flush()
