@@ -684,3 +684,58 @@ def test_synchronous_pbt_survives_a_scheduler_killed_while_members_wait(bus, tmp
     # members' common step.
     steps = sorted(e["step"] for e in exploits)
     assert steps == [3, 3, 6, 6, 9, 9, 12, 12] and all(e["donor_step"] == e["step"] for e in exploits)
+
+
+def test_batched_reports_apply_each_asynchronous_pbt_exploit_exactly_once(bus):
+    """Fast trainers report every step in batches; each exploit the scheduler records is acted on once
+    by its trainer, no other, and the parameters a trainer ends with are the ones the store has."""
+    import time
+
+    es = {"name": "pbt", "settings": {"perturbationInterval": 4, "quantileFraction": 0.25}}
+    lock = threading.RLock()
+    study = Study(parameters=PARAMS, goal="maximize", seed=5, early_stopping=es)
+    handler = StudyHandler(study, "acc", lock)
+    loop = SchedulerLoop(bus, EXP, handler)
+    stop = threading.Event()
+    runner = threading.Thread(target=loop.run, args=(stop, 0.01), daemon=True)
+    runner.start()
+    with lock:
+        pop = [study.ask() for _ in range(6)]
+        for t in pop:
+            t.state = TrialState.RUNNING
+    applied = {}
+
+    def member(number):
+        client = TrialClient(bus, EXP, number, batch=4, flush_s=0.005)
+        with lock:
+            params = dict(study.trials[number].params)
+        taken = []
+
+        def act(d):
+            nonlocal params
+            if d.action == "exploit":
+                params = d.params
+                taken.append(d.donor)
+
+        for epoch in range(1, 41):
+            time.sleep(0.002)
+            act(client.send_report(epoch, {"acc": acc(params, epoch)}))
+        act(client.flush())  # the last reports sent ...
+        loop.catch_up()
+        act(client.flush())  # ... and their answers taken: an exploit on the last one too
+        client.close()
+        applied[number] = (params, taken)
+
+    try:
+        with ThreadPoolExecutor(len(pop)) as pool:
+            for f in [pool.submit(member, t.number) for t in pop]:
+                f.result(timeout=60)
+    finally:
+        stop.set()
+        runner.join()
+    recorded = {t.number: [e["donor"] for e in t.events if e["event"] == "exploit"] for t in study.trials}
+    assert sum(map(len, recorded.values())) >= 4
+    for t in study.trials:
+        params, taken = applied[t.number]
+        assert taken == recorded[t.number], f"trial {t.number} acted on {taken}, the store has {recorded[t.number]}"
+        assert params == t.params
