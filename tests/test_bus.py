@@ -533,23 +533,40 @@ def test_password_is_required_and_used(redis_server_factory):
     bus.close()
 
 
+def pbt_population(bus, settings, seed, block_s, size=6):
+    """A PBT Study with `size` started trials, and its scheduler loop over the bus in a thread."""
+    lock = threading.RLock()
+    study = Study(parameters=PARAMS, goal="maximize", seed=seed, early_stopping={"name": "pbt", "settings": settings})
+    handler = StudyHandler(study, "acc", lock)
+    loop = SchedulerLoop(bus, EXP, handler, released=handler.released)
+    stop = threading.Event()
+    runner = threading.Thread(target=loop.run, args=(stop, block_s), daemon=True)
+    runner.start()
+    with lock:
+        pop = [study.ask() for _ in range(size)]
+        for t in pop:
+            t.state = TrialState.RUNNING  # started, as the engine and operator record it
+    return study, lock, loop, stop, runner, pop
+
+
+def run_members(member, pop, stop, runner):
+    """Runs member(number) for each trial of the population in threads, then stops the scheduler loop."""
+    try:
+        with ThreadPoolExecutor(len(pop)) as pool:
+            for f in [pool.submit(member, t.number) for t in pop]:
+                f.result(timeout=60)
+    finally:
+        stop.set()
+        runner.join()
+
+
 def test_loop_runs_a_synchronous_pbt_population_over_the_bus(bus):
     """Members start at different times; each check waits for the whole population, so every
     exploit takes a donor at the exploiting trial's own step, and no trial ever sees `wait`."""
     import time
 
-    es = {"name": "pbt", "settings": {"perturbationInterval": 3, "quantileFraction": 0.25, "synch": True}}
-    lock = threading.RLock()
-    study = Study(parameters=PARAMS, goal="maximize", seed=3, early_stopping=es)
-    handler = StudyHandler(study, "acc", lock)
-    loop = SchedulerLoop(bus, EXP, handler, released=handler.released)
-    stop = threading.Event()
-    runner = threading.Thread(target=loop.run, args=(stop, 0.05), daemon=True)
-    runner.start()
-    with lock:
-        pop = [study.ask() for _ in range(6)]
-        for t in pop:
-            t.state = TrialState.RUNNING  # started, as the engine and operator record it
+    settings = {"perturbationInterval": 3, "quantileFraction": 0.25, "synch": True}
+    study, lock, loop, stop, runner, pop = pbt_population(bus, settings, seed=3, block_s=0.05)
     seen = []
 
     def member(number):
@@ -569,13 +586,7 @@ def test_loop_runs_a_synchronous_pbt_population_over_the_bus(bus):
         with lock:
             study.tell(study.trials[number], value)
 
-    try:
-        with ThreadPoolExecutor(len(pop)) as pool:
-            for f in [pool.submit(member, t.number) for t in pop]:
-                f.result(timeout=60)
-    finally:
-        stop.set()
-        runner.join()
+    run_members(member, pop, stop, runner)
     assert "wait" not in seen and "exploit" in seen
     exploits = [e for t in study.trials for e in t.events if e["event"] == "exploit"]
     assert exploits and all(e["donor_step"] == e["step"] for e in exploits)
@@ -691,18 +702,8 @@ def test_batched_reports_apply_each_asynchronous_pbt_exploit_exactly_once(bus):
     by its trainer, no other, and the parameters a trainer ends with are the ones the store has."""
     import time
 
-    es = {"name": "pbt", "settings": {"perturbationInterval": 4, "quantileFraction": 0.25}}
-    lock = threading.RLock()
-    study = Study(parameters=PARAMS, goal="maximize", seed=5, early_stopping=es)
-    handler = StudyHandler(study, "acc", lock)
-    loop = SchedulerLoop(bus, EXP, handler)
-    stop = threading.Event()
-    runner = threading.Thread(target=loop.run, args=(stop, 0.01), daemon=True)
-    runner.start()
-    with lock:
-        pop = [study.ask() for _ in range(6)]
-        for t in pop:
-            t.state = TrialState.RUNNING
+    settings = {"perturbationInterval": 4, "quantileFraction": 0.25}
+    study, lock, loop, stop, runner, pop = pbt_population(bus, settings, seed=5, block_s=0.01)
     applied = {}
 
     def member(number):
@@ -726,13 +727,7 @@ def test_batched_reports_apply_each_asynchronous_pbt_exploit_exactly_once(bus):
         client.close()
         applied[number] = (params, taken)
 
-    try:
-        with ThreadPoolExecutor(len(pop)) as pool:
-            for f in [pool.submit(member, t.number) for t in pop]:
-                f.result(timeout=60)
-    finally:
-        stop.set()
-        runner.join()
+    run_members(member, pop, stop, runner)
     recorded = {t.number: [e["donor"] for e in t.events if e["event"] == "exploit"] for t in study.trials}
     assert sum(map(len, recorded.values())) >= 4
     for t in study.trials:
