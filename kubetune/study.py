@@ -149,9 +149,9 @@ class Study:
             step, value = trial.intermediate[-1]
             decision = self.scheduler.on_resent(trial, step, value, self.trials)
             if decision is not None:
-                return decision if decision is CONTINUE or decision.wait else self._follow(trial, step, decision)
-        exploit = trial.events[-1] if trial.events else {}
-        if exploit.get("event") == "exploit" and exploit.get("report") == n:
+                return self._follow(trial, step, decision)
+        exploit = trial.exploit_on_latest
+        if exploit is not None:
             return Decision("exploit", f"decided on this report before: continues from trial {exploit['donor']}'s "
                             "checkpoint", donor=exploit["donor"], params=dict(exploit["new"]),
                             donor_step=exploit.get("donor_step"))

@@ -56,6 +56,12 @@ class Trial:
         return None
 
     @property
+    def exploit_on_latest(self) -> dict | None:
+        """The exploit event decided on the latest report (recorded, not yet followed by a report)."""
+        e = self.events[-1] if self.events else None
+        return e if e and e.get("event") == "exploit" and e.get("report") == len(self.intermediate) else None
+
+    @property
     def last_step(self) -> float | None:
         return self.intermediate[-1][0] if self.intermediate else None
 

@@ -127,14 +127,14 @@ class TrialClient:
         for seq, d in got:
             if d.action not in _FINAL and (seq <= self._handed_seq or seq < self.decided_seq and d.action == "continue"):
                 continue  # an answer to a report whose exploit was acted on, or an older `continue`
-            if d.wait and self.decision.action == "exploit":
-                continue  # the exploit goes out first; the held report's real answer is still awaited
-            self.decided_seq = max(self.decided_seq, seq)
-            if self.decision.action in _FINAL:
+            # An exploit not handed out yet is kept: a later report's `continue` must not hide it, and
+            # a `wait` leaves the held report's real answer still awaited.
+            exploit_pending = self.decision.action == "exploit"
+            if d.wait and exploit_pending:
                 continue
-            if self.decision.action == "exploit" and d.action == "continue":
-                continue  # not acted on yet: a later report's `continue` must not hide it
-            self.decision = d
+            self.decided_seq = max(self.decided_seq, seq)
+            if self.decision.action not in _FINAL and not (exploit_pending and d.action == "continue"):
+                self.decision = d
 
     def close(self) -> Decision:
         return self.flush()

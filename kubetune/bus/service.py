@@ -63,10 +63,8 @@ class StudyHandler:
                 if step != inter[-1][0]:
                     return _answer_for(trial)
                 decision = self.study.resent(trial)
-                if decision.wait:
-                    self.waiting[r.trial] = r.seq
-                return decision
-            decision = self.study.report_to(trial, step, value, others)
+            else:
+                decision = self.study.report_to(trial, step, value, others)
             if decision.wait:
                 self.waiting[r.trial] = r.seq
             elif self.waiting:

@@ -135,7 +135,7 @@ class PBT(Scheduler):
         n = len(trial.intermediate)
         if not self.settings["synch"] or self._asked.get(trial.number) == n:
             return None  # its answer went out from here, or is held here
-        if any(e.get("event") == "exploit" and e.get("report") == n for e in trial.events[-1:]):
+        if trial.exploit_on_latest:
             self._asked[trial.number] = n
             return None  # decided and recorded before the restart: the Study hands that out again
         return self.on_report(trial, step, value, trials)

@@ -58,7 +58,7 @@ def save_bytes(data: bytes, step: float | None = None) -> Path:
     path = folder / f"checkpoint-{time.time_ns()}.bin"
     _atomic_write(path, data)
     meta = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "step": step}
-    recent = [m for m in _read_latest(folder).get("recent", []) if m["file"] != path.name][-(KEEP - 1):]
+    recent = _read_latest(folder).get("recent", [])[-(KEEP - 1):]
     _atomic_write(folder / LATEST, json.dumps({**meta, "recent": recent + [meta]}).encode())
     for old in sorted(folder.glob("checkpoint-*.bin"))[:-KEEP]:
         old.unlink(missing_ok=True)
