@@ -84,3 +84,53 @@ def test_an_exploit_takes_the_donors_checkpoint_from_the_step_it_was_judged_at(i
     # By name only (an older scheduler's decision has no step): the donor's latest.
     checkpoint.copy_from(checkpoint.donor_name(1))
     assert checkpoint.load() == {"w": 5}
+
+
+# The trial image's trainers run on the GPU when there is one: there the weights and the
+# optimizer's state must come back on the model's device. CI has no GPU, so it checks the CPU.
+DEVICES = ["cpu"] + (["cuda"] if __import__("torch").cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pytorch_exploit_takes_the_donors_model_and_optimizer_at_the_judged_step(in_experiment, device):
+    import torch
+
+    from kubetune.api.trial import Decision
+    from kubetune.trial import pytorch as ckpt
+
+    def net(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 2).to(device)
+        return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def train_step(model, opt):
+        opt.zero_grad()
+        model(torch.ones(3, 4, device=device)).pow(2).sum().backward()
+        opt.step()
+
+    in_experiment(1)
+    donor, donor_opt = net(1)
+    kept = {}
+    for step in (1, 2, 3):  # the donor trains on after the step it is judged at (2)
+        train_step(donor, donor_opt)
+        ckpt.save(donor, donor_opt, step=step)
+        kept[step] = ({k: v.clone() for k, v in donor.state_dict().items()},
+                      donor_opt.state_dict()["state"][0]["exp_avg"].clone())
+
+    in_experiment(2)
+    taker, taker_opt = net(2)
+    train_step(taker, taker_opt)
+    ckpt.save(taker, taker_opt, step=1)
+    assert ckpt.restore(taker, taker_opt, donor=Decision("exploit", donor=1, donor_step=2),
+                        map_location=device) == 2
+    weights, exp_avg = kept[2]
+    for k, v in taker.state_dict().items():
+        assert v.device.type == device and torch.equal(v, weights[k])
+    state = taker_opt.state_dict()["state"][0]
+    assert state["exp_avg"].device.type == device and torch.equal(state["exp_avg"], exp_avg)
+    train_step(taker, taker_opt)  # and it trains on from there on the same device
+
+    # Started again after a pause: its own latest checkpoint (now the donor's step-2 copy).
+    again, again_opt = net(3)
+    assert ckpt.restore(again, again_opt, map_location=device) == 2
+    assert all(torch.equal(v, weights[k]) for k, v in again.state_dict().items())
