@@ -157,11 +157,15 @@ class Study:
                             donor_step=exploit.get("donor_step"))
         return CONTINUE
 
-    def ended(self, trial: Trial | int) -> None:
+    def ended(self, trial: Trial | int) -> bool:
         """The trial's process is gone; its final state is told later (or elsewhere, as in the cluster's
-        suggestion service). A synchronous scheduler stops waiting for it; see `released()`."""
+        suggestion service). A synchronous scheduler stops waiting for it; see `released()`. An exploit
+        decided on its latest report was never acted on: undone (True; see Trial.undo_unreported_exploit).
+        Not done by tell(): a value told in process may come from the donor's model."""
+        trial = self._trial(trial)
         if self.scheduler is not None:
-            self.scheduler.on_ended(self._trial(trial))
+            self.scheduler.on_ended(trial)
+        return trial.undo_unreported_exploit()
 
     def _follow(self, trial: Trial, step: float, decision: Decision) -> Decision:
         """Records what the decision does to the trial (its state, an exploit's new parameters)."""

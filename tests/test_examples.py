@@ -61,6 +61,12 @@ def test_pbt_example_exploits_in_place_and_prints_the_lineage(tmp_path):
         log = (tmp_path / "state" / "pbt" / "trials" / records[n]["name"] / "output.log").read_text()
         assert log.count("starting at epoch") == 1
         assert f"took trial {e['donor']}'s checkpoint" in log
+    for r in records.values():
+        for e in r["events"]:
+            if e["event"] == "exploit":
+                assert e["report"] < len(r["intermediate"])  # it trained on with the new parameters
+            elif e["event"] == "exploit-unused":  # decided on its last epoch: it kept its own
+                assert e["report"] == len(r["intermediate"]) and r["params"] == e["old"]
     assert summary["lineage"][-1]["trial"] == summary["best"]["number"]
 
 

@@ -322,6 +322,12 @@ def test_synchronous_pbt_waits_for_every_pod_but_not_for_one_that_died(k8s_clust
         steps = [s for s, _ in t["status"]["intermediate"]]
         assert steps == list(range(1, len(steps) + 1))
         assert len(steps) == (4 if n == 2 else 12)
+    # The check at the last step (12) gives the worst of the 3 live members an exploit it never
+    # trains with: once its pod is gone, the service records it as unused and gives back its parameters.
+    assert all(e["step"] < 12 for e in exploits)
+    unused = [(t, e) for t in trials.values() for e in t["status"].get("events", []) if e["event"] == "exploit-unused"]
+    assert [e["step"] for _, e in unused] == [12], trial_states(k8s_cluster, k8s_namespace)
+    assert unused[0][0]["status"]["params"] == unused[0][1]["old"]
 
 
 def test_a_trial_lost_with_its_node_runs_again_elsewhere(k8s_cluster, k8s_namespace, make_kubelet, stack):

@@ -12,6 +12,7 @@ from kubetune import Study
 from kubetune.api.trial import Trial, TrialState
 from kubetune.api.validation import SpecError
 from kubetune.schedulers import SCHEDULERS, check_early_stopping
+from kubetune.schedulers.lineage import lineage
 
 PARAMS = [
     {"name": "lr", "type": "double", "min": 1e-4, "max": 1.0, "log": True},
@@ -375,6 +376,35 @@ def test_pbt_synch_ranks_the_generation_together():
     assert {x.donor for x in got.values() if x.action == "exploit"} <= {a.number, c.number}
     assert b.events[-1]["event"] == "exploit" and b.params == b.events[-1]["new"]  # applied by the Study
     assert s.released() == []  # each decision once
+
+
+def test_pbt_an_exploit_never_followed_by_a_report_is_not_recorded_as_the_trials_parameters():
+    """A trainer at its last step ends after the exploit decided on that report: none of its values
+    came from the new parameters, so once its process is gone (`ended`, as the runtimes call it) it
+    keeps its old ones, and the lineage shows no exploit."""
+    s = study("pbt", {"perturbationInterval": 2, "quantileFraction": 0.5})
+    good, last = s.ask(), s.ask()
+    for t, v in ((good, 0.9), (last, 0.1)):
+        s.report(t, step=1, value=v)
+    s.report(good, step=2, value=0.9)
+    own = dict(last.params)
+    assert s.report(last, step=2, value=0.1).action == "exploit"  # its last report
+    assert last.params != own
+    assert s.ended(last) and not s.ended(last)  # undone, once
+    s.tell(last, 0.1)
+    assert last.params == own and [e["event"] for e in last.events] == ["exploit-unused"]
+    assert [seg["donor"] for seg in lineage(s.trials, last.number)] == [None]
+
+    # Followed by a report, an exploit is the trial's history.
+    t = s.ask()
+    s.report(t, step=1, value=0.0)
+    d = s.report(t, step=2, value=0.0)
+    assert d.action == "exploit"
+    s.report(t, step=3, value=0.95)
+    assert not s.ended(t)
+    s.tell(t, 0.95)
+    assert t.params == d.params and t.events[-1]["event"] == "exploit"
+    assert [seg["donor"] for seg in lineage(s.trials, t.number)][-1] == d.donor
 
 
 def test_pbt_synch_a_member_that_ends_or_goes_on_does_not_hold_the_others():

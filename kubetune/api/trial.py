@@ -43,7 +43,7 @@ class Trial:
     finished_at: float | None = None
     name: str = ""
     # What the scheduler did to this trial, oldest first: {"event": "assign" |
-    # "pause" | "resume" | "exploit", ...}. Kept with the trial in the state
+    # "pause" | "resume" | "exploit" | "exploit-unused", ...}. Kept with the trial in the state
     # store so that a restarted scheduler rebuilds its state from the trials.
     events: list[dict] = field(default_factory=list)
 
@@ -60,6 +60,18 @@ class Trial:
         """The exploit event decided on the latest report (recorded, not yet followed by a report)."""
         e = self.events[-1] if self.events else None
         return e if e and e.get("event") == "exploit" and e.get("report") == len(self.intermediate) else None
+
+    def undo_unreported_exploit(self) -> bool:
+        """For a trial whose process is gone: an exploit decided on its latest report was never
+        followed by a report (a trainer at its last step has nothing left to train), so none of
+        its recorded values came from the new parameters. It keeps its old parameters, and the
+        event stays as "exploit-unused", out of its lineage. True when there was one."""
+        e = self.exploit_on_latest
+        if e is None:
+            return False
+        e["event"] = "exploit-unused"
+        self.params = dict(e["old"])
+        return True
 
     @property
     def last_step(self) -> float | None:

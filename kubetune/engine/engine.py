@@ -148,6 +148,7 @@ class Engine:
         trial = self.trials[number]
         trial.finished_at = now
         self.changed.add(number)
+        self.study.ended(trial)
         values = [v for _, v in trial.intermediate]
         if number in self._stopping and self._stopping[number][0] == TrialState.KILLED and exit_code == 0:
             # It finished on its own before the stop reached it: a normal ending, not a kill.

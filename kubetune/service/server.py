@@ -71,10 +71,15 @@ class SuggestionService:
             if not 0 <= number < len(brain.study.trials):
                 return {"known": False}
             t = brain.study.trials[number]
-            if req.get("ended"):
-                brain.study.ended(t)  # the loop hands out the decisions this releases
-            return {"known": True, "intermediate": t.intermediate, "metrics": t.metrics,
-                    "state": t.state.value, "reason": t.reason}
+            # The loop hands out the decisions this releases; an undone exploit changed its parameters.
+            undone = req.get("ended") and brain.study.ended(t)
+            if undone:
+                brain.dirty.add(number)
+            reply = {"known": True, "intermediate": t.intermediate, "metrics": t.metrics,
+                     "state": t.state.value, "reason": t.reason}
+        if undone:
+            self._persist(brain)  # before the operator records the trial as finished
+        return reply
 
     def forget(self, req: dict) -> dict:
         key = _key(req["experiment"])

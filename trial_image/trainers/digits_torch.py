@@ -100,7 +100,9 @@ def main():
         d = trial.report(step=epoch, val_accuracy=accuracy, val_loss=val_loss, train_loss=train_loss)
         if d.stop or d.pause:
             break
-        if d.action == "exploit":
+        # At its last epoch nothing is left to train with the donor's model: the run records the
+        # exploit as unused.
+        if d.action == "exploit" and epoch < epochs:
             donor_epoch = ckpt.restore(model, optimizer, donor=d, map_location=device)
             set_hyperparameters(optimizer, d.params)
             print(f"epoch={epoch} exploit: took trial {d.donor}'s checkpoint (epoch {donor_epoch:g}), "
