@@ -8,7 +8,8 @@ rungs 1/3/9/27, reduction factor 3) and is compared, seed for seed, with the
 three rows the issue's targets name: random search (epochs, want <= 1/3),
 Optuna's SuccessiveHalvingPruner (epochs, want <= 1) and Ray Tune's ASHA
 (simulated time, want <= 1). Ratios of means, with the paired 90% bootstrap
-interval. The variants only replace RungScheduler.cutoff in this process.
+interval. The variants only replace RungScheduler.cutoff (and, for the re-judged one,
+ASHA.on_report) in this process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import math
 
 import numpy as np
 
+from kubetune.api.trial import CONTINUE, Decision
+from kubetune.schedulers.asha import ASHA
 from kubetune.schedulers.rungs import RungScheduler
 
 from . import schedulers as S
@@ -41,8 +44,24 @@ def top_ceil(self, rung):
     return ranked[max(1, math.ceil(len(ranked) / self.eta)) - 1]
 
 
-RULES = {"paper rank rule (kubetune, Optuna)": paper, "judge only from eta values on": judge_from_eta,
-         "top ceil(n/eta)": top_ceil}
+PAPER_REPORT = ASHA.on_report
+
+
+def rejudging(self, trial, step, value, trials):
+    """At every report, every rung the trial has passed judges it again with the values there now: a
+    trial let through while its rung held few values stops once later arrivals rank it out."""
+    self.sync(trials, holdback=trial)
+    self._ingest(trial, len(trial.intermediate))
+    last = len(self.milestones(0)) - 1
+    for k in range(min(self.top_rung(trial) + 1, last)):
+        rung = self.rung(0, k)
+        if rung[trial.number] > self.cutoff(rung):
+            return Decision("stop", f"out of the top 1/eta at rung {k}")
+    return CONTINUE
+
+
+RULES = {"paper rank rule (kubetune, Optuna)": (paper, False), "judge only from eta values on": (judge_from_eta, False),
+         "top ceil(n/eta)": (top_ceil, False), "top ceil(n/eta), re-judged at every report": (top_ceil, True)}
 PEERS = ("random search (full budget)", "Optuna SuccessiveHalvingPruner", "Ray Tune ASHA")
 
 
@@ -68,12 +87,13 @@ def main():
         S.TABLE = table
         for workers in (4, 16):
             peers = {name: per_seed(S.methods()[name], a.seeds, workers) for name in PEERS}
-            for label, rule in RULES.items():
+            for label, (rule, rejudge) in RULES.items():
                 RungScheduler.cutoff = rule
+                ASHA.on_report = rejudging if rejudge else PAPER_REPORT
                 try:
                     mine = per_seed(lambda s: S.KubetuneMethod(asha, s), a.seeds, workers)
                 finally:
-                    RungScheduler.cutoff = PAPER
+                    RungScheduler.cutoff, ASHA.on_report = PAPER, PAPER_REPORT
                 for kind in ("final", "any"):
                     e, t = mine[kind]
                     print(f"| {table.name.split(' (')[0]} | {workers} | {label} | {kind} | "
