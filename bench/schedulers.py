@@ -2,6 +2,7 @@
 
     python -m bench.schedulers            # full: 100 seeds, 4 and 16 workers
     python -m bench.schedulers --quick    # 10 seeds, 4 workers
+    python -m bench.schedulers --workers 8 --methods none   # the checked rows only, 8 workers
 
 Each method runs on N simulated workers: a worker trains one epoch of a
 configuration in the time that epoch took when it was recorded, reports the
@@ -470,7 +471,7 @@ def floors(table: Table, seeds: int = 100) -> str:
     global TABLE
     TABLE = table
     out = []
-    for workers in (1, 4, 16):
+    for workers in (1, 4, 8, 16):
         e = [simulate(FastestGood(s), workers, 0)["final"][0] for s in range(seeds)]
         out.append(f"  oracle floor, {workers} workers: {np.mean(e):.0f} epochs to the finished target (mean of {seeds})")
     return "\n".join(out)
@@ -484,6 +485,8 @@ def main():
     ap.add_argument("--methods", help="comma-separated parts of method names to run besides the four the "
                     "targets are checked on (random search, kubetune ASHA, Ray Tune ASHA, Optuna SHA); "
                     "default: all", type=lambda v: [x for x in v.split(",") if x])
+    ap.add_argument("--workers", help="comma-separated worker counts (default 4,16; --quick: 4)",
+                    type=lambda v: [int(x) for x in v.split(",")])
     ap.add_argument("--survival", action="store_true", help="only print how many target configurations an "
                     "idealised successive halving keeps at each rung, and the oracle floor of epochs to target")
     a = ap.parse_args()
@@ -493,7 +496,7 @@ def main():
     seeds = a.seeds or (10 if a.quick else 100)
     text = []
     for table in (mlp_table(), synthetic_table()):
-        for workers in ((4,) if a.quick else (4, 16)):
+        for workers in a.workers or ((4,) if a.quick else (4, 16)):
             budget = 3000
             rows = run_table(table, seeds, workers, budget, a.methods)
             block = report(table, rows, workers, budget, seeds) + "\n\n" + checks(rows)
