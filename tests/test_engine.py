@@ -248,6 +248,46 @@ def test_interrupted_trials_run_again_and_finished_ones_never():
     assert all(e.trials[n].attempt == 2 for n in killed)
 
 
+def test_a_pbt_trial_run_again_after_an_interruption_starts_a_new_history_with_the_parameters_it_runs():
+    """Its reports start over, so the exploits decided on the old ones go too: else the record says
+    the new attempt began with the parameters it had before an exploit it no longer shows, and PBT
+    and the lineage read the old exploits' report numbers into the new reports."""
+    spec = make_spec(budget={"maxTrials": 4, "parallelTrials": 4},
+                     early_stopping={"name": "pbt", "settings": {"perturbationInterval": 2, "quantileFraction": 0.25}})
+    def curve(params):
+        loss = (params["x"] - 1) ** 2 + params["y"]
+        return 10.0, [loss + 8 / i for i in range(1, 9)], 0
+
+    first = Simulator(make_engine(spec), curve)
+    while not any(e["event"] == "exploit" and e["report"] < len(t.intermediate)  # followed by a report
+                  for t in first.engine.trials for e in t.events):
+        first.apply(first.engine.step(first.now))
+        first.advance()
+    first.apply(first.engine.interrupt())
+    while first.engine.count(TrialState.RUNNING):
+        first.advance()
+    exploited = {t.number for t in first.engine.trials if any(e["event"] == "exploit" for e in t.events)}
+    assert exploited and all(first.engine.trials[n].state == TrialState.KILLED for n in exploited)
+
+    saved = [type(t).from_dict(t.to_dict()) for t in first.engine.trials]
+    starts = {}  # trial -> the parameters it was launched with
+
+    class Recording(Simulator):
+        def apply(self, actions):
+            starts.update((a.trial.number, dict(a.trial.params)) for a in actions if isinstance(a, Launch))
+            super().apply(actions)
+
+    second = Recording(make_engine(spec, trials=saved), curve)
+    second.run()
+    for t in second.engine.trials:
+        assert t.attempt == 2 and t.state == TrialState.SUCCEEDED
+        exploits = [e for e in t.events if e["event"] == "exploit"]
+        # What its lineage starts with is what the new attempt was launched with.
+        assert (exploits[0]["old"] if exploits else t.params) == starts[t.number]
+        assert all(t.intermediate[e["report"] - 1][0] == e["step"] for e in exploits)
+        assert len({e["report"] for e in exploits}) == len(exploits)
+
+
 @pytest.mark.parametrize("goal", ["minimize", "maximize"])
 def test_best_trial_respects_the_goal(goal):
     spec = make_spec(objective={"metric": "loss", "goal": goal})

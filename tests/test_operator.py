@@ -332,23 +332,34 @@ def test_synchronous_pbt_waits_for_every_pod_but_not_for_one_that_died(k8s_clust
 
 def test_a_trial_lost_with_its_node_runs_again_elsewhere(k8s_cluster, k8s_namespace, make_kubelet, stack):
     # Two nodes: when every node goes silent the node controller evicts nothing (as in a real cluster).
+    # Both trials are created at once, so no later suggest request tells the suggestion service of the
+    # retry: the operator does (else the new attempt's reports go on from the lost one's).
     survivor = make_kubelet(gpus=1)
     doomed = make_kubelet(gpus=1)
-    spec = curve_spec(budget={"maxTrials": 4, "parallelTrials": 2})
-    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "0.6"}]
+    spec = curve_spec(budget={"maxTrials": 2, "parallelTrials": 2})
+    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "0.6"}, {"name": "JITTER", "value": "1"}]
     k8s_cluster.kubectl("apply", "-f", "-", input=experiment("nodeloss", k8s_namespace, **spec))
     wait_until(lambda: doomed.running_pods(), timeout=60, what="a trial on the node to be lost")
     lost_pod = doomed.running_pods()[0].split("/")[1]
+
+    def reported(n):
+        trial = next(t for t in get(k8s_cluster, "trials", k8s_namespace)["items"] if t["metadata"]["name"] == lost_pod)
+        return len((trial.get("status") or {}).get("intermediate") or []) >= n
+
+    wait_until(lambda: reported(3), timeout=60, what="the trial on the node to be lost to report 3 steps")
     doomed.lose()
     status = wait_phase(k8s_cluster, k8s_namespace, "nodeloss", stack, timeout=180)
     assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
     assert status.get("retries") == 1
     trials = {t["metadata"]["name"]: t for t in get(k8s_cluster, "trials", k8s_namespace)["items"]}
-    assert sorted(trials) == [f"nodeloss-{n:04d}" for n in range(4)]
+    assert sorted(trials) == [f"nodeloss-{n:04d}" for n in range(2)]
     retried = trials[lost_pod]
     assert retried["spec"]["attempt"] == 2 and retried["status"]["state"] == "Succeeded"
     assert retried["status"]["podName"] == f"{lost_pod}-r2"
     assert survivor.run_of(k8s_namespace, f"{lost_pod}-r2") is not None
+    # Its record holds the new attempt's reports only, each step once (the suggestion service
+    # dropped the 3 or more the lost attempt had reported; its values differ: JITTER).
+    assert [s for s, _ in retried["status"]["intermediate"]] == list(range(1, 10))
     events = k8s_cluster.kubectl("get", "events", "-n", k8s_namespace, "--field-selector", "reason=TrialRetried").stdout
     assert lost_pod in events
 

@@ -28,6 +28,9 @@ class TrialState(str, enum.Enum):
         return self in (TrialState.PENDING, TrialState.RUNNING)
 
 
+EXPLOITS = ("exploit", "exploit-unused")  # events that refer to the trial's reports by index
+
+
 @dataclass
 class Trial:
     number: int
@@ -72,6 +75,16 @@ class Trial:
         e["event"] = "exploit-unused"
         self.params = dict(e["old"])
         return True
+
+    def start_over(self) -> None:
+        """Makes the trial a new attempt that runs from the start (an interruption or a lost pod cut
+        the last one short): what it reported goes, and with it PBT's exploits, whose report indices
+        point into that list. It keeps its current parameters, which the new attempt runs with, and
+        its assignments (bracket, budget)."""
+        self.state, self.attempt = TrialState.PENDING, self.attempt + 1
+        self.intermediate, self.metrics, self.value, self.reason = [], {}, None, ""
+        self.started_at = self.finished_at = None
+        self.events = [e for e in self.events if e.get("event") not in EXPLOITS]
 
     @property
     def last_step(self) -> float | None:

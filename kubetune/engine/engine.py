@@ -262,10 +262,7 @@ class Engine:
         for t in self.trials:
             interrupted = t.state == TrialState.KILLED and t.reason == INTERRUPTED_REASON
             if t.state.active or interrupted:
-                t.state = TrialState.PENDING
-                t.attempt += 1
-                t.intermediate, t.metrics, t.value, t.reason = [], {}, None, ""
-                t.started_at = t.finished_at = None
+                t.start_over()
                 self.changed.add(t.number)
 
 

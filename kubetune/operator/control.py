@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..api.spec import ExperimentSpec
-from ..api.trial import Trial, TrialState, best_of
+from ..api.trial import EXPLOITS, Trial, TrialState, best_of
 from ..api.validation import check_spec, check_structure
 from ..api import schema
 from ..engine import check_end, judge_exit
@@ -329,11 +329,18 @@ class Controller:
         attempt = int(trial["spec"].get("attempt", 1)) + 1
         self.kube.patch_experiment_status(meta["namespace"], exp["metadata"]["name"], {"retries": retries + 1})
         # The new pod's name first, so events of the old pod are ignored from now on.
+        # Its reports go, and with them the exploits that point into them (Trial.start_over).
+        events = [e for e in (trial.get("status") or {}).get("events") or [] if e.get("event") not in EXPLOITS]
         self.kube.patch_trial_status(meta["namespace"], meta["name"], {
             "state": "Pending", "podName": pod_name(meta["name"], attempt), "startTime": None,
-            "intermediate": [], "metrics": {}})
+            "intermediate": [], "metrics": {}, "events": events})
         self.kube.patch_trial(meta["namespace"], meta["name"], {"spec": {"attempt": attempt}})
         self.event(exp, "Warning", "TrialRetried", f"trial {meta['name']}: {why}; attempt {attempt}")
+        try:  # before the new pod reports: the service drops what it holds of the lost attempt
+            self.ask_service("/v1/flush", {"experiment": {"namespace": meta["namespace"], "name": exp["metadata"]["name"]},
+                                           "trial": int(trial["spec"]["number"]), "attempt": attempt})
+        except OSError as e:  # a restarted service reads the trial from the API, as reset above
+            log.warning("suggestion service unreachable while retrying %s: %s", meta["name"], e)
         trial["spec"]["attempt"] = attempt
         trial["status"] = {"state": "Pending"}
         self.ensure_pod(trial)

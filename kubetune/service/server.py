@@ -5,7 +5,8 @@
                           or {experiment, epoch, changed, total, count}: only the trials changed since
                           (answered {resync: true} when this service no longer holds that epoch)
     POST /v1/flush        {experiment, document, seed, prior, trials, trial, ended} -> that trial's reported values
-                          (ended: its pod is gone; a synchronous PBT population stops waiting for it)
+                          (ended: its pod is gone; a synchronous PBT population stops waiting for it;
+                          attempt: the trial runs again from the start as that attempt, its pod lost)
     POST /v1/forget       {experiment} -> drops the experiment and its bus keys (the finalizer calls it)
 
 It also hosts one scheduler loop per experiment: reports from the metric bus
@@ -71,6 +72,11 @@ class SuggestionService:
             if not 0 <= number < len(brain.study.trials):
                 return {"known": False}
             t = brain.study.trials[number]
+            attempt = int(req.get("attempt") or 0)
+            if attempt > t.attempt:  # what the lost attempt reported must not be continued by the new one
+                t.start_over()
+                t.attempt = attempt
+                brain.dirty.discard(number)
             # The loop hands out the decisions this releases; an undone exploit changed its parameters.
             undone = req.get("ended") and brain.study.ended(t)
             if undone:

@@ -2,10 +2,12 @@
 
 It reports `score` every step through the SDK (the Redis bus in a pod) and
 stops when the scheduler says so. STEP_SECONDS slows it down for tests that
-need trials in flight.
+need trials in flight; JITTER adds noise below 1e-9, as a real trainer's
+values differ from run to run.
 """
 
 import os
+import random
 import time
 
 from kubetune import trial
@@ -15,6 +17,6 @@ steps = int(os.environ.get("STEPS", "9"))
 for step in range(1, steps + 1):
     time.sleep(float(os.environ.get("STEP_SECONDS", "0.05")))
     level = 1.0 - (p["x"] - 0.3) ** 2
-    score = level * (1 - 0.5 ** step)
+    score = level * (1 - 0.5 ** step) + (random.random() * 1e-9 if os.environ.get("JITTER") else 0.0)
     if trial.report(step=step, score=score).stop:
         break
