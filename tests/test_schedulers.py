@@ -59,6 +59,28 @@ def test_asha_minimize_goal_flips_the_order():
     assert s.report(b, step=1, value=0.9).stop
 
 
+def test_asha_a_nan_report_does_not_blind_the_rung_to_later_trials():
+    # A diverged trial's NaN (or inf) is not a value the Study judges; it must not be ranked at the
+    # rung either, in the long-lived scheduler or one rebuilt from the trials after a restart.
+    for restart in (False, True):
+        s = study("asha", RUNGS, goal="minimize")
+        a, b, c, d = s.ask(), s.ask(), s.ask(), s.ask()
+        assert s.report(a, step=1, value=float("nan")).action == "continue"
+        s.tell(a, None)  # it failed
+        if restart:
+            s = study("asha", RUNGS, goal="minimize", trials=copy.deepcopy(s.trials))
+            b, c, d = s.trials[1:]
+        assert s.report(b, step=1, value=0.5).action == "continue"
+        assert s.report(c, step=1, value=0.4).action == "continue"
+        assert s.report(d, step=1, value=0.45).stop  # only the best of 3 goes on
+    # A NaN at the rung's step: the trial's value there is its next finite report.
+    s = study("asha", RUNGS, goal="minimize")
+    a, b = s.ask(), s.ask()
+    s.report(a, step=1, value=0.1)
+    assert s.report(b, step=1, value=float("-inf")).action == "continue"
+    assert s.report(b, step=2, value=0.9).stop
+
+
 def test_asha_never_waits_for_a_rung_to_fill():
     for mode in ("stopping", "promotion"):
         s = study("asha", {**RUNGS, "mode": mode})
@@ -646,7 +668,7 @@ def _reference_ingest(self, trial, upto):
     done, k = self._seen.get(trial.number, (0, 0))
     crossed = []
     for step, value in trial.intermediate[done:upto]:
-        while k < len(ms) and step >= ms[k] * (1 - 1e-9):
+        while k < len(ms) and step >= ms[k] * (1 - 1e-9) and math.isfinite(value):
             recs[k][trial.number] = self.loss(value)
             crossed.append(k)
             k += 1

@@ -2,7 +2,7 @@
 
 A bracket s starts its trials at `min * eta**s` and has rungs at each further
 power of eta, the last one at `max`. A trial's value at a rung is the first
-value it reported at a step at or past the rung's milestone.
+finite value it reported at a step at or past the rung's milestone.
 """
 
 from __future__ import annotations
@@ -130,7 +130,9 @@ class RungScheduler(Scheduler):
         crossed: Sequence[int] = ()
         if k < len(th):
             for step, value in trial.intermediate[done:upto]:
-                if step < th[k]:
+                # Non-finite values never reach on_report (the Study skips them); ranked at a rung,
+                # a NaN would make its cutoff meaningless. The next finite value stands for the trial.
+                if step < th[k] or not math.isfinite(value):
                     continue
                 crossed = list(crossed)
                 while k < len(th) and step >= th[k]:
