@@ -200,6 +200,21 @@ def test_median_stops_a_trial_below_the_median_of_completed_trials():
     assert s2.report(t, step=10, value=-1).action == "continue"
 
 
+def test_median_a_nan_report_does_not_shield_a_trial_or_hide_the_median():
+    # Non-finite reports are not values the Study judges: the median rule reads past them.
+    s = study("median", {"startupTrials": 3})
+    for i, v in enumerate((0.5, 0.6, 0.7)):
+        t = s.ask()
+        for step in range(1, 6):
+            s.report(t, step=step, value=float("nan") if (i == 0 and step == 4) else v * step / 5)
+        s.tell(t, v)
+    t = s.ask()
+    assert s.report(t, step=4, value=0.1).stop  # median 0.48 (trial 0: 0.3 at step 3)
+    t = s.ask()
+    assert s.report(t, step=1, value=float("nan")).action == "continue"
+    assert s.report(t, step=4, value=0.1).stop  # its best is 0.1, not NaN
+
+
 # -- PBT ----------------------------------------------------------------------
 
 
