@@ -81,6 +81,24 @@ def test_asha_a_nan_report_does_not_blind_the_rung_to_later_trials():
     assert s.report(b, step=2, value=0.9).stop
 
 
+def test_asha_judges_a_retried_trial_on_its_new_attempt_as_a_rebuilt_scheduler_does():
+    # A trial whose pod was lost runs again as attempt 2 with no reports (the suggestion service's
+    # record of it is replaced); the values of attempt 1 are gone from the trials a rebuilt scheduler reads.
+    for restart in (False, True):
+        s = study("asha", RUNGS, goal="minimize")
+        a, b, c = s.ask(), s.ask(), s.ask()
+        s.report(a, step=1, value=0.1)
+        s.report(a, step=2, value=0.1)
+        s.trials[0] = a = Trial(number=0, params=dict(a.params), attempt=2)
+        if restart:
+            s = study("asha", RUNGS, goal="minimize", trials=copy.deepcopy(s.trials))
+            a, b, c = s.trials
+        assert s.report(a, step=1, value=0.9).action == "continue"  # at rung 0 again, alone there
+        assert s.report(b, step=1, value=0.5).action == "continue"  # not judged against attempt 1's 0.1
+        assert s.report(c, step=1, value=0.7).stop
+        assert s.scheduler.rung(0, 0) == {0: 0.9, 1: 0.5, 2: 0.7}
+
+
 def test_asha_never_waits_for_a_rung_to_fill():
     for mode in ("stopping", "promotion"):
         s = study("asha", {**RUNGS, "mode": mode})

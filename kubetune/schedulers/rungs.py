@@ -46,6 +46,7 @@ class RungScheduler(Scheduler):
         self._recs: dict[int, list[dict[int, float]]] = {}
         self._thresholds: dict[int, list[float]] = {}  # bracket -> the steps that reach its rungs
         self._synced = -1  # length of the trial list at the last full scan
+        self._attempts: dict[int, int] = {}  # trial number -> the attempt its records come from (if not 1)
 
     @classmethod
     def check(cls, settings, spec, path) -> list[Problem]:
@@ -105,15 +106,27 @@ class RungScheduler(Scheduler):
         values not seen yet; the full scan runs again only when trials were added.
         """
         if holdback is not None and len(trials) == self._synced:
+            if holdback.attempt != self._attempts.get(holdback.number, 1):
+                self._forget(holdback)
             n = len(holdback.intermediate) - 1
             if n > self._seen.get(holdback.number, _START)[0]:
                 self._ingest(holdback, n)
             return
         self._synced = len(trials)
         for t in trials:
+            if t.attempt != self._attempts.get(t.number, 1):
+                self._forget(t)
             n = len(t.intermediate) - (1 if t is holdback else 0)
             if n > self._seen.get(t.number, _START)[0]:
                 self._ingest(t, n)
+
+    def _forget(self, trial: Trial) -> None:
+        """A trial run again as a new attempt (its pod was lost) starts with no reports: the values of
+        the attempt before leave its rungs, as they are absent from the trials a rebuilt scheduler reads."""
+        self._attempts[trial.number] = trial.attempt
+        if self._seen.pop(trial.number, None) is not None:
+            for rec in self._recs.get(self.bracket_of(trial), ()):
+                rec.pop(trial.number, None)
 
     def _ingest(self, trial: Trial, upto: int) -> Sequence[int]:
         """Records trial's entries up to index `upto`; returns the rungs newly crossed.
