@@ -157,6 +157,18 @@ def test_sha_pauses_until_the_rung_is_complete_then_promotes_and_prunes():
     assert s.ask() is first[7] and s.ask() is first[6]
 
 
+def test_sha_prunes_a_loser_whose_report_jumped_past_several_rungs():
+    # A trainer that reports every few epochs can cross rungs 0 and 1 in one report; if it lost at
+    # rung 0 it is pruned there with the rest, not left Paused until the experiment ends.
+    s = study("sha", RUNGS, goal="minimize")
+    first = [s.ask() for _ in range(9)]
+    assert s.report(first[0], step=3, value=0.99).action == "pause"
+    for i, t in enumerate(first[1:]):
+        s.report(t, step=1, value=0.1 * i)
+    assert [s.ask().number for _ in range(3)] == [1, 2, 3]
+    assert [t.number for t in first if t.state == TrialState.PRUNED] == [0, 4, 5, 6, 7, 8]
+
+
 def test_hyperband_cycles_brackets_and_judges_short_brackets_when_no_new_trials_come():
     s = study("hyperband", RUNGS)
     sizes = s.scheduler.bracket_sizes(s.scheduler.s_max + 1)
