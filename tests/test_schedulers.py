@@ -129,6 +129,17 @@ def test_promotion_asha_resumes_the_top_third_as_soon_as_it_is_known():
     assert [t.number for t in s.prune_paused()] == [0, 2]
 
 
+def test_pausing_schedulers_let_a_trial_whose_report_reached_max_finish():
+    # A trainer that reports only at the end (or every 9 epochs) reaches max in one report: there is
+    # no rung left to resume it to, so pausing it would strand it (and its value) until the end.
+    for name, settings in (("asha", {**RUNGS, "mode": "promotion"}), ("sha", RUNGS), ("hyperband", RUNGS)):
+        s = study(name, settings)
+        t = s.ask()
+        assert s.report(t, step=9, value=0.8).action == "continue", name
+        s.tell(t, 0.8)
+        assert t.state == TrialState.SUCCEEDED and s.best_trial is t
+
+
 def test_asha_brackets_are_drawn_from_the_seed_and_number():
     s1, s2 = study("asha", {**RUNGS, "brackets": 3}, seed=5), study("asha", {**RUNGS, "brackets": 3}, seed=5)
     b1 = [s1.scheduler.bracket_of(s1.ask()) for _ in range(40)]

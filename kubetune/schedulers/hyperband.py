@@ -60,7 +60,8 @@ class HyperBand(RungScheduler):
         self.sync(trials, holdback=trial)
         crossed = self._ingest(trial, len(trial.intermediate))
         ms = self.milestones(self.bracket_of(trial))
-        if crossed and crossed[0] < len(ms) - 1 and self.bracket_of(trial) >= 0:
+        # A report that reached max (a jump past the last rungs included) finishes: nothing to resume it to.
+        if crossed and crossed[-1] < len(ms) - 1 and self.bracket_of(trial) >= 0:
             k = crossed[0]
             return Decision("pause", f"paused at rung {k} ({self.settings['resource']} {ms[k]:g}) until "
                             "every trial of its bracket has reached it")
