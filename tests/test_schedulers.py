@@ -59,6 +59,46 @@ def test_asha_minimize_goal_flips_the_order():
     assert s.report(b, step=1, value=0.9).stop
 
 
+def test_asha_a_nan_report_does_not_blind_the_rung_to_later_trials():
+    # A diverged trial's NaN (or inf) is not a value the Study judges; it must not be ranked at the
+    # rung either, in the long-lived scheduler or one rebuilt from the trials after a restart.
+    for restart in (False, True):
+        s = study("asha", RUNGS, goal="minimize")
+        a, b, c, d = s.ask(), s.ask(), s.ask(), s.ask()
+        assert s.report(a, step=1, value=float("nan")).action == "continue"
+        s.tell(a, None)  # it failed
+        if restart:
+            s = study("asha", RUNGS, goal="minimize", trials=copy.deepcopy(s.trials))
+            b, c, d = s.trials[1:]
+        assert s.report(b, step=1, value=0.5).action == "continue"
+        assert s.report(c, step=1, value=0.4).action == "continue"
+        assert s.report(d, step=1, value=0.45).stop  # only the best of 3 goes on
+    # A NaN at the rung's step: the trial's value there is its next finite report.
+    s = study("asha", RUNGS, goal="minimize")
+    a, b = s.ask(), s.ask()
+    s.report(a, step=1, value=0.1)
+    assert s.report(b, step=1, value=float("-inf")).action == "continue"
+    assert s.report(b, step=2, value=0.9).stop
+
+
+def test_asha_judges_a_retried_trial_on_its_new_attempt_as_a_rebuilt_scheduler_does():
+    # A trial whose pod was lost runs again as attempt 2 with no reports (the suggestion service's
+    # record of it is replaced); the values of attempt 1 are gone from the trials a rebuilt scheduler reads.
+    for restart in (False, True):
+        s = study("asha", RUNGS, goal="minimize")
+        a, b, c = s.ask(), s.ask(), s.ask()
+        s.report(a, step=1, value=0.1)
+        s.report(a, step=2, value=0.1)
+        s.trials[0] = a = Trial(number=0, params=dict(a.params), attempt=2)
+        if restart:
+            s = study("asha", RUNGS, goal="minimize", trials=copy.deepcopy(s.trials))
+            a, b, c = s.trials
+        assert s.report(a, step=1, value=0.9).action == "continue"  # at rung 0 again, alone there
+        assert s.report(b, step=1, value=0.5).action == "continue"  # not judged against attempt 1's 0.1
+        assert s.report(c, step=1, value=0.7).stop
+        assert s.scheduler.rung(0, 0) == {0: 0.9, 1: 0.5, 2: 0.7}
+
+
 def test_asha_never_waits_for_a_rung_to_fill():
     for mode in ("stopping", "promotion"):
         s = study("asha", {**RUNGS, "mode": mode})
@@ -89,6 +129,17 @@ def test_promotion_asha_resumes_the_top_third_as_soon_as_it_is_known():
     assert [t.number for t in s.prune_paused()] == [0, 2]
 
 
+def test_pausing_schedulers_let_a_trial_whose_report_reached_max_finish():
+    # A trainer that reports only at the end (or every 9 epochs) reaches max in one report: there is
+    # no rung left to resume it to, so pausing it would strand it (and its value) until the end.
+    for name, settings in (("asha", {**RUNGS, "mode": "promotion"}), ("sha", RUNGS), ("hyperband", RUNGS)):
+        s = study(name, settings)
+        t = s.ask()
+        assert s.report(t, step=9, value=0.8).action == "continue", name
+        s.tell(t, 0.8)
+        assert t.state == TrialState.SUCCEEDED and s.best_trial is t
+
+
 def test_asha_brackets_are_drawn_from_the_seed_and_number():
     s1, s2 = study("asha", {**RUNGS, "brackets": 3}, seed=5), study("asha", {**RUNGS, "brackets": 3}, seed=5)
     b1 = [s1.scheduler.bracket_of(s1.ask()) for _ in range(40)]
@@ -115,6 +166,18 @@ def test_sha_pauses_until_the_rung_is_complete_then_promotes_and_prunes():
     # The six worst were pruned when the rung completed.
     assert sorted(t.number for t in first if t.state == TrialState.PRUNED) == list(range(6))
     assert s.ask() is first[7] and s.ask() is first[6]
+
+
+def test_sha_prunes_a_loser_whose_report_jumped_past_several_rungs():
+    # A trainer that reports every few epochs can cross rungs 0 and 1 in one report; if it lost at
+    # rung 0 it is pruned there with the rest, not left Paused until the experiment ends.
+    s = study("sha", RUNGS, goal="minimize")
+    first = [s.ask() for _ in range(9)]
+    assert s.report(first[0], step=3, value=0.99).action == "pause"
+    for i, t in enumerate(first[1:]):
+        s.report(t, step=1, value=0.1 * i)
+    assert [s.ask().number for _ in range(3)] == [1, 2, 3]
+    assert [t.number for t in first if t.state == TrialState.PRUNED] == [0, 4, 5, 6, 7, 8]
 
 
 def test_hyperband_cycles_brackets_and_judges_short_brackets_when_no_new_trials_come():
@@ -176,6 +239,21 @@ def test_median_stops_a_trial_below_the_median_of_completed_trials():
     s2 = study("median", {"startupTrials": 5})
     t = s2.ask()
     assert s2.report(t, step=10, value=-1).action == "continue"
+
+
+def test_median_a_nan_report_does_not_shield_a_trial_or_hide_the_median():
+    # Non-finite reports are not values the Study judges: the median rule reads past them.
+    s = study("median", {"startupTrials": 3})
+    for i, v in enumerate((0.5, 0.6, 0.7)):
+        t = s.ask()
+        for step in range(1, 6):
+            s.report(t, step=step, value=float("nan") if (i == 0 and step == 4) else v * step / 5)
+        s.tell(t, v)
+    t = s.ask()
+    assert s.report(t, step=4, value=0.1).stop  # median 0.48 (trial 0: 0.3 at step 3)
+    t = s.ask()
+    assert s.report(t, step=1, value=float("nan")).action == "continue"
+    assert s.report(t, step=4, value=0.1).stop  # its best is 0.1, not NaN
 
 
 # -- PBT ----------------------------------------------------------------------
@@ -646,7 +724,7 @@ def _reference_ingest(self, trial, upto):
     done, k = self._seen.get(trial.number, (0, 0))
     crossed = []
     for step, value in trial.intermediate[done:upto]:
-        while k < len(ms) and step >= ms[k] * (1 - 1e-9):
+        while k < len(ms) and step >= ms[k] * (1 - 1e-9) and math.isfinite(value):
             recs[k][trial.number] = self.loss(value)
             crossed.append(k)
             k += 1

@@ -73,6 +73,8 @@ class ASHA(RungScheduler):
             if k == len(ms) - 1:
                 break  # at max: the trial finishes on its own
             if self.mode == "promotion":
+                if crossed[-1] == len(ms) - 1:
+                    break  # this report reached max too: no rung is left to resume it to
                 return Decision("pause", f"paused at rung {k} ({resource} {ms[k]:g}); resumes if it ranks "
                                 f"in the top 1/{self.eta:g} there")
             rung = self.rung(b, k)

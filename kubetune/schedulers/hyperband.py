@@ -60,7 +60,8 @@ class HyperBand(RungScheduler):
         self.sync(trials, holdback=trial)
         crossed = self._ingest(trial, len(trial.intermediate))
         ms = self.milestones(self.bracket_of(trial))
-        if crossed and crossed[0] < len(ms) - 1 and self.bracket_of(trial) >= 0:
+        # A report that reached max (a jump past the last rungs included) finishes: nothing to resume it to.
+        if crossed and crossed[-1] < len(ms) - 1 and self.bracket_of(trial) >= 0:
             k = crossed[0]
             return Decision("pause", f"paused at rung {k} ({self.settings['resource']} {ms[k]:g}) until "
                             "every trial of its bracket has reached it")
@@ -103,8 +104,10 @@ class HyperBand(RungScheduler):
                 break
             ranked = sorted((t.number for t in in_rung if t.number in rec), key=lambda n: (rec[n], n))
             winners = ranked[: max(1, math.floor(len(in_rung) / self.eta))]
-            waiting = [t.number for t in in_rung if t.state == TrialState.PAUSED and self.top_rung(t) == k]
-            prune.extend(n for n in waiting if n not in winners)
+            # A report that jumped past several rungs pauses a trial above rung k: it still lost here.
+            paused = [t.number for t in in_rung if t.state == TrialState.PAUSED and self.top_rung(t) >= k]
+            prune.extend(n for n in paused if n not in winners)
+            waiting = [n for n in paused if self.top_rung(trials[n]) == k]
             if found is None:  # the best waiting winner first
                 found = next(((n, ms[k + 1]) for n in winners if n in waiting), None)
             in_rung = [trials[n] for n in winners]

@@ -3,12 +3,14 @@
 A trial stops at a step when its best value so far is worse than the median
 (or another percentile) of the values that completed trials had at the same
 step. Completed = succeeded; each one's value at a step is its latest report at
-or before that step, so trials need not report at identical steps.
+or before that step, so trials need not report at identical steps. Non-finite
+reports (NaN, inf) count as not reported, as everywhere in the Study.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from typing import Sequence
 
 import numpy as np
@@ -44,7 +46,8 @@ class MedianStopping(Scheduler):
             return CONTINUE
         # Percentile of losses: the 50th is the median; a lower percentile stops more.
         cut = float(np.percentile(at_step, s["percentile"]))
-        best = min(self.loss(v) for st, v in trial.intermediate if st <= step)
+        # Finite values only: min() over a list starting with NaN returns NaN, which is never worse.
+        best = min(self.loss(v) for st, v in trial.intermediate if st <= step and math.isfinite(v))
         if best > cut:
             return Decision("stop", f"best value so far is worse than the {s['percentile']:g}th percentile "
                             f"of {len(at_step)} completed trials at step {step:g}")
@@ -56,4 +59,6 @@ class MedianStopping(Scheduler):
             return None
         steps = [st for st, _ in t.intermediate]
         i = bisect.bisect_right(steps, step) - 1
+        while i >= 0 and not math.isfinite(t.intermediate[i][1]):
+            i -= 1  # a NaN in the percentile makes it NaN, and then nothing is ever stopped
         return None if i < 0 else self.loss(t.intermediate[i][1])

@@ -2,7 +2,7 @@
 
 A bracket s starts its trials at `min * eta**s` and has rungs at each further
 power of eta, the last one at `max`. A trial's value at a rung is the first
-value it reported at a step at or past the rung's milestone.
+finite value it reported at a step at or past the rung's milestone.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class RungScheduler(Scheduler):
         self._recs: dict[int, list[dict[int, float]]] = {}
         self._thresholds: dict[int, list[float]] = {}  # bracket -> the steps that reach its rungs
         self._synced = -1  # length of the trial list at the last full scan
+        self._attempts: dict[int, int] = {}  # trial number -> the attempt its records come from (if not 1)
 
     @classmethod
     def check(cls, settings, spec, path) -> list[Problem]:
@@ -105,15 +106,27 @@ class RungScheduler(Scheduler):
         values not seen yet; the full scan runs again only when trials were added.
         """
         if holdback is not None and len(trials) == self._synced:
+            if holdback.attempt != self._attempts.get(holdback.number, 1):
+                self._forget(holdback)
             n = len(holdback.intermediate) - 1
             if n > self._seen.get(holdback.number, _START)[0]:
                 self._ingest(holdback, n)
             return
         self._synced = len(trials)
         for t in trials:
+            if t.attempt != self._attempts.get(t.number, 1):
+                self._forget(t)
             n = len(t.intermediate) - (1 if t is holdback else 0)
             if n > self._seen.get(t.number, _START)[0]:
                 self._ingest(t, n)
+
+    def _forget(self, trial: Trial) -> None:
+        """A trial run again as a new attempt (its pod was lost) starts with no reports: the values of
+        the attempt before leave its rungs, as they are absent from the trials a rebuilt scheduler reads."""
+        self._attempts[trial.number] = trial.attempt
+        if self._seen.pop(trial.number, None) is not None:
+            for rec in self._recs.get(self.bracket_of(trial), ()):
+                rec.pop(trial.number, None)
 
     def _ingest(self, trial: Trial, upto: int) -> Sequence[int]:
         """Records trial's entries up to index `upto`; returns the rungs newly crossed.
@@ -130,7 +143,9 @@ class RungScheduler(Scheduler):
         crossed: Sequence[int] = ()
         if k < len(th):
             for step, value in trial.intermediate[done:upto]:
-                if step < th[k]:
+                # Non-finite values never reach on_report (the Study skips them); ranked at a rung,
+                # a NaN would make its cutoff meaningless. The next finite value stands for the trial.
+                if step < th[k] or not math.isfinite(value):
                     continue
                 crossed = list(crossed)
                 while k < len(th) and step >= th[k]:
