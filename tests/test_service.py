@@ -102,3 +102,37 @@ def test_a_trial_whose_pod_ended_no_longer_holds_a_synchronous_pbt_population():
         assert not member.is_alive() and got[0].action == "continue"
     finally:
         service.close()
+
+
+def test_a_retried_trial_starts_afresh_without_the_lost_attempts_reports_or_decisions():
+    """The operator's flush with `attempt` (the pod was lost, a new one starts the trial again): the
+    new attempt's reports are not appended to the lost one's, and an answer the lost pod never
+    took (here a PBT exploit) is not handed to the new one."""
+    import copy
+    import time
+
+    from kubetune.bus import MemoryBus, Report, TrialClient
+
+    doc = copy.deepcopy(DOCUMENT)
+    doc["spec"]["algorithm"] = {"name": "random"}
+    doc["spec"]["budget"] = {"maxTrials": 2, "parallelTrials": 2}
+    doc["spec"]["earlyStopping"] = {"name": "pbt", "settings": {"perturbationInterval": 1, "quantileFraction": 0.5}}
+    bus = MemoryBus()
+    service = SuggestionService(bus=bus)
+    try:
+        service.suggest({**full([], 2), "document": doc})
+        study = service.brains.get("team/tune").study
+        assert TrialClient(bus, "team/tune", 0, wait=True).send_report(1, {"loss": 0.1}).action == "continue"
+        bus.publish("team/tune", [Report(1, 1, 1.0, {"loss": 0.9})])  # the pod about to be lost: never reads
+        deadline = time.monotonic() + 10
+        while not study.trials[1].events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert study.trials[1].events[-1]["event"] == "exploit", "the bottom half exploits the top"
+
+        service.flush({"experiment": EXPERIMENT, "trial": 1, "attempt": 2})
+        again = TrialClient(bus, "team/tune", 1, wait=True)
+        assert again.send_report(1, {"loss": 0.05}).action == "continue"  # its own answer, not the exploit
+        t = study.trials[1]
+        assert t.attempt == 2 and t.intermediate == [[1.0, 0.05]] and t.events == []
+    finally:
+        service.close()

@@ -73,7 +73,8 @@ class SuggestionService:
                 return {"known": False}
             t = brain.study.trials[number]
             attempt = int(req.get("attempt") or 0)
-            if attempt > t.attempt:  # what the lost attempt reported must not be continued by the new one
+            restarted = attempt > t.attempt
+            if restarted:  # what the lost attempt reported must not be continued by the new one
                 t.start_over()
                 t.attempt = attempt
                 brain.dirty.discard(number)
@@ -85,6 +86,8 @@ class SuggestionService:
                      "state": t.state.value, "reason": t.reason}
         if undone:
             self._persist(brain)  # before the operator records the trial as finished
+        if restarted and self.bus is not None:
+            self.bus.take_decisions(key, number)  # answers the lost pod never took are not the new one's
         return reply
 
     def forget(self, req: dict) -> dict:
