@@ -734,3 +734,40 @@ def test_batched_reports_apply_each_asynchronous_pbt_exploit_exactly_once(bus):
         params, taken = applied[t.number]
         assert taken == recorded[t.number], f"trial {t.number} acted on {taken}, the store has {recorded[t.number]}"
         assert params == t.params
+
+
+
+def handled_with_a_failed_save(bus, sent):
+    """Runs the loop over the reports `sent` (trial 0) with a first save that fails after the batch was
+    handled, before it is acknowledged: the loop reads the batch again. Returns the trial."""
+    study = Study(parameters=PARAMS, goal="maximize", seed=7)
+    trial = study.ask()
+    trial.state = TrialState.RUNNING
+    failures = []
+
+    def persist():
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("state store unavailable")
+
+    loop = SchedulerLoop(bus, EXP, StudyHandler(study, "acc"), consumer="c0", persist=persist)
+    bus.publish(EXP, sent)
+    stop, errors = threading.Event(), []
+    runner = threading.Thread(target=loop.run, args=(stop, 0.05, errors.append))
+    runner.start()
+    try:
+        with loop._progress:  # until the batch, read again after the failure, is acknowledged
+            assert loop._progress.wait_for(lambda: loop.handled == len(sent), 30)
+    finally:
+        stop.set()
+        runner.join()
+    assert [str(e) for e in errors] == ["state store unavailable"]
+    assert bus.read(EXP, "c0", pending=True) == []
+    return trial
+
+
+def test_a_batch_handled_but_not_acknowledged_is_applied_once_when_read_again(bus):
+    """Every report of a batch read again is recognised as applied, not only each trial's last few:
+    batched trials send dozens of steps per flush."""
+    trial = handled_with_a_failed_save(bus, [Report(0, q, float(q), {"acc": q / 100}) for q in range(1, 21)])
+    assert [s for s, _ in trial.intermediate] == [float(q) for q in range(1, 21)]
