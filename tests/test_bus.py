@@ -771,3 +771,10 @@ def test_a_batch_handled_but_not_acknowledged_is_applied_once_when_read_again(bu
     batched trials send dozens of steps per flush."""
     trial = handled_with_a_failed_save(bus, [Report(0, q, float(q), {"acc": q / 100}) for q in range(1, 21)])
     assert [s for s, _ in trial.intermediate] == [float(q) for q in range(1, 21)]
+
+
+def test_a_diverged_report_read_again_is_applied_once(bus):
+    """A NaN loss is common (training diverged); the report carrying it may be read again like any."""
+    sent = [Report(0, 1, 1.0, {"acc": 0.1}), Report(0, 2, 2.0, {"acc": math.nan}), Report(0, 3, 3.0, {"acc": math.nan})]
+    trial = handled_with_a_failed_save(bus, sent)
+    assert [s for s, _ in trial.intermediate] == [1.0, 2.0, 3.0]

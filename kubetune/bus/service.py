@@ -89,7 +89,8 @@ def _already_applied(trial: Trial, step: float, value: float) -> bool:
     # holds up to a batch of a trial's reports, and one older report taken as new is appended after
     # the latest, so that every report after it looks new too. Only reached for a step not after the
     # latest (rare), so the scan costs the usual report nothing.
-    return any(s == step and v == value for s, v in reversed(trial.intermediate))
+    # NaN (a diverged run) equals nothing, itself included: two NaNs at the same step are the same report.
+    return any(s == step and (v == value or v != v and value != value) for s, v in reversed(trial.intermediate))
 
 
 def _answer_for(trial: Trial) -> Decision:
