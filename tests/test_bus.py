@@ -778,3 +778,20 @@ def test_a_diverged_report_read_again_is_applied_once(bus):
     sent = [Report(0, 1, 1.0, {"acc": 0.1}), Report(0, 2, 2.0, {"acc": math.nan}), Report(0, 3, 3.0, {"acc": math.nan})]
     trial = handled_with_a_failed_save(bus, sent)
     assert [s for s, _ in trial.intermediate] == [1.0, 2.0, 3.0]
+
+
+def test_a_resumed_trial_does_not_take_the_answers_left_for_its_previous_run(bus):
+    """Paused at a rung, a trial exits before the answers to its last reports arrive (batched reports are
+    answered a few reports later). Resumed later under the same number, the new run must not take
+    them: they answer reports of a run that is gone, and a new run numbers its reports from 1 again."""
+    pause = Decision("pause", "paused")
+    first = TrialClient(bus, EXP, 0, batch=4, flush_s=3600)
+    for step in range(1, 6):
+        first.send_report(step, {"acc": step / 10})  # 1-4 sent, 5 buffered
+    bus.decide(EXP, [(0, 2, pause), (0, 3, pause), (0, 4, pause)])
+    assert first.flush().pause  # sends report 5 and takes the pause: the trainer checkpoints and exits
+    first.close()
+    assert [m.report.seq for m in bus.read(EXP, "c0", count=10)] == [1, 2, 3, 4, 5]
+    bus.decide(EXP, [(0, 5, pause)])  # the answer to report 5, after the process exited
+    resumed = TrialClient(bus, EXP, 0, batch=4, flush_s=3600)  # a new process, from the checkpoint
+    assert [resumed.send_report(step, {"acc": step / 10}).action for step in range(6, 14)] == ["continue"] * 8
