@@ -795,3 +795,16 @@ def test_a_resumed_trial_does_not_take_the_answers_left_for_its_previous_run(bus
     bus.decide(EXP, [(0, 5, pause)])  # the answer to report 5, after the process exited
     resumed = TrialClient(bus, EXP, 0, batch=4, flush_s=3600)  # a new process, from the checkpoint
     assert [resumed.send_report(step, {"acc": step / 10}).action for step in range(6, 14)] == ["continue"] * 8
+
+
+def test_a_step_counted_with_numpy_is_sent_like_any_number(bus):
+    """Training loops often count with numpy (np.arange) or a framework's integers: the step is a
+    number like the metrics. One the bus cannot encode stayed buffered and failed every later send."""
+    import numpy as np
+
+    client = TrialClient(bus, EXP, 0, batch=1)
+    for step in np.arange(1, 4):
+        client.send_report(step, {"acc": np.float32(step / 10)})
+    got = bus.read(EXP, "c0", count=10)
+    assert [m.report.step for m in got] == [1.0, 2.0, 3.0] and client.errors == 0
+    assert all(type(m.report.step) is float for m in got)

@@ -64,6 +64,9 @@ class TrialClient:
 
     def send_report(self, step: float | None, metrics: Mapping[str, float]) -> Decision:
         self.seq += 1
+        # The step as a float too, as the metrics: a numpy or tensor integer would not encode, and a report
+        # that cannot be sent stays buffered and fails every later send.
+        step = None if step is None else float(step)
         self._buffer.append(Report(self.trial, self.seq, step, {k: float(v) for k, v in metrics.items()}))
         if len(self._buffer) > self.max_buffer:
             del self._buffer[0]
