@@ -808,3 +808,76 @@ def test_a_step_counted_with_numpy_is_sent_like_any_number(bus):
     got = bus.read(EXP, "c0", count=10)
     assert [m.report.step for m in got] == [1.0, 2.0, 3.0] and client.errors == 0
     assert all(type(m.report.step) is float for m in got)
+
+
+class CuttingProxy:
+    """A TCP proxy to a redis-server that closes the connection instead of passing on the first reply
+    holding each of `markers`: the server ran the command, the client never sees its answer."""
+
+    def __init__(self, port: int, markers: list[bytes]):
+        import socket
+
+        self.target, self.markers, self.cuts = port, list(markers), []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src, dst, replies):
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                cut = [m for m in self.markers if replies and m in data]
+                if cut:
+                    self.markers.remove(cut[0])
+                    self.cuts.append(cut[0])
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_report_whose_read_reply_was_lost_is_still_handled(redis_server):
+    """The connection drops after Redis delivered a batch to the loop's consumer, before the reply
+    arrived: redis-py sends the read again, and a second XREADGROUP > finds nothing new. The batch,
+    pending under the consumer, must still reach the handler, not wait for a restart that never comes."""
+    from kubetune.bus.redis_streams import RedisBus
+
+    proxy = CuttingProxy(redis_server.port, [b"cut-read", b"cut-next"])
+    trials_side = RedisBus(url=redis_server.url)
+    bus = RedisBus(url=proxy.url)
+    seen = []
+    loop = SchedulerLoop(bus, EXP, lambda m: seen.append(m.report.seq) or Decision(), consumer="c0", count=1)
+    try:
+        assert loop.drain() == 0  # the group exists, nothing pending
+        trials_side.publish(EXP, [Report(0, 1, 1.0, {"cut-read": 0.5})])
+        assert loop.drain() == 1 and proxy.cuts == [b"cut-read"] and seen == [1]
+        # The next batch, read with the answer to the one before: that reply lost.
+        trials_side.publish(EXP, [Report(0, 2, 2.0, {"acc": 0.5}), Report(0, 3, 3.0, {"cut-next": 0.5})])
+        assert loop.drain() == 2 and proxy.cuts == [b"cut-read", b"cut-next"] and seen == [1, 2, 3]
+        assert trials_side.read(EXP, "c0", pending=True) == []
+    finally:
+        bus.close()
+        trials_side.close()
+        proxy.close()

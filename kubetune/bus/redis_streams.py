@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -67,17 +67,20 @@ class RedisBus(MetricBus):
     # pipeline spends ~5 us of Python per command building and parsing, several times what
     # Redis spends executing an XADD. Everything else goes through redis-py as usual.
 
-    def _exchange(self, data: bytes, n: int, block_s: float = 0.0) -> list:
+    def _exchange(self, data: bytes, n: int, block_s: float = 0.0, again: Callable[[], bytes] | None = None) -> list:
         """Sends packed commands in one write and returns their n replies (one round trip).
         An error reply comes back as a ResponseError in its place; a lost connection raises
-        (after the client's retries: resending is harmless, delivery is at least once)."""
+        (after the client's retries: resending is harmless, delivery is at least once).
+        again: makes what a retry sends instead (as many replies), for commands not harmless twice."""
         pool = self.r.connection_pool
         conn = pool.get_connection()
         try:
             timeout = _SENTINEL if block_s <= 0 else block_s + (conn.socket_timeout or 5.0)
+            sent = []
 
             def once():
-                conn.send_packed_command((data,))
+                conn.send_packed_command((again() if sent and again is not None else data,))
+                sent.append(True)
                 out = []
                 for _ in range(n):
                     try:
@@ -163,11 +166,19 @@ class RedisBus(MetricBus):
             args += ["BLOCK", max(1, int(block * 1000))]
         return _pack(*args, "STREAMS", self.stream_key(experiment), "0" if pending else ">"), block
 
+    def _reread(self, experiment, consumer, count) -> bytes:
+        """What a retried read of new reports sends: XREADGROUP > is not harmless twice. If the first
+        one ran and its reply was lost, its entries are pending under the consumer, and a second would
+        skip them (read by no one until a restart); reading this consumer's pending entries instead
+        returns them. (The loop reads new reports only with none of its own left unacknowledged.)"""
+        return self._xreadgroup(experiment, consumer, count, 0.0, True)[0]
+
     def read(self, experiment, consumer, count=256, block_s=0.0, pending=False):
         self._ensure_group(experiment)
         cmd, block = self._xreadgroup(experiment, consumer, count, block_s, pending)
+        again = None if pending else lambda: self._reread(experiment, consumer, count)
         while True:
-            got = self._exchange(cmd, 1, block)[0]
+            got = self._exchange(cmd, 1, block, again)[0]
             msgs = self._messages(experiment, got)
             # A batch of nothing but skipped entries (now acknowledged) is not the end of the
             # stream, nor of this consumer's pending reports: read on.
@@ -272,7 +283,8 @@ class RedisBus(MetricBus):
         if ids:
             parts.append(self._xack(experiment, ids))
         cmd, block = self._xreadgroup(experiment, consumer, count, block_s, False)
-        replies = self._exchange(b"".join(parts + [cmd]), len(parts) + 1, block)
+        replies = self._exchange(b"".join(parts + [cmd]), len(parts) + 1, block,
+                                 lambda: b"".join(parts + [self._reread(experiment, consumer, count)]))
         _raise_first(replies[:-1])
         return self._messages(experiment, replies[-1])
 
