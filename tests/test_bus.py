@@ -881,3 +881,26 @@ def test_a_report_whose_read_reply_was_lost_is_still_handled(redis_server):
         bus.close()
         trials_side.close()
         proxy.close()
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["batched", "waiting"])
+def test_decisions_popped_while_redis_refuses_reports_are_not_lost(redis_server, wait):
+    """Out of memory (maxmemory, noeviction), Redis refuses the reports (XADD) but still pops the trial's
+    decisions in the same round trip. The client keeps the reports to send again; the decisions must
+    not be dropped with the error: an exploit lost so is recorded as applied, yet never acted on."""
+    from kubetune.bus.redis_streams import RedisBus
+
+    bus = RedisBus(url=redis_server.url)
+    exploit = Decision("exploit", "bottom", donor=1, params={"lr": 0.1})
+    client = TrialClient(bus, EXP, 0, batch=1, wait=wait, wait_s=0.2)
+    assert client.send_report(1, {"acc": 0.1}).action == "continue"
+    bus.decide(EXP, [(0, 1, exploit)])
+    bus.r.config_set("maxmemory", 1)
+    try:
+        refused = client.send_report(2, {"acc": 0.2})
+    finally:
+        bus.r.config_set("maxmemory", 0)
+    assert client.errors == 1 and refused.action == "continue"
+    assert client.send_report(3, {"acc": 0.3}) == exploit
+    assert [m.report.seq for m in bus.read(EXP, "c0", count=10)] == [1, 2, 3]  # report 2 sent again
+    bus.close()

@@ -52,6 +52,7 @@ class RedisBus(MetricBus):
         self._groups: set[str] = set()
         self._prefixes: dict[str, bytes] = {}
         self._per_trial: dict[tuple[str, int], tuple[bytes, bytes, bytes]] = {}
+        self._popped: dict[tuple[str, int], list[tuple[int, Decision]]] = {}  # see _taken
 
     @staticmethod
     def stream_key(experiment: str) -> str:
@@ -129,22 +130,36 @@ class RedisBus(MetricBus):
         server holds the reply (BLPOP) until a decision is pushed, so waiting costs no polling."""
         key = self.decision_key(experiment, trial)
         parts = self._adds(experiment, reports)
-        if block_s <= 0:
-            got = _raise_first(self._exchange(b"".join(parts + [_pack("LPOP", key, self.decisions_kept)]),
-                                              len(parts) + 1))[-1]
-            return [decode_decision(raw) for raw in got or []]
+        if block_s <= 0 or (experiment, trial) in self._popped:
+            replies = self._exchange(b"".join(parts + [_pack("LPOP", key, self.decisions_kept)]), len(parts) + 1)
+            _raise_first(replies[-1:])
+            return self._taken(experiment, trial, replies[:-1], replies[-1] or [])
         deadline = time.monotonic() + block_s
         while True:
             left = max(0.001, deadline - time.monotonic())
             # BLPOP waits for the first decision, the LPOP right behind it takes any others.
             tail = [_pack("BLPOP", key, f"{left:.3f}"), _pack("LPOP", key, self.decisions_kept - 1)]
-            replies = _raise_first(self._exchange(b"".join(parts + tail), len(parts) + 2, left))
-            first, rest = replies[-2], replies[-1]
-            if first:
-                return [decode_decision(raw) for raw in [first[1], *(rest or [])]]
+            replies = self._exchange(b"".join(parts + tail), len(parts) + 2, left)
+            first, rest = _raise_first(replies[-2:])
+            if first or rest:  # (rest alone: pushed just as BLPOP gave up; popped all the same)
+                return self._taken(experiment, trial, replies[:-2], [*(first[1:] if first else ()), *(rest or [])])
+            _raise_first(replies[:-2])
             if time.monotonic() >= deadline:
                 return []
             parts = []
+
+    def _taken(self, experiment, trial, adds: list, raw: list) -> list[tuple[int, Decision]]:
+        """The decisions popped in a round trip with XADDs. If an XADD failed (Redis out of memory
+        refuses writes, yet pops), the caller keeps its reports and gets an error, so the decisions,
+        already gone from Redis, are kept here and handed out by the trial's next take."""
+        got = self._popped.pop((experiment, trial), []) + [decode_decision(r) for r in raw]
+        try:
+            _raise_first(adds)
+        except redis.ResponseError:
+            if got:
+                self._popped[(experiment, trial)] = got
+            raise
+        return got
 
     # -- scheduler side ----------------------------------------------------------
 
