@@ -734,3 +734,173 @@ def test_batched_reports_apply_each_asynchronous_pbt_exploit_exactly_once(bus):
         params, taken = applied[t.number]
         assert taken == recorded[t.number], f"trial {t.number} acted on {taken}, the store has {recorded[t.number]}"
         assert params == t.params
+
+
+
+def handled_with_a_failed_save(bus, sent):
+    """Runs the loop over the reports `sent` (trial 0) with a first save that fails after the batch was
+    handled, before it is acknowledged: the loop reads the batch again. Returns the trial."""
+    study = Study(parameters=PARAMS, goal="maximize", seed=7)
+    trial = study.ask()
+    trial.state = TrialState.RUNNING
+    failures = []
+
+    def persist():
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("state store unavailable")
+
+    loop = SchedulerLoop(bus, EXP, StudyHandler(study, "acc"), consumer="c0", persist=persist)
+    bus.publish(EXP, sent)
+    stop, errors = threading.Event(), []
+    runner = threading.Thread(target=loop.run, args=(stop, 0.05, errors.append))
+    runner.start()
+    try:
+        with loop._progress:  # until the batch, read again after the failure, is acknowledged
+            assert loop._progress.wait_for(lambda: loop.handled == len(sent), 30)
+    finally:
+        stop.set()
+        runner.join()
+    assert [str(e) for e in errors] == ["state store unavailable"]
+    assert bus.read(EXP, "c0", pending=True) == []
+    return trial
+
+
+def test_a_batch_handled_but_not_acknowledged_is_applied_once_when_read_again(bus):
+    """Every report of a batch read again is recognised as applied, not only each trial's last few:
+    batched trials send dozens of steps per flush."""
+    trial = handled_with_a_failed_save(bus, [Report(0, q, float(q), {"acc": q / 100}) for q in range(1, 21)])
+    assert [s for s, _ in trial.intermediate] == [float(q) for q in range(1, 21)]
+
+
+def test_a_diverged_report_read_again_is_applied_once(bus):
+    """A NaN loss is common (training diverged); the report carrying it may be read again like any."""
+    sent = [Report(0, 1, 1.0, {"acc": 0.1}), Report(0, 2, 2.0, {"acc": math.nan}), Report(0, 3, 3.0, {"acc": math.nan})]
+    trial = handled_with_a_failed_save(bus, sent)
+    assert [s for s, _ in trial.intermediate] == [1.0, 2.0, 3.0]
+
+
+def test_a_resumed_trial_does_not_take_the_answers_left_for_its_previous_run(bus):
+    """Paused at a rung, a trial exits before the answers to its last reports arrive (batched reports are
+    answered a few reports later). Resumed later under the same number, the new run must not take
+    them: they answer reports of a run that is gone, and a new run numbers its reports from 1 again."""
+    pause = Decision("pause", "paused")
+    first = TrialClient(bus, EXP, 0, batch=4, flush_s=3600)
+    for step in range(1, 6):
+        first.send_report(step, {"acc": step / 10})  # 1-4 sent, 5 buffered
+    bus.decide(EXP, [(0, 2, pause), (0, 3, pause), (0, 4, pause)])
+    assert first.flush().pause  # sends report 5 and takes the pause: the trainer checkpoints and exits
+    first.close()
+    assert [m.report.seq for m in bus.read(EXP, "c0", count=10)] == [1, 2, 3, 4, 5]
+    bus.decide(EXP, [(0, 5, pause)])  # the answer to report 5, after the process exited
+    resumed = TrialClient(bus, EXP, 0, batch=4, flush_s=3600)  # a new process, from the checkpoint
+    assert [resumed.send_report(step, {"acc": step / 10}).action for step in range(6, 14)] == ["continue"] * 8
+
+
+def test_a_step_counted_with_numpy_is_sent_like_any_number(bus):
+    """Training loops often count with numpy (np.arange) or a framework's integers: the step is a
+    number like the metrics. One the bus cannot encode stayed buffered and failed every later send."""
+    import numpy as np
+
+    client = TrialClient(bus, EXP, 0, batch=1)
+    for step in np.arange(1, 4):
+        client.send_report(step, {"acc": np.float32(step / 10)})
+    got = bus.read(EXP, "c0", count=10)
+    assert [m.report.step for m in got] == [1.0, 2.0, 3.0] and client.errors == 0
+    assert all(type(m.report.step) is float for m in got)
+
+
+class CuttingProxy:
+    """A TCP proxy to a redis-server that closes the connection instead of passing on the first reply
+    holding each of `markers`: the server ran the command, the client never sees its answer."""
+
+    def __init__(self, port: int, markers: list[bytes]):
+        import socket
+
+        self.target, self.markers, self.cuts = port, list(markers), []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src, dst, replies):
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                cut = [m for m in self.markers if replies and m in data]
+                if cut:
+                    self.markers.remove(cut[0])
+                    self.cuts.append(cut[0])
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_report_whose_read_reply_was_lost_is_still_handled(redis_server):
+    """The connection drops after Redis delivered a batch to the loop's consumer, before the reply
+    arrived: redis-py sends the read again, and a second XREADGROUP > finds nothing new. The batch,
+    pending under the consumer, must still reach the handler, not wait for a restart that never comes."""
+    from kubetune.bus.redis_streams import RedisBus
+
+    proxy = CuttingProxy(redis_server.port, [b"cut-read", b"cut-next"])
+    trials_side = RedisBus(url=redis_server.url)
+    bus = RedisBus(url=proxy.url)
+    seen = []
+    loop = SchedulerLoop(bus, EXP, lambda m: seen.append(m.report.seq) or Decision(), consumer="c0", count=1)
+    try:
+        assert loop.drain() == 0  # the group exists, nothing pending
+        trials_side.publish(EXP, [Report(0, 1, 1.0, {"cut-read": 0.5})])
+        assert loop.drain() == 1 and proxy.cuts == [b"cut-read"] and seen == [1]
+        # The next batch, read with the answer to the one before: that reply lost.
+        trials_side.publish(EXP, [Report(0, 2, 2.0, {"acc": 0.5}), Report(0, 3, 3.0, {"cut-next": 0.5})])
+        assert loop.drain() == 2 and proxy.cuts == [b"cut-read", b"cut-next"] and seen == [1, 2, 3]
+        assert trials_side.read(EXP, "c0", pending=True) == []
+    finally:
+        bus.close()
+        trials_side.close()
+        proxy.close()
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["batched", "waiting"])
+def test_decisions_popped_while_redis_refuses_reports_are_not_lost(redis_server, wait):
+    """Out of memory (maxmemory, noeviction), Redis refuses the reports (XADD) but still pops the trial's
+    decisions in the same round trip. The client keeps the reports to send again; the decisions must
+    not be dropped with the error: an exploit lost so is recorded as applied, yet never acted on."""
+    from kubetune.bus.redis_streams import RedisBus
+
+    bus = RedisBus(url=redis_server.url)
+    exploit = Decision("exploit", "bottom", donor=1, params={"lr": 0.1})
+    client = TrialClient(bus, EXP, 0, batch=1, wait=wait, wait_s=0.2)
+    assert client.send_report(1, {"acc": 0.1}).action == "continue"
+    bus.decide(EXP, [(0, 1, exploit)])
+    bus.r.config_set("maxmemory", 1)
+    try:
+        refused = client.send_report(2, {"acc": 0.2})
+    finally:
+        bus.r.config_set("maxmemory", 0)
+    assert client.errors == 1 and refused.action == "continue"
+    assert client.send_report(3, {"acc": 0.3}) == exploit
+    assert [m.report.seq for m in bus.read(EXP, "c0", count=10)] == [1, 2, 3]  # report 2 sent again
+    bus.close()

@@ -67,6 +67,16 @@ def test_bus_reports_after_a_long_stretch_wait_for_their_own_decision():
     assert waits == [True, False, False, True, False]
 
 
+def test_a_trials_first_bus_report_waits_for_its_own_decision():
+    """The channel is made at the first report(), which usually comes after a whole epoch of training:
+    an ASHA rung at the first epoch must stop the trial then, not after its second epoch."""
+    waits = []
+    channel = _channel_recording_waits(waits)
+    channel.send(1, {"val_accuracy": 0.5})
+    channel.send(1, {"val_accuracy": 0.5})  # right after: batched, as every frequent report
+    assert waits == [True, False]
+
+
 def test_bus_reports_all_wait_for_their_decision_under_synchronous_pbt(monkeypatch):
     """The operator sets KUBETUNE_REPORT_WAIT=1 for synch PBT: a held check must block its trial
     however soon it follows the previous report."""

@@ -44,9 +44,29 @@ class TrialClient:
         self.errors = 0
         self._buffer: list[Report] = []
         self._last_flush = time.monotonic()
+        self._stale = True
+        self._drop_stale()
+
+    def _drop_stale(self) -> bool:
+        """Empties the trial's decision queue before this run sends its first report. What it holds
+        answers an earlier run's reports (a paused trial resumed, a failed pod run again: the answers
+        to its last reports arrive after it exits), and a run numbers its reports from 1 again, so
+        they would pass for answers to this run's. Nothing is lost: the trial's state answers this
+        run's reports again. False while the bus is unreachable (then nothing is sent either)."""
+        if self._stale:
+            try:
+                self.bus.take_decisions(self.experiment, self.trial)
+            except Exception:
+                self.errors += 1
+                return False
+            self._stale = False
+        return True
 
     def send_report(self, step: float | None, metrics: Mapping[str, float]) -> Decision:
         self.seq += 1
+        # The step as a float too, as the metrics: a numpy or tensor integer would not encode, and a report
+        # that cannot be sent stays buffered and fails every later send.
+        step = None if step is None else float(step)
         self._buffer.append(Report(self.trial, self.seq, step, {k: float(v) for k, v in metrics.items()}))
         if len(self._buffer) > self.max_buffer:
             del self._buffer[0]
@@ -65,6 +85,8 @@ class TrialClient:
 
     def _flush(self) -> None:
         self._last_flush = time.monotonic()
+        if not self._drop_stale():  # bus down: keep the reports, carry on training
+            return
         try:
             got = self.bus.publish_and_take(self.experiment, self._buffer, self.trial)
         except Exception:  # bus down: keep the reports, carry on training
@@ -87,6 +109,8 @@ class TrialClient:
         if self.decision.wait:
             self.decision = CONTINUE  # a hold on an earlier (batched) report: that one went on
         self._last_flush = time.monotonic()
+        if not self._drop_stale():  # bus down: keep the reports, carry on training
+            return
         try:
             got = self.bus.publish_and_wait(self.experiment, self._buffer, self.trial, self.wait_s)
         except Exception:  # bus down: keep the reports, carry on training

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -52,6 +52,7 @@ class RedisBus(MetricBus):
         self._groups: set[str] = set()
         self._prefixes: dict[str, bytes] = {}
         self._per_trial: dict[tuple[str, int], tuple[bytes, bytes, bytes]] = {}
+        self._popped: dict[tuple[str, int], list[tuple[int, Decision]]] = {}  # see _taken
 
     @staticmethod
     def stream_key(experiment: str) -> str:
@@ -67,17 +68,20 @@ class RedisBus(MetricBus):
     # pipeline spends ~5 us of Python per command building and parsing, several times what
     # Redis spends executing an XADD. Everything else goes through redis-py as usual.
 
-    def _exchange(self, data: bytes, n: int, block_s: float = 0.0) -> list:
+    def _exchange(self, data: bytes, n: int, block_s: float = 0.0, again: Callable[[], bytes] | None = None) -> list:
         """Sends packed commands in one write and returns their n replies (one round trip).
         An error reply comes back as a ResponseError in its place; a lost connection raises
-        (after the client's retries: resending is harmless, delivery is at least once)."""
+        (after the client's retries: resending is harmless, delivery is at least once).
+        again: makes what a retry sends instead (as many replies), for commands not harmless twice."""
         pool = self.r.connection_pool
         conn = pool.get_connection()
         try:
             timeout = _SENTINEL if block_s <= 0 else block_s + (conn.socket_timeout or 5.0)
+            sent = []
 
             def once():
-                conn.send_packed_command((data,))
+                conn.send_packed_command((again() if sent and again is not None else data,))
+                sent.append(True)
                 out = []
                 for _ in range(n):
                     try:
@@ -126,22 +130,36 @@ class RedisBus(MetricBus):
         server holds the reply (BLPOP) until a decision is pushed, so waiting costs no polling."""
         key = self.decision_key(experiment, trial)
         parts = self._adds(experiment, reports)
-        if block_s <= 0:
-            got = _raise_first(self._exchange(b"".join(parts + [_pack("LPOP", key, self.decisions_kept)]),
-                                              len(parts) + 1))[-1]
-            return [decode_decision(raw) for raw in got or []]
+        if block_s <= 0 or (experiment, trial) in self._popped:
+            replies = self._exchange(b"".join(parts + [_pack("LPOP", key, self.decisions_kept)]), len(parts) + 1)
+            _raise_first(replies[-1:])
+            return self._taken(experiment, trial, replies[:-1], replies[-1] or [])
         deadline = time.monotonic() + block_s
         while True:
             left = max(0.001, deadline - time.monotonic())
             # BLPOP waits for the first decision, the LPOP right behind it takes any others.
             tail = [_pack("BLPOP", key, f"{left:.3f}"), _pack("LPOP", key, self.decisions_kept - 1)]
-            replies = _raise_first(self._exchange(b"".join(parts + tail), len(parts) + 2, left))
-            first, rest = replies[-2], replies[-1]
-            if first:
-                return [decode_decision(raw) for raw in [first[1], *(rest or [])]]
+            replies = self._exchange(b"".join(parts + tail), len(parts) + 2, left)
+            first, rest = _raise_first(replies[-2:])
+            if first or rest:  # (rest alone: pushed just as BLPOP gave up; popped all the same)
+                return self._taken(experiment, trial, replies[:-2], [*(first[1:] if first else ()), *(rest or [])])
+            _raise_first(replies[:-2])
             if time.monotonic() >= deadline:
                 return []
             parts = []
+
+    def _taken(self, experiment, trial, adds: list, raw: list) -> list[tuple[int, Decision]]:
+        """The decisions popped in a round trip with XADDs. If an XADD failed (Redis out of memory
+        refuses writes, yet pops), the caller keeps its reports and gets an error, so the decisions,
+        already gone from Redis, are kept here and handed out by the trial's next take."""
+        got = self._popped.pop((experiment, trial), []) + [decode_decision(r) for r in raw]
+        try:
+            _raise_first(adds)
+        except redis.ResponseError:
+            if got:
+                self._popped[(experiment, trial)] = got
+            raise
+        return got
 
     # -- scheduler side ----------------------------------------------------------
 
@@ -163,11 +181,19 @@ class RedisBus(MetricBus):
             args += ["BLOCK", max(1, int(block * 1000))]
         return _pack(*args, "STREAMS", self.stream_key(experiment), "0" if pending else ">"), block
 
+    def _reread(self, experiment, consumer, count) -> bytes:
+        """What a retried read of new reports sends: XREADGROUP > is not harmless twice. If the first
+        one ran and its reply was lost, its entries are pending under the consumer, and a second would
+        skip them (read by no one until a restart); reading this consumer's pending entries instead
+        returns them. (The loop reads new reports only with none of its own left unacknowledged.)"""
+        return self._xreadgroup(experiment, consumer, count, 0.0, True)[0]
+
     def read(self, experiment, consumer, count=256, block_s=0.0, pending=False):
         self._ensure_group(experiment)
         cmd, block = self._xreadgroup(experiment, consumer, count, block_s, pending)
+        again = None if pending else lambda: self._reread(experiment, consumer, count)
         while True:
-            got = self._exchange(cmd, 1, block)[0]
+            got = self._exchange(cmd, 1, block, again)[0]
             msgs = self._messages(experiment, got)
             # A batch of nothing but skipped entries (now acknowledged) is not the end of the
             # stream, nor of this consumer's pending reports: read on.
@@ -272,7 +298,8 @@ class RedisBus(MetricBus):
         if ids:
             parts.append(self._xack(experiment, ids))
         cmd, block = self._xreadgroup(experiment, consumer, count, block_s, False)
-        replies = self._exchange(b"".join(parts + [cmd]), len(parts) + 1, block)
+        replies = self._exchange(b"".join(parts + [cmd]), len(parts) + 1, block,
+                                 lambda: b"".join(parts + [self._reread(experiment, consumer, count)]))
         _raise_first(replies[:-1])
         return self._messages(experiment, replies[-1])
 

@@ -85,7 +85,12 @@ class StudyHandler:
 def _already_applied(trial: Trial, step: float, value: float) -> bool:
     if not trial.intermediate or step > trial.intermediate[-1][0]:
         return False  # the usual case: a new, later step
-    return any(s == step and v == value for s, v in trial.intermediate[-8:])
+    # The whole history, not the last few: a batch read again after a failed save or acknowledgement
+    # holds up to a batch of a trial's reports, and one older report taken as new is appended after
+    # the latest, so that every report after it looks new too. Only reached for a step not after the
+    # latest (rare), so the scan costs the usual report nothing.
+    # NaN (a diverged run) equals nothing, itself included: two NaNs at the same step are the same report.
+    return any(s == step and (v == value or v != v and value != value) for s, v in reversed(trial.intermediate))
 
 
 def _answer_for(trial: Trial) -> Decision:

@@ -96,7 +96,9 @@ class _BusChannel:
         self.client = client
         self.always_wait = os.environ.get("KUBETUNE_REPORT_WAIT") == "1"
         self._clock = time.monotonic
-        self._last = self._clock()
+        # The channel is made at the first report, which follows the trial's start (an epoch of training,
+        # typically): a long stretch without a report, so it waits for its own decision.
+        self._last = float("-inf")
 
     def send(self, step: float | None, metrics: dict[str, float]) -> Decision:
         now = self._clock()
