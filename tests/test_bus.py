@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -736,7 +737,6 @@ def test_batched_reports_apply_each_asynchronous_pbt_exploit_exactly_once(bus):
         assert params == t.params
 
 
-
 def handled_with_a_failed_save(bus, sent):
     """Runs the loop over the reports `sent` (trial 0) with a first save that fails after the batch was
     handled, before it is acknowledged: the loop reads the batch again. Returns the trial."""
@@ -815,16 +815,12 @@ class CuttingProxy:
     holding each of `markers`: the server ran the command, the client never sees its answer."""
 
     def __init__(self, port: int, markers: list[bytes]):
-        import socket
-
         self.target, self.markers, self.cuts = port, list(markers), []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
-        import socket
-
         while True:
             try:
                 client, _ = self.listener.accept()
@@ -835,8 +831,6 @@ class CuttingProxy:
             threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
 
     def _pipe(self, src, dst, replies):
-        import socket
-
         try:
             while data := src.recv(65536):
                 cut = [m for m in self.markers if replies and m in data]
