@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from kubetune.trial import checkpoint
 
@@ -88,13 +89,11 @@ def test_an_exploit_takes_the_donors_checkpoint_from_the_step_it_was_judged_at(i
 
 # The trial image's trainers run on the GPU when there is one: there the weights and the
 # optimizer's state must come back on the model's device. CI has no GPU, so it checks the CPU.
-DEVICES = ["cpu"] + (["cuda"] if __import__("torch").cuda.is_available() else [])
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_pytorch_exploit_takes_the_donors_model_and_optimizer_at_the_judged_step(in_experiment, device):
-    import torch
-
     from kubetune.api.trial import Decision
     from kubetune.trial import pytorch as ckpt
 

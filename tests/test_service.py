@@ -107,7 +107,7 @@ def test_a_trial_whose_pod_ended_no_longer_holds_a_synchronous_pbt_population():
 def test_a_retried_trial_starts_afresh_without_the_lost_attempts_reports_or_decisions():
     """The operator's flush with `attempt` (the pod was lost, a new one starts the trial again): the
     new attempt's reports are not appended to the lost one's, and an answer the lost pod never
-    took (here a PBT exploit) is not handed to the new one."""
+    took (here a PBT exploit) is not handed to the new one (its client drops what it finds queued)."""
     import copy
     import time
 

@@ -76,12 +76,12 @@ class Trial:
         self.params = dict(e["old"])
         return True
 
-    def start_over(self) -> None:
-        """Makes the trial a new attempt that runs from the start (an interruption or a lost pod cut
-        the last one short): what it reported goes, and with it PBT's exploits, whose report indices
-        point into that list. It keeps its current parameters, which the new attempt runs with, and
-        its assignments (bracket, budget)."""
-        self.state, self.attempt = TrialState.PENDING, self.attempt + 1
+    def start_over(self, attempt: int | None = None) -> None:
+        """Makes the trial a new attempt (the next one by default) that runs from the start (an
+        interruption or a lost pod cut the last one short): what it reported goes, and with it PBT's
+        exploits, whose report indices point into that list. It keeps its current parameters, which
+        the new attempt runs with, and its assignments (bracket, budget)."""
+        self.state, self.attempt = TrialState.PENDING, self.attempt + 1 if attempt is None else attempt
         self.intermediate, self.metrics, self.value, self.reason = [], {}, None, ""
         self.started_at = self.finished_at = None
         self.events = [e for e in self.events if e.get("event") not in EXPLOITS]

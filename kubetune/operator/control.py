@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..api.spec import ExperimentSpec
-from ..api.trial import EXPLOITS, Trial, TrialState, best_of
+from ..api.trial import Trial, TrialState, best_of
 from ..api.validation import check_spec, check_structure
 from ..api import schema
 from ..engine import check_end, judge_exit
@@ -326,14 +326,14 @@ class Controller:
         if retries >= spec.budget.max_failed_trials:
             self._finish_trial(trial, None, why)
             return
-        attempt = int(trial["spec"].get("attempt", 1)) + 1
+        record = to_record(trial)
+        record.start_over()  # its reports go, and with them the exploits that point into them
+        attempt = record.attempt
         self.kube.patch_experiment_status(meta["namespace"], exp["metadata"]["name"], {"retries": retries + 1})
         # The new pod's name first, so events of the old pod are ignored from now on.
-        # Its reports go, and with them the exploits that point into them (Trial.start_over).
-        events = [e for e in (trial.get("status") or {}).get("events") or [] if e.get("event") not in EXPLOITS]
         self.kube.patch_trial_status(meta["namespace"], meta["name"], {
             "state": "Pending", "podName": pod_name(meta["name"], attempt), "startTime": None,
-            "intermediate": [], "metrics": {}, "events": events})
+            "intermediate": record.intermediate, "metrics": record.metrics, "events": record.events})
         self.kube.patch_trial(meta["namespace"], meta["name"], {"spec": {"attempt": attempt}})
         self.event(exp, "Warning", "TrialRetried", f"trial {meta['name']}: {why}; attempt {attempt}")
         try:  # before the new pod reports: the service drops what it holds of the lost attempt

@@ -75,8 +75,7 @@ class SuggestionService:
             attempt = int(req.get("attempt") or 0)
             restarted = attempt > t.attempt
             if restarted:  # what the lost attempt reported must not be continued by the new one
-                t.start_over()
-                t.attempt = attempt
+                t.start_over(attempt)
                 brain.dirty.discard(number)
             # The loop hands out the decisions this releases; an undone exploit changed its parameters.
             undone = req.get("ended") and brain.study.ended(t)
@@ -86,8 +85,6 @@ class SuggestionService:
                      "state": t.state.value, "reason": t.reason}
         if undone:
             self._persist(brain)  # before the operator records the trial as finished
-        if restarted and self.bus is not None:
-            self.bus.take_decisions(key, number)  # answers the lost pod never took are not the new one's
         return reply
 
     def forget(self, req: dict) -> dict:
