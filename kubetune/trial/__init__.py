@@ -90,7 +90,10 @@ class _BusChannel:
 
             bus = redis_bus(url=os.environ["KUBETUNE_REDIS_URL"],
                             password=os.environ.get("KUBETUNE_REDIS_PASSWORD") or None)
-            experiment = f"{os.environ['KUBETUNE_NAMESPACE']}/{os.environ['KUBETUNE_EXPERIMENT']}"
+            # The experiment's key on the bus: set by the runner that reads it (a local run over Redis),
+            # else namespace/name, as the suggestion service reads it.
+            experiment = (os.environ.get("KUBETUNE_BUS_KEY")
+                          or f"{os.environ['KUBETUNE_NAMESPACE']}/{os.environ['KUBETUNE_EXPERIMENT']}")
             client = TrialClient(bus, experiment, int(os.environ["KUBETUNE_TRIAL"]))
             atexit.register(client.close)
         self.client = client
