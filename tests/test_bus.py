@@ -898,3 +898,77 @@ def test_decisions_popped_while_redis_refuses_reports_are_not_lost(redis_server,
     assert client.send_report(3, {"acc": 0.3}) == exploit
     assert [m.report.seq for m in bus.read(EXP, "c0", count=10)] == [1, 2, 3]  # report 2 sent again
     bus.close()
+
+
+def loop_thread(bus, study):
+    """A running scheduler loop over `study`; returns (loop, stop event, thread)."""
+    loop = SchedulerLoop(bus, EXP, StudyHandler(study, "acc"), consumer="c0")
+    stop = threading.Event()
+    runner = threading.Thread(target=loop.run, args=(stop, 0.05), daemon=True)
+    runner.start()
+    return loop, stop, runner
+
+
+def test_a_lost_attempts_pod_still_reporting_is_stopped_and_never_mixes_with_the_retry(bus):
+    """The operator retried trial 0 (its node was cut off) while the first pod still runs there. The old
+    pod's reports are not the trial's any more: it hears `stop`, and the new attempt neither gets its
+    values in its history nor its answers in its queue, nor loses its own to the old pod."""
+    study = Study(parameters=PARAMS, goal="maximize", seed=7, early_stopping=ASHA)
+    trial = study.ask()
+    trial.state = TrialState.RUNNING
+    old = TrialClient(bus, EXP, 0, wait=True, wait_s=5)
+    loop, stop, runner = loop_thread(bus, study)
+    try:
+        assert old.send_report(1, {"acc": 0.9}).action == "continue"
+        trial.start_over(2)  # what the operator's retry does to the record
+        trial.state = TrialState.RUNNING
+        new = TrialClient(bus, EXP, 0, attempt=2, wait=True, wait_s=5)
+        assert new.send_report(1, {"acc": 0.2}).action == "continue"
+        stopped = old.send_report(2, {"acc": 0.95})
+        assert stopped.stop and "superseded" in stopped.reason and "attempt 2" in stopped.reason
+        assert new.send_report(2, {"acc": 0.3}).action == "continue"  # its own answer, not the old pod's stop
+        loop.catch_up()
+        assert trial.intermediate == [[1.0, 0.2], [2.0, 0.3]] and trial.attempt == 2
+        assert trial.state == TrialState.RUNNING
+    finally:
+        stop.set()
+        runner.join(10)
+
+
+def test_a_report_of_an_attempt_the_scheduler_was_not_told_of_starts_the_trial_over(bus):
+    """The retry's notice to the scheduler failed (the service was restarting): the new pod's first
+    report shows the trial runs again, so the lost attempt's values are dropped, not continued."""
+    study = Study(parameters=PARAMS, goal="maximize", seed=7)
+    trial = study.ask()
+    trial.state = TrialState.RUNNING
+    loop, stop, runner = loop_thread(bus, study)
+    try:
+        first = TrialClient(bus, EXP, 0, wait=True, wait_s=5)
+        for step in (1, 2, 3):
+            first.send_report(step, {"acc": step / 10})
+        retried = TrialClient(bus, EXP, 0, attempt=2, wait=True, wait_s=5)
+        assert retried.send_report(1, {"acc": 0.5}).action == "continue"
+        loop.catch_up()
+        assert trial.attempt == 2 and trial.intermediate == [[1.0, 0.5]]
+    finally:
+        stop.set()
+        runner.join(10)
+
+
+def test_a_report_from_a_client_without_attempts_is_read_as_the_first_attempt(redis_server):
+    """Pods built with an older SDK send [trial, seq, step, metrics]: still reports, of attempt 1."""
+    from kubetune.bus.redis_streams import RedisBus
+
+    bus = RedisBus(url=redis_server.url)
+    try:
+        key = bus.stream_key(EXP)
+        bus.r.xadd(key, {"r": '[4,1,1.0,{"acc":0.5}]'})
+        bus.publish(EXP, [Report(4, 1, 1.0, {"acc": 0.5}, 3)])
+        bus.r.xadd(key, {"r": '[4,2,2.0,{"acc":0.5},0]'})  # no such attempt: skipped as not a report
+        got = bus.read(EXP, "c0", count=10)
+        assert [m.report for m in got] == [Report(4, 1, 1.0, {"acc": 0.5}), Report(4, 1, 1.0, {"acc": 0.5}, 3)]
+        assert [m.report.address for m in got] == [4, "4.3"]
+        # The odd entry was acknowledged, not left pending to come back at every recovery.
+        assert [m.id for m in bus.read(EXP, "c0", pending=True)] == [m.id for m in got]
+    finally:
+        bus.close()

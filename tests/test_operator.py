@@ -364,6 +364,38 @@ def test_a_trial_lost_with_its_node_runs_again_elsewhere(k8s_cluster, k8s_namesp
     assert lost_pod in events
 
 
+def test_a_pod_cut_off_from_the_api_but_still_running_cannot_mix_into_its_retry(k8s_cluster, k8s_namespace,
+                                                                                  make_kubelet, stack):
+    """A node loses the API server but not Redis: the operator runs the trial again elsewhere, while the
+    first pod trains on. Its reports must not enter the new attempt's record, nor its answers the
+    new pod's queue: it hears that it was superseded and stops."""
+    doomed = make_kubelet(gpus=1)
+    spec = curve_spec(budget={"maxTrials": 1, "parallelTrials": 1})
+    # The first pod reports once a second for 40 s, well past the retry (~20 s after the partition).
+    spec["trialTemplate"]["env"] = [{"name": "STEPS", "value": "40"}, {"name": "FIRST_ATTEMPT_STEP_SECONDS", "value": "1"},
+                                    {"name": "STEP_SECONDS", "value": "0.05"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("partition", k8s_namespace, **spec))
+    wait_until(lambda: doomed.running_pods(), timeout=60, what="the trial on the node to be cut off")
+    first_pod = doomed.running_pods()[0].split("/")[1]
+    make_kubelet(gpus=1)  # where the retry runs (with no node left Ready, nothing would be evicted)
+
+    def reported(n):
+        trial = get(k8s_cluster, "trials", k8s_namespace)["items"][0]
+        return len((trial.get("status") or {}).get("intermediate") or []) >= n
+
+    wait_until(lambda: reported(3), timeout=60, what="the first pod to report 3 steps")
+    doomed.partition()
+    status = wait_phase(k8s_cluster, k8s_namespace, "partition", stack, timeout=180)
+    assert status["phase"] == "Succeeded" and status.get("retries") == 1, trial_states(k8s_cluster, k8s_namespace)
+    trial = get(k8s_cluster, "trials", k8s_namespace)["items"][0]
+    assert trial["spec"]["attempt"] == 2 and trial["status"]["podName"] == f"{first_pod}-r2"
+    assert [s for s, _ in trial["status"]["intermediate"]] == list(range(1, 41))  # the new pod's steps, each once
+    first = doomed.run_of(k8s_namespace, first_pod)
+    wait_until(lambda: first.process.poll() is not None, timeout=60, what="the cut-off pod to stop")
+    log = first.log_path.read_text()
+    assert "superseded: the trial runs again as attempt 2" in log, log
+
+
 def test_a_trial_without_the_sdk_reports_through_its_log(k8s_cluster, k8s_namespace, make_kubelet, stack):
     make_kubelet(gpus=2)
     spec = curve_spec(budget={"maxTrials": 2, "parallelTrials": 2})

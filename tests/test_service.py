@@ -130,7 +130,7 @@ def test_a_retried_trial_starts_afresh_without_the_lost_attempts_reports_or_deci
         assert study.trials[1].events[-1]["event"] == "exploit", "the bottom half exploits the top"
 
         service.flush({"experiment": EXPERIMENT, "trial": 1, "attempt": 2})
-        again = TrialClient(bus, "team/tune", 1, wait=True)
+        again = TrialClient(bus, "team/tune", 1, attempt=2, wait=True)
         assert again.send_report(1, {"loss": 0.05}).action == "continue"  # its own answer, not the exploit
         t = study.trials[1]
         assert t.attempt == 2 and t.intermediate == [[1.0, 0.05]] and t.events == []

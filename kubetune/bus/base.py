@@ -28,6 +28,11 @@ class Report(NamedTuple):
     seq: int  # 1, 2, ... per trial and run: pairs a decision with its report
     step: float | None
     metrics: dict[str, float]
+    attempt: int = 1  # the trial's run (a lost pod's trial runs again as attempt 2, ...)
+
+    @property
+    def address(self) -> int | str:
+        return address(self.trial, self.attempt)
 
     # One field per stream entry (a compact JSON array): half the parsing of one field per value.
     def payload(self) -> str:
@@ -44,8 +49,7 @@ class Report(NamedTuple):
     @classmethod
     def from_payload(cls, raw: bytes | str) -> "Report":
         # scan_once: the decoder without its two whitespace regex matches (our payloads have none).
-        trial, seq, step, metrics = _scan(raw.decode() if isinstance(raw, bytes) else raw, 0)[0]
-        return cls(trial, seq, None if step is None else float(step), metrics)
+        return report_from_row(_scan(raw.decode() if isinstance(raw, bytes) else raw, 0)[0])
 
     @classmethod
     def from_fields(cls, fields: list) -> "Report":
@@ -54,6 +58,32 @@ class Report(NamedTuple):
             return cls.from_payload(fields[1])
         return cls.decode(dict(zip(fields[::2], fields[1::2])))
 
+
+def address(trial: int, attempt: int = 1) -> int | str:
+    """Where a trial's decisions go: its number, and "number.attempt" from its second attempt on. A
+    retried trial's earlier pod may still be running (its node cut off, the API object force-deleted):
+    sharing one queue, each would take the other's decisions."""
+    return trial if attempt == 1 else f"{trial}.{attempt}"
+
+
+def number_of(address: int | str) -> int:
+    """The trial number an address belongs to."""
+    return address if isinstance(address, int) else int(address.partition(".")[0])
+
+
+def report_from_row(row: list) -> "Report":
+    """A report from its payload [trial, seq, step, metrics, attempt] (clients before attempts
+    were sent: no attempt, the first)."""
+    step = row[2]
+    if len(row) == 4:
+        return _tuple(Report, (row[0], row[1], None if step is None else float(step), row[3], 1))
+    trial, seq, _, metrics, attempt = row
+    if not isinstance(attempt, int) or attempt < 1:
+        raise TypeError(f"attempt must be a positive integer, got {attempt!r}")
+    return _tuple(Report, (trial, seq, None if step is None else float(step), metrics, attempt))
+
+
+_tuple = tuple.__new__  # builds a named tuple without the Python-level __new__
 
 # One encoder and decoder made once: json.dumps with separators builds a new encoder per call.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -84,16 +114,17 @@ class MetricBus:
     def publish(self, experiment: str, reports: Sequence[Report]) -> None:
         raise NotImplementedError
 
-    def take_decisions(self, experiment: str, trial: int, block_s: float = 0.0) -> list[tuple[int, Decision]]:
+    # `trial` below is a decision queue's address (see address()): the trial number for a first attempt.
+    def take_decisions(self, experiment: str, trial: int | str, block_s: float = 0.0) -> list[tuple[int, Decision]]:
         """Pops the decisions waiting for a trial, oldest first; waits up to block_s for one."""
         raise NotImplementedError
 
-    def publish_and_take(self, experiment: str, reports: Sequence[Report], trial: int) -> list[tuple[int, Decision]]:
+    def publish_and_take(self, experiment: str, reports: Sequence[Report], trial: int | str) -> list[tuple[int, Decision]]:
         """publish() then take_decisions() without blocking; one round trip where the bus can."""
         self.publish(experiment, reports)
         return self.take_decisions(experiment, trial)
 
-    def publish_and_wait(self, experiment: str, reports: Sequence[Report], trial: int,
+    def publish_and_wait(self, experiment: str, reports: Sequence[Report], trial: int | str,
                          block_s: float) -> list[tuple[int, Decision]]:
         """publish() then take_decisions(block_s=block_s); one round trip where the bus can."""
         self.publish(experiment, reports)
@@ -109,7 +140,7 @@ class MetricBus:
         raise NotImplementedError
 
     def decide(self, experiment: str, decisions: Sequence[tuple[int, int, Decision]]) -> None:
-        """Delivers (trial, seq, decision) to each trial's decision queue."""
+        """Delivers (address, seq, decision) to each trial's decision queue (Report.address)."""
         raise NotImplementedError
 
     def decide_and_ack(self, experiment: str, decisions: Sequence[tuple[int, int, Decision]],

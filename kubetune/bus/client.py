@@ -24,16 +24,17 @@ import time
 from typing import Mapping
 
 from ..api.trial import CONTINUE, Decision
-from .base import MetricBus, Report
+from .base import MetricBus, Report, address
 
 _FINAL = ("stop", "pause")
 
 
 class TrialClient:
-    def __init__(self, bus: MetricBus, experiment: str, trial: int, *, batch: int = 32, flush_s: float = 0.05,
-                 wait: bool = False, wait_s: float = 0.5, max_buffer: int = 10_000, hold_s: float = 3600.0,
-                 repeat_s: float = 30.0):
-        self.bus, self.experiment, self.trial = bus, experiment, trial
+    def __init__(self, bus: MetricBus, experiment: str, trial: int, *, attempt: int = 1, batch: int = 32,
+                 flush_s: float = 0.05, wait: bool = False, wait_s: float = 0.5, max_buffer: int = 10_000,
+                 hold_s: float = 3600.0, repeat_s: float = 30.0):
+        self.bus, self.experiment, self.trial, self.attempt = bus, experiment, trial, attempt
+        self.address = address(trial, attempt)  # this run's decision queue
         self.batch, self.flush_s, self.wait, self.wait_s = batch, flush_s, wait, wait_s
         self.hold_s, self.repeat_s = hold_s, repeat_s
         self.max_buffer = max_buffer
@@ -55,7 +56,7 @@ class TrialClient:
         run's reports again. False while the bus is unreachable (then nothing is sent either)."""
         if self._stale:
             try:
-                self.bus.take_decisions(self.experiment, self.trial)
+                self.bus.take_decisions(self.experiment, self.address)
             except Exception:
                 self.errors += 1
                 return False
@@ -67,7 +68,8 @@ class TrialClient:
         # The step as a float too, as the metrics: a numpy or tensor integer would not encode, and a report
         # that cannot be sent stays buffered and fails every later send.
         step = None if step is None else float(step)
-        self._buffer.append(Report(self.trial, self.seq, step, {k: float(v) for k, v in metrics.items()}))
+        self._buffer.append(Report(self.trial, self.seq, step, {k: float(v) for k, v in metrics.items()},
+                                   self.attempt))
         if len(self._buffer) > self.max_buffer:
             del self._buffer[0]
         if self.wait and self.decision.action not in _FINAL:
@@ -88,7 +90,7 @@ class TrialClient:
         if not self._drop_stale():  # bus down: keep the reports, carry on training
             return
         try:
-            got = self.bus.publish_and_take(self.experiment, self._buffer, self.trial)
+            got = self.bus.publish_and_take(self.experiment, self._buffer, self.address)
         except Exception:  # bus down: keep the reports, carry on training
             self.errors += 1
             return
@@ -112,7 +114,7 @@ class TrialClient:
         if not self._drop_stale():  # bus down: keep the reports, carry on training
             return
         try:
-            got = self.bus.publish_and_wait(self.experiment, self._buffer, self.trial, self.wait_s)
+            got = self.bus.publish_and_wait(self.experiment, self._buffer, self.address, self.wait_s)
         except Exception:  # bus down: keep the reports, carry on training
             self.errors += 1
             return
@@ -140,7 +142,7 @@ class TrialClient:
             if left <= 0:
                 return
             try:
-                got = self.bus.take_decisions(self.experiment, self.trial,
+                got = self.bus.take_decisions(self.experiment, self.address,
                                               block_s=min(left, repeat_at - now) if held else left)
             except Exception:
                 self.errors += 1

@@ -2,7 +2,8 @@
 
 Keys of experiment E (the braces keep them in one Redis Cluster slot):
   kubetune:{E}:reports       stream of reports, capped with MAXLEN ~ (approximate: cheap trims)
-  kubetune:{E}:d:<trial>     list of that trial's decisions (capped, expiring)
+  kubetune:{E}:d:<address>   list of a trial's decisions (capped, expiring); the address is the
+                             trial's number, "<number>.<attempt>" from its second attempt on
 The scheduler loop reads the stream through the consumer group "scheduler".
 """
 
@@ -19,7 +20,7 @@ from redis.retry import Retry
 from redis.utils import SENTINEL as _SENTINEL
 
 from ..api.trial import Decision
-from .base import GROUP, Message, MetricBus, Report, _scan, decode_decision, encode_decision
+from .base import GROUP, Message, MetricBus, Report, _scan, decode_decision, encode_decision, report_from_row
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,15 @@ class RedisBus(MetricBus):
         self.decision_ttl_s = decision_ttl_s
         self._groups: set[str] = set()
         self._prefixes: dict[str, bytes] = {}
-        self._per_trial: dict[tuple[str, int], tuple[bytes, bytes, bytes]] = {}
-        self._popped: dict[tuple[str, int], list[tuple[int, Decision]]] = {}  # see _taken
+        self._per_trial: dict[tuple[str, int | str], tuple[bytes, bytes, bytes]] = {}
+        self._popped: dict[tuple[str, int | str], list[tuple[int, Decision]]] = {}  # see _taken
 
     @staticmethod
     def stream_key(experiment: str) -> str:
         return f"kubetune:{{{experiment}}}:reports"
 
     @staticmethod
-    def decision_key(experiment: str, trial: int) -> str:
+    def decision_key(experiment: str, trial: int | str) -> str:
         return f"kubetune:{{{experiment}}}:d:{trial}"
 
     # -- the wire ----------------------------------------------------------------
@@ -212,9 +213,7 @@ class RedisBus(MetricBus):
             rows = _rows(entries)
             if rows is not None:  # the usual batch: this runs once per report
                 try:
-                    out += [_tuple(Message, (mid.decode(), _tuple(Report, (trial, seq, None if step is None
-                                                                          else float(step), metrics))))
-                            for (mid, _), (trial, seq, step, metrics) in zip(entries, rows)]
+                    out += [_tuple(Message, (mid.decode(), report_from_row(row))) for (mid, _), row in zip(entries, rows)]
                     continue
                 except (TypeError, ValueError):  # a payload of another shape: entry by entry
                     pass
@@ -223,9 +222,8 @@ class RedisBus(MetricBus):
                     bad.append(mid.decode())
                     continue
                 try:
-                    if fields[0] == b"r":  # the usual entry, decoded inline: this runs once per report
-                        trial, seq, step, metrics = _scan(fields[1].decode(), 0)[0]
-                        report = _tuple(Report, (trial, seq, step if step is None else float(step), metrics))
+                    if fields[0] == b"r":  # the usual entry
+                        report = report_from_row(_scan(fields[1].decode(), 0)[0])
                     else:
                         report = Report.from_fields(fields)
                     _check(report)
@@ -255,7 +253,7 @@ class RedisBus(MetricBus):
         return b"*%d%s%s" % (len(ids) + 3, head[head.index(b"\r\n"):], body)
 
     def _decisions(self, experiment, decisions) -> list[bytes]:
-        per_trial: dict[int, list[str]] = {}
+        per_trial: dict[int | str, list[str]] = {}
         for trial, seq, d in decisions:
             per_trial.setdefault(trial, []).append(encode_decision(seq, d))
         out = []
@@ -265,7 +263,7 @@ class RedisBus(MetricBus):
             out += [b"*%d\r\n%s%s" % (len(items) + 2, rpush, values), trim, expire]
         return out
 
-    def _decision_commands(self, experiment: str, trial: int) -> tuple[bytes, bytes, bytes]:
+    def _decision_commands(self, experiment: str, trial: int | str) -> tuple[bytes, bytes, bytes]:
         """RPUSH's name and key, packed, and the whole LTRIM and EXPIRE after it: the same every batch."""
         got = self._per_trial.get((experiment, trial))
         if got is None:

@@ -31,8 +31,8 @@ class StudyHandler:
     def __init__(self, study, metric: str, lock: threading.Lock | None = None):
         self.study, self.metric = study, metric
         self.lock = lock or threading.Lock()
-        # Synchronous PBT: trial -> seq of its report answered `wait`, whose decision comes later.
-        self.waiting: dict[int, int] = {}
+        # Synchronous PBT: trial -> (seq, address) of its report answered `wait`, whose decision comes later.
+        self.waiting: dict[int, tuple[int, int | str]] = {}
 
     def __call__(self, msg: Message) -> Decision:
         r = msg.report
@@ -42,6 +42,11 @@ class StudyHandler:
             if not 0 <= r.trial < len(trials):
                 return Decision("stop", f"no trial number {r.trial} in this experiment")
             trial = trials[r.trial]
+            if r.attempt != trial.attempt:
+                if r.attempt < trial.attempt:  # a lost pod still running: its reports are not the trial's now
+                    return _stop(f"superseded: the trial runs again as attempt {trial.attempt}")
+                # A retry this service was not told of (its request failed): the report shows the new pod runs.
+                trial.start_over(r.attempt)
             if trial.state != TrialState.RUNNING and (trial.state.finished or trial.state == TrialState.PAUSED):
                 return _answer_for(trial)
             value = metrics.get(metric)
@@ -58,7 +63,7 @@ class StudyHandler:
                 # Sent again: a held report is still held here. Otherwise the trial is still waiting
                 # for an answer this process does not have (a restart lost it): the Study makes it
                 # again, or hands out the one recorded. An older report: the trial has gone on since.
-                if self.waiting.get(r.trial) == r.seq:
+                if self.waiting.get(r.trial) == (r.seq, r.address):
                     return Decision("wait", "still held")
                 if step != inter[-1][0]:
                     return _answer_for(trial)
@@ -66,19 +71,19 @@ class StudyHandler:
             else:
                 decision = self.study.report_to(trial, step, value, others)
             if decision.wait:
-                self.waiting[r.trial] = r.seq
+                self.waiting[r.trial] = (r.seq, r.address)
             elif self.waiting:
                 self.waiting.pop(r.trial, None)
             return decision
 
     def released(self) -> list[tuple[int, int, Decision]]:
-        """Held decisions made now (a generation complete, a member gone), as (trial, seq, decision)."""
+        """Held decisions made now (a generation complete, a member gone), as (address, seq, decision)."""
         with self.lock:
             out = []
             for trial, decision in self.study.released():
-                seq = self.waiting.pop(trial.number, None)
-                if seq is not None:
-                    out.append((trial.number, seq, decision))
+                held = self.waiting.pop(trial.number, None)
+                if held is not None:
+                    out.append((held[1], held[0], decision))
             return out
 
 
@@ -114,7 +119,7 @@ def _stop(reason: str) -> Decision:
 class SchedulerLoop:
     def __init__(self, bus: MetricBus, experiment: str, handler: Handler, *, consumer: str = "scheduler-0",
                  count: int = 512, persist: Callable[[], None] | None = None,
-                 released: Callable[[], list[tuple[int, int, Decision]]] | None = None):
+                 released: Callable[[], list[tuple[int | str, int, Decision]]] | None = None):
         """persist: saves the trial list; called before reports are acknowledged. released: the
         decisions held back earlier (synchronous PBT) and made now, e.g. StudyHandler.released;
         asked after each batch and whenever the bus is quiet (a trial's end can release them)."""
@@ -172,7 +177,7 @@ class SchedulerLoop:
                 self.bus.decide(self.experiment, late)
             return 0
         with _collector_paused():
-            decisions = [(m.report.trial, m.report.seq, self._handle(m)) for m in msgs]
+            decisions = [(m.report.address, m.report.seq, self._handle(m)) for m in msgs]
             if self.released is not None:
                 decisions += self.released()
             decisions = coalesce(decisions)
@@ -234,10 +239,10 @@ def _collector_paused():
         gc.enable()
 
 
-def coalesce(decisions: list[tuple[int, int, Decision]]) -> list[tuple[int, int, Decision]]:
-    """Per trial, every decision that is not `continue`, plus its latest one: a client only
+def coalesce(decisions: list[tuple[int | str, int, Decision]]) -> list[tuple[int | str, int, Decision]]:
+    """Per trial run, every decision that is not `continue`, plus its latest one: a client only
     needs to know the newest answer, but must never miss a stop, pause or exploit."""
-    last: dict[int, int] = {}
+    last: dict[int | str, int] = {}
     for i, (trial, _, _) in enumerate(decisions):
         last[trial] = i
     return [d for i, d in enumerate(decisions) if d[2].action != "continue" or last[d[0]] == i]

@@ -108,7 +108,7 @@ class SuggestionService:
     def _start_loop(self, brain: Brain) -> None:
         if self.bus is None:
             return
-        from ..bus import SchedulerLoop, StudyHandler
+        from ..bus import SchedulerLoop, StudyHandler, number_of
 
         old = self._loops.pop(brain.key, None)
         if old is not None:
@@ -122,7 +122,7 @@ class SuggestionService:
 
         def released():
             late = handler.released()
-            brain.dirty.update(number for number, _, _ in late)  # an exploit changed its parameters
+            brain.dirty.update(number_of(a) for a, _, _ in late)  # an exploit changed its parameters
             return late
 
         loop = SchedulerLoop(self.bus, brain.key, handle, consumer="suggestion",

@@ -94,7 +94,8 @@ class _BusChannel:
             # else namespace/name, as the suggestion service reads it.
             experiment = (os.environ.get("KUBETUNE_BUS_KEY")
                           or f"{os.environ['KUBETUNE_NAMESPACE']}/{os.environ['KUBETUNE_EXPERIMENT']}")
-            client = TrialClient(bus, experiment, int(os.environ["KUBETUNE_TRIAL"]))
+            client = TrialClient(bus, experiment, int(os.environ["KUBETUNE_TRIAL"]),
+                                 attempt=int(os.environ.get("KUBETUNE_ATTEMPT") or 1))
             atexit.register(client.close)
         self.client = client
         self.always_wait = os.environ.get("KUBETUNE_REPORT_WAIT") == "1"

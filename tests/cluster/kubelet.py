@@ -120,15 +120,27 @@ class TestKubelet:
         self.lost = True
         self._halt(grace_seconds=0)
 
-    def _halt(self, grace_seconds: float) -> None:
+    def partition(self) -> None:
+        """The node is cut off from the API server only: no more heartbeats or status, but its
+        processes run on (and still reach other services, such as Redis), as on a real node until
+        its kubelet reconnects and kills what the API no longer holds."""
+        self.lost = True
+        self._halt(grace_seconds=None)
+
+    def _halt(self, grace_seconds: float | None) -> None:
+        """Stops the kubelet's threads, and its processes unless grace_seconds is None."""
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
         if getattr(self, "_workers", None):
             self._workers.shutdown(wait=True)
+            self._workers = None
         if getattr(self, "pod_watch", None):
             self.pod_watch.stop()
+            self.pod_watch = None
+        if grace_seconds is None:
+            return
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:

@@ -14,9 +14,14 @@ from kubetune import trial
 
 p = trial.params()
 steps = int(os.environ.get("STEPS", "9"))
+step_seconds = float(os.environ.get("STEP_SECONDS", "0.05"))
+if os.environ.get("KUBETUNE_ATTEMPT", "1") == "1":  # FIRST_ATTEMPT_STEP_SECONDS: a first pod that outlives its retry
+    step_seconds = float(os.environ.get("FIRST_ATTEMPT_STEP_SECONDS", step_seconds))
 for step in range(1, steps + 1):
-    time.sleep(float(os.environ.get("STEP_SECONDS", "0.05")))
+    time.sleep(step_seconds)
     level = 1.0 - (p["x"] - 0.3) ** 2
     score = level * (1 - 0.5 ** step) + (random.random() * 1e-9 if os.environ.get("JITTER") else 0.0)
-    if trial.report(step=step, score=score).stop:
+    decision = trial.report(step=step, score=score)
+    if decision.stop:
+        print(f"stopped at step {step}: {decision.reason}", flush=True)
         break
