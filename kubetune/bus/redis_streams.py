@@ -213,7 +213,9 @@ class RedisBus(MetricBus):
             rows = _rows(entries)
             if rows is not None:  # the usual batch: this runs once per report
                 try:
-                    out += [_tuple(Message, (mid.decode(), report_from_row(row))) for (mid, _), row in zip(entries, rows)]
+                    out += [_tuple(Message, (mid.decode(), _tuple(Report, (trial, seq, None if step is None
+                                                                          else float(step), metrics, attempt))))
+                            for (mid, _), (trial, seq, step, metrics, attempt) in zip(entries, rows)]
                     continue
                 except (TypeError, ValueError):  # a payload of another shape: entry by entry
                     pass

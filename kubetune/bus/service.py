@@ -177,7 +177,8 @@ class SchedulerLoop:
                 self.bus.decide(self.experiment, late)
             return 0
         with _collector_paused():
-            decisions = [(m.report.address, m.report.seq, self._handle(m)) for m in msgs]
+            decisions = [(r.trial if r.attempt == 1 else r.address, r.seq, self._handle(m))
+                         for m in msgs for r in (m.report,)]
             if self.released is not None:
                 decisions += self.released()
             decisions = coalesce(decisions)
