@@ -244,6 +244,21 @@ def test_the_stream_is_bounded(bus):
     assert kept[-1].report.seq == 1000
 
 
+def test_a_stream_left_behind_expires_a_week_after_its_last_report(redis_server):
+    """Pods of a deleted experiment may report after its keys went: what they write must not stay for good."""
+    from kubetune.bus.redis_streams import RedisBus
+
+    bus = RedisBus(url=redis_server.url)
+    try:
+        bus.publish(EXP, reports(0, 2))
+        assert 7 * 24 * 3600 - 60 < bus.r.ttl(bus.stream_key(EXP)) <= 7 * 24 * 3600
+        bus.r.expire(bus.stream_key(EXP), 5)
+        TrialClient(bus, EXP, 0, batch=1).send_report(3, {"acc": 0.3})  # each report renews it
+        assert bus.r.ttl(bus.stream_key(EXP)) > 60
+    finally:
+        bus.close()
+
+
 def test_delete_experiment_removes_every_key(bus):
     bus.publish(EXP, reports(0, 3))
     bus.read(EXP, "c0")

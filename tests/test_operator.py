@@ -396,6 +396,50 @@ def test_a_pod_cut_off_from_the_api_but_still_running_cannot_mix_into_its_retry(
     assert "superseded: the trial runs again as attempt 2" in log, log
 
 
+def test_an_experiment_created_again_under_its_name_never_reads_the_deleted_ones_reports(
+        k8s_cluster, k8s_namespace, make_kubelet, stack, redis_server):
+    """kubectl delete, then apply again (a GitOps re-run): a pod of the deleted experiment that reports
+    once more while it terminates must not land in the new experiment's trial of the same number.
+    Deleting an experiment removes its keys from Redis."""
+    import redis as redis_py
+
+    from kubetune.bus import Report
+    from kubetune.bus.redis_streams import RedisBus
+
+    make_kubelet(gpus=2)
+    spec = curve_spec(budget={"maxTrials": 1, "parallelTrials": 1})
+    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "0.3"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("rerun", k8s_namespace, **spec))
+    assert wait_phase(k8s_cluster, k8s_namespace, "rerun", stack)["phase"] == "Succeeded"
+    pod = get(k8s_cluster, "pods", k8s_namespace)["items"][0]
+    old_key = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}["KUBETUNE_BUS_KEY"]
+    r = redis_py.Redis.from_url(redis_server.url)
+    pattern = f"kubetune:{{{k8s_namespace}/rerun*"
+    assert r.keys(pattern), "the experiment's stream is in Redis while it exists"
+    k8s_cluster.kubectl("delete", "experiment", "rerun", "-n", k8s_namespace)
+    wait_until(lambda: not r.keys(pattern), timeout=30, what="the deleted experiment's keys to go")
+
+    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "1"}]  # still running when the late report comes
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("rerun", k8s_namespace, **spec))
+
+    def reporting():
+        trials = get(k8s_cluster, "trials", k8s_namespace)["items"]
+        return trials and len((trials[0].get("status") or {}).get("intermediate") or []) >= 2
+
+    wait_until(reporting, timeout=60, interval=0.2, what="the new experiment's trial to report")
+    late = RedisBus(url=redis_server.url)
+    late.publish(old_key, [Report(0, 99, 100.0, {"score": 123.0})])  # the old pod's last words
+    late.close()
+    status = wait_phase(k8s_cluster, k8s_namespace, "rerun", stack)
+    assert status["phase"] == "Succeeded", (status, trial_states(k8s_cluster, k8s_namespace))
+    uid = get(k8s_cluster, "experiment", k8s_namespace, "rerun")["metadata"]["uid"]
+    [trial] = get(k8s_cluster, "trials", k8s_namespace)["items"]
+    assert trial["metadata"]["ownerReferences"][0]["uid"] == uid, "the new experiment ran a trial of its own"
+    assert [s for s, _ in trial["status"]["intermediate"]] == list(range(1, 10))
+    assert trial["status"]["value"] < 1.0
+    assert 0 < r.ttl(f"kubetune:{{{old_key}}}:reports")  # what it wrote after its keys went expires
+
+
 def test_a_trial_without_the_sdk_reports_through_its_log(k8s_cluster, k8s_namespace, make_kubelet, stack):
     make_kubelet(gpus=2)
     spec = curve_spec(budget={"maxTrials": 2, "parallelTrials": 2})

@@ -89,7 +89,7 @@ def test_a_trial_whose_pod_ended_no_longer_holds_a_synchronous_pbt_population():
         brain = service.brains.get("team/tune")
         got = []
         member = threading.Thread(target=lambda: got.append(
-            TrialClient(bus, "team/tune", 0, wait=True, wait_s=0.2).send_report(1, {"loss": 0.5})))
+            TrialClient(bus, "team/tune/uid-1", 0, wait=True, wait_s=0.2).send_report(1, {"loss": 0.5})))
         member.start()
         deadline = time.monotonic() + 10
         while not brain.study.scheduler._held and time.monotonic() < deadline:
@@ -122,17 +122,46 @@ def test_a_retried_trial_starts_afresh_without_the_lost_attempts_reports_or_deci
     try:
         service.suggest({**full([], 2), "document": doc})
         study = service.brains.get("team/tune").study
-        assert TrialClient(bus, "team/tune", 0, wait=True).send_report(1, {"loss": 0.1}).action == "continue"
-        bus.publish("team/tune", [Report(1, 1, 1.0, {"loss": 0.9})])  # the pod about to be lost: never reads
+        assert TrialClient(bus, "team/tune/uid-1", 0, wait=True).send_report(1, {"loss": 0.1}).action == "continue"
+        bus.publish("team/tune/uid-1", [Report(1, 1, 1.0, {"loss": 0.9})])  # the pod about to be lost: never reads
         deadline = time.monotonic() + 10
         while not study.trials[1].events and time.monotonic() < deadline:
             time.sleep(0.01)
         assert study.trials[1].events[-1]["event"] == "exploit", "the bottom half exploits the top"
 
         service.flush({"experiment": EXPERIMENT, "trial": 1, "attempt": 2})
-        again = TrialClient(bus, "team/tune", 1, attempt=2, wait=True)
+        again = TrialClient(bus, "team/tune/uid-1", 1, attempt=2, wait=True)
         assert again.send_report(1, {"loss": 0.05}).action == "continue"  # its own answer, not the exploit
         t = study.trials[1]
         assert t.attempt == 2 and t.intermediate == [[1.0, 0.05]] and t.events == []
+    finally:
+        service.close()
+
+
+def test_forgetting_a_deleted_experiment_keeps_the_one_created_again_under_its_name():
+    """The finalizer of the deleted experiment may run after the new one (same name, new uid) started:
+    it removes the old one's bus keys only, and the new one's Study and reports stay."""
+    import copy
+
+    from kubetune.bus import MemoryBus, Report
+
+    bus = MemoryBus()
+    service = SuggestionService(bus=bus)
+    try:
+        service.suggest({**full([], 1), "document": DOCUMENT})
+        again = copy.deepcopy(DOCUMENT)
+        again["metadata"]["uid"] = "uid-2"
+        service.suggest({**full([], 1), "experiment": {**EXPERIMENT, "uid": "uid-2"}, "document": again})
+        brain = service.brains.get("team/tune")
+        assert brain.uid == "uid-2" and brain.bus_key == "team/tune/uid-2"
+        bus.publish("team/tune/uid-1", [Report(0, 1, 1.0, {"loss": 0.5})])  # an old pod, still terminating
+        bus.publish("team/tune/uid-2", [Report(0, 1, 1.0, {"loss": 0.4})])
+        service.forget({"experiment": EXPERIMENT})  # uid-1's finalizer
+        assert service.brains.get("team/tune") is brain
+        assert bus.experiments() == {"team/tune/uid-2"}
+        service._loops["team/tune"][2].catch_up()
+        assert brain.study.trials[0].intermediate == [[1.0, 0.4]]
+        service.forget({"experiment": {**EXPERIMENT, "uid": "uid-2"}})
+        assert service.brains.get("team/tune") is None and bus.experiments() == set()
     finally:
         service.close()

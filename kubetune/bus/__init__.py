@@ -1,6 +1,6 @@
 """The metric bus between trials and the scheduler (in-memory or Redis Streams)."""
 
-from .base import GROUP, Message, MetricBus, Report, address, number_of
+from .base import GROUP, Message, MetricBus, Report, address, experiment_key, number_of
 from .client import TrialClient
 from .memory import MemoryBus
 from .service import SchedulerLoop, StudyHandler
@@ -13,5 +13,5 @@ def redis_bus(**kw):
     return RedisBus(**kw)
 
 
-__all__ = ["GROUP", "Message", "MetricBus", "Report", "address", "number_of", "TrialClient", "MemoryBus", "SchedulerLoop",
+__all__ = ["GROUP", "Message", "MetricBus", "Report", "address", "experiment_key", "number_of", "TrialClient", "MemoryBus", "SchedulerLoop",
            "StudyHandler", "redis_bus"]

@@ -59,6 +59,13 @@ class Report(NamedTuple):
         return cls.decode(dict(zip(fields[::2], fields[1::2])))
 
 
+def experiment_key(namespace: str, name: str, uid: str = "") -> str:
+    """An experiment's name on the bus. With its uid: an experiment deleted and created again under
+    the same name gets new keys, so the new one never reads what the old one's pods (still
+    terminating) report, and their trial numbers, which start at 0 again, cannot mix."""
+    return f"{namespace}/{name}/{uid}" if uid else f"{namespace}/{name}"
+
+
 def address(trial: int, attempt: int = 1) -> int | str:
     """Where a trial's decisions go: its number, and "number.attempt" from its second attempt on. A
     retried trial's earlier pod may still be running (its node cut off, the API object force-deleted):
@@ -108,7 +115,7 @@ def decode_decision(raw) -> tuple[int, Decision]:
 
 
 class MetricBus:
-    """What both implementations provide. Experiment names are the Experiment's name."""
+    """What both implementations provide. `experiment` is the experiment's key (experiment_key())."""
 
     # -- trial side --------------------------------------------------------
     def publish(self, experiment: str, reports: Sequence[Report]) -> None:

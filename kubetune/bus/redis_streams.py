@@ -1,7 +1,9 @@
 """The Redis Streams bus.
 
 Keys of experiment E (the braces keep them in one Redis Cluster slot):
-  kubetune:{E}:reports       stream of reports, capped with MAXLEN ~ (approximate: cheap trims)
+  kubetune:{E}:reports       stream of reports, capped with MAXLEN ~ (approximate: cheap trims),
+                             expiring a week after the last report (deleting an experiment removes
+                             its keys; this bounds what its pods, still terminating, write after)
   kubetune:{E}:d:<address>   list of a trial's decisions (capped, expiring); the address is the
                              trial's number, "<number>.<attempt>" from its second attempt on
 The scheduler loop reads the stream through the consumer group "scheduler".
@@ -45,13 +47,16 @@ def connect(url: str = "redis://127.0.0.1:6379/0", *, password: str | None = Non
 class RedisBus(MetricBus):
     def __init__(self, client: redis.Redis | None = None, *, url: str = "redis://127.0.0.1:6379/0",
                  password: str | None = None, tls: bool | None = None, ca_file: str | None = None,
-                 maxlen: int = 100_000, decisions_kept: int = 64, decision_ttl_s: int = 24 * 3600):
+                 maxlen: int = 100_000, decisions_kept: int = 64, decision_ttl_s: int = 24 * 3600,
+                 stream_ttl_s: int = 7 * 24 * 3600):
         self.r = client or connect(url, password=password, tls=tls, ca_file=ca_file)
         self.maxlen = maxlen
         self.decisions_kept = decisions_kept
         self.decision_ttl_s = decision_ttl_s
+        self.stream_ttl_s = stream_ttl_s
         self._groups: set[str] = set()
         self._prefixes: dict[str, bytes] = {}
+        self._expires: dict[str, bytes] = {}
         self._per_trial: dict[tuple[str, int | str], tuple[bytes, bytes, bytes]] = {}
         self._popped: dict[tuple[str, int | str], list[tuple[int, Decision]]] = {}  # see _taken
 
@@ -107,18 +112,29 @@ class RedisBus(MetricBus):
         return p
 
     def _adds(self, experiment: str, reports: Sequence[Report]) -> list[bytes]:
+        """An XADD per report, then the stream's EXPIRE (none without reports)."""
+        if not reports:
+            return []
         prefix = self._xadd_prefix(experiment)
         out = []
         for r in reports:
             b = r.payload().encode()
             out.append(b"%s$%d\r\n%s\r\n" % (prefix, len(b), b))
+        out.append(self._expire(experiment))
         return out
+
+    def _expire(self, experiment: str) -> bytes:
+        p = self._expires.get(experiment)
+        if p is None:
+            p = self._expires[experiment] = _pack("EXPIRE", self.stream_key(experiment), self.stream_ttl_s)
+        return p
 
     # -- trial side ------------------------------------------------------------
 
     def publish(self, experiment, reports):
         if reports:
-            _raise_first(self._exchange(b"".join(self._adds(experiment, reports)), len(reports)))
+            adds = self._adds(experiment, reports)
+            _raise_first(self._exchange(b"".join(adds), len(adds)))
 
     def take_decisions(self, experiment, trial, block_s=0.0):
         return self.publish_and_wait(experiment, (), trial, block_s)
@@ -324,6 +340,8 @@ class RedisBus(MetricBus):
         self._groups.discard(experiment)
         for k in [k for k in self._per_trial if k[0] == experiment]:
             del self._per_trial[k]
+        self._prefixes.pop(experiment, None)
+        self._expires.pop(experiment, None)
 
     def close(self):
         self.r.close()

@@ -26,11 +26,12 @@ from ..study import prior_from
 from ..engine.metric_lines import parse_metric_line
 from .kube import Kube
 from .pods import trial_pod
-from .records import current_pod, now_iso, parse_time, pod_name, records, trial_resource, to_record
+from .records import current_pod, now_iso, owned_by, owns, parse_time, pod_name, records, trial_resource, to_record
 
 log = logging.getLogger("kubetune.operator")
 
 SPEC_CACHE_SECONDS = 1.0
+FOREIGN_POD_WAIT_S = 60.0  # how long a trial waits for the pod of an earlier trial of its name to go
 STOP_GRACE = 5  # seconds a trial told to stop through the SDK has to exit by itself
 FINAL = {s.value for s in TrialState if s.finished}
 
@@ -79,7 +80,7 @@ class Controller:
             status = exp["status"] = self._start(exp, spec)
         if resources is None:
             resources = self.kube.list_trials(namespace, name)
-        trials, versions = self._records_of((namespace, name), resources)
+        trials, versions = self._records_of((namespace, name), owned_by(resources, exp))
         now = self.clock()
         self._trial_timeouts(exp, spec, trials, now)
         best = best_trial(spec, trials)
@@ -194,12 +195,31 @@ class Controller:
         status = trial.get("status") or {}
         if status.get("state") in FINAL or status.get("stop"):
             return
-        meta = trial["metadata"]
-        exp = self._experiment_spec_source(meta["namespace"], trial["spec"]["experiment"])
+        exp = self._experiment_of(trial)
         if exp is None:
             return
         # No status write here: a trial without a state is Pending, and its pod's name follows from its attempt.
-        self.kube.create_pod(trial_pod(ExperimentSpec.from_document(exp), trial, self.bus))
+        pod = trial_pod(ExperimentSpec.from_document(exp), trial, self.bus)
+        if not self.kube.create_pod(pod):
+            self._replace_foreign_pod(trial, pod)
+
+    def _replace_foreign_pod(self, trial: dict, pod: dict) -> None:
+        """The pod's name is taken. By this trial's own pod (created before a restart): nothing to do. By a
+        pod of the trial of the same name of an experiment deleted and applied again, which the garbage
+        collector has not removed yet: it goes first (as the collector would remove it), then ours."""
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        owners = self.kube.pod_owners(namespace, name)
+        if owners is None:  # gone since
+            self.kube.create_pod(pod)
+        if owners is None or trial["metadata"]["uid"] in owners:
+            return
+        self.kube.delete_pod(namespace, name, grace=0)
+        deadline = time.monotonic() + FOREIGN_POD_WAIT_S
+        while self.kube.pod_owners(namespace, name) is not None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pod {namespace}/{name} of an earlier experiment's trial is still there")
+            time.sleep(0.2)
+        self.kube.create_pod(pod)
 
     def on_pod(self, pod: Mapping[str, Any], deleted: bool = False, cached: Mapping | None = None) -> str | None:
         """A trial pod changed; returns its experiment's name when the trial's state changed.
@@ -210,12 +230,12 @@ class Controller:
         meta = pod["metadata"]
         trial_name = (meta.get("labels") or {}).get("kubetune.io/trial")
         ending = deleted or meta.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
-        if cached is not None and not ending:
+        if cached is not None and not ending and owns(cached, pod):
             trial = dict(cached)
         else:
             trial = self.kube.get_trial(meta["namespace"], trial_name) if trial_name else None
-        if trial is None:
-            return None
+        if trial is None or not owns(trial, pod):
+            return None  # (a pod of an earlier trial of this name: its experiment was deleted and made again)
         status = trial.get("status") or {}
         if status.get("state") in FINAL or current_pod(trial) != meta["name"]:
             return None  # over, or the pod of an earlier attempt
@@ -261,7 +281,7 @@ class Controller:
 
     def _finish_trial(self, trial: dict, exit_code: int | None, error: str) -> None:
         meta, status = trial["metadata"], trial.get("status") or {}
-        exp = self._experiment_spec_source(meta["namespace"], trial["spec"]["experiment"])
+        exp = self._experiment_of(trial)
         if exp is None:
             return
         spec = ExperimentSpec.from_document(exp)
@@ -295,7 +315,7 @@ class Controller:
             got = self.ask_service("/v1/flush", request)
             if not got.get("known"):
                 # A restarted service: send the whole context so it rebuilds the experiment first.
-                trials = records(self.kube.list_trials(meta["namespace"], meta["name"]))
+                trials = records(owned_by(self.kube.list_trials(meta["namespace"], meta["name"]), exp))
                 got = self.ask_service("/v1/flush", {**self._context(exp, spec, trials), **request})
         except OSError as e:
             log.warning("suggestion service unreachable for %s: %s; using what the API holds", record.name, e)
@@ -318,8 +338,8 @@ class Controller:
     def _retry(self, trial: dict, why: str) -> None:
         """A pod lost before it finished (its node went away): run the trial again, as a new attempt."""
         meta = trial["metadata"]
-        exp = self.kube.get_experiment(meta["namespace"], trial["spec"]["experiment"])
-        if exp is None:
+        exp = self.kube.get_experiment(meta["namespace"], trial["spec"]["experiment"])  # fresh: its retry count
+        if exp is None or not owns(exp, trial):
             return
         spec = ExperimentSpec.from_document(exp)
         retries = int((exp.get("status") or {}).get("retries", 0))
@@ -346,6 +366,16 @@ class Controller:
         self.ensure_pod(trial)
 
     # -- plumbing --------------------------------------------------------------
+
+    def _experiment_of(self, trial: dict) -> dict | None:
+        """The trial's experiment, for its spec; None when the trial belongs to one deleted since (an
+        experiment of the same name may exist again: its spec is not this trial's to use)."""
+        key = (trial["metadata"]["namespace"], trial["spec"]["experiment"])
+        exp = self._experiment_spec_source(*key)
+        if exp is not None and not owns(exp, trial):
+            self._spec_cache.pop(key, None)  # cached before the experiment was created again?
+            exp = self._experiment_spec_source(*key)
+        return exp if exp is not None and owns(exp, trial) else None
 
     def _experiment_spec_source(self, namespace: str, name: str) -> dict | None:
         """The experiment for reading its spec (pod template, objective): fetched at most once a

@@ -65,11 +65,11 @@ async def run_experiment(namespace, name, stopped, logger, trials_by_experiment:
 
 
 @kopf.on.delete(G, V, "experiments")
-async def forget_experiment(namespace, name, logger, **_):
+async def forget_experiment(namespace, name, meta, logger, **_):
     """The finalizer: the experiment's keys on the metric bus go with it."""
     try:
         await asyncio.to_thread(controller.ask_service, "/v1/forget",
-                                {"experiment": {"namespace": namespace, "name": name}})
+                                {"experiment": {"namespace": namespace, "name": name, "uid": meta["uid"]}})
     except OSError as e:
         raise kopf.TemporaryError(f"suggestion service unreachable: {e}", delay=2)
     _wake.pop((namespace, name), None)
@@ -77,7 +77,7 @@ async def forget_experiment(namespace, name, logger, **_):
 
 # Trials are handled on raw watch events: kopf keeps no per-trial bookkeeping (no annotations
 # written back on every change), and what this process already did is remembered here.
-_started: set[tuple] = set()   # (namespace, trial, attempt) whose pod was ensured
+_started: set[tuple] = set()   # (trial uid, attempt) whose pod was ensured (a trial made again has a new uid)
 _stopping: set[tuple] = set()  # (namespace, trial) whose pod is being stopped
 _states: dict[tuple, str] = {}  # last state seen, to wake the experiment on a change
 FINAL_STATES = ("Succeeded", "Failed", "Pruned", "Killed")
@@ -89,6 +89,8 @@ async def trial_changed(event, body, namespace, name, **_):
     if event.get("type") == "DELETED":
         _states.pop(key, None)
         _stopping.discard(key)
+        uid = body["metadata"].get("uid")
+        _started.difference_update([k for k in _started if k[0] == uid])
         return
     status = body.get("status") or {}
     state, experiment = status.get("state"), body["spec"]["experiment"]
@@ -102,7 +104,7 @@ async def trial_changed(event, body, namespace, name, **_):
         # Pruned (or the experiment ended): the SDK has been told; stop the pod if it lingers.
         _stopping.add(key)
         asyncio.create_task(_stop_pod(namespace, current_pod(body), stop))
-    attempt = (namespace, name, body["spec"].get("attempt", 1))
+    attempt = (body["metadata"]["uid"], body["spec"].get("attempt", 1))
     if not stop and attempt not in _started:
         _started.add(attempt)
         try:

@@ -85,6 +85,11 @@ class Kube:
     def get_pod(self, namespace: str, name: str) -> Any:
         return _or_none(lambda: self.core.read_namespaced_pod(name, namespace))
 
+    def pod_owners(self, namespace: str, name: str) -> set[str] | None:
+        """The uids of the pod's owners; None when there is no such pod."""
+        pod = self.get_pod(namespace, name)
+        return None if pod is None else {o.uid for o in pod.metadata.owner_references or []}
+
     def delete_pod(self, namespace: str, name: str, grace: int | None = None) -> None:
         try:
             self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from ..api.spec import ExperimentSpec
 from ..api.template import render_command, trial_env
+from ..bus.base import experiment_key
 from .records import EXPERIMENT_LABEL, TRIAL_LABEL, pod_name
 
 
@@ -49,7 +50,7 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
     env += [{"name": "KUBETUNE_NAMESPACE", "value": meta["namespace"]},
             {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
             {"name": "PYTHONUNBUFFERED", "value": "1"}]
-    env += _bus_env(bus, spec)
+    env += _bus_env(bus, spec, meta)
     known = {e["name"] for e in env}
     main["env"] = [e for e in main.get("env", []) if e["name"] not in known] + env
     if raw.get("nodeSelector"):
@@ -74,10 +75,12 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
     }
 
 
-def _bus_env(bus: Mapping[str, Any], spec: ExperimentSpec) -> list[dict]:
+def _bus_env(bus: Mapping[str, Any], spec: ExperimentSpec, trial_meta: Mapping[str, Any]) -> list[dict]:
     if not bus.get("url"):
         return []
+    owner = next((o for o in trial_meta.get("ownerReferences") or [] if o.get("kind") == "Experiment"), {})
     env = [{"name": "KUBETUNE_REDIS_URL", "value": bus["url"]},
+           {"name": "KUBETUNE_BUS_KEY", "value": experiment_key(trial_meta["namespace"], spec.name, owner.get("uid", ""))},
            {"name": "KUBETUNE_OBJECTIVE", "value": spec.objective.metric}]
     if ((spec.early_stopping or {}).get("settings") or {}).get("synch"):
         # Synchronous PBT holds a check's answer: every report must wait for its own (see kubetune.trial).

@@ -84,6 +84,19 @@ def to_record(resource: Mapping[str, Any]) -> Trial:
     )
 
 
+def owns(experiment: Mapping[str, Any], trial: Mapping[str, Any]) -> bool:
+    """Whether the trial is this experiment's, not one's deleted earlier under the same name whose
+    trials the garbage collector has not removed yet (kubectl delete returns before it does)."""
+    uid = experiment["metadata"]["uid"]
+    return any(o.get("uid") == uid for o in trial["metadata"].get("ownerReferences") or [])
+
+
+def owned_by(resources: list[dict], experiment: Mapping[str, Any]) -> list[dict]:
+    """The experiment's trials among those with its name: an earlier experiment's, taken as its
+    own, would end it with their results before it ran a trial of its own."""
+    return [r for r in resources if owns(experiment, r)]
+
+
 def records(resources: list[Mapping[str, Any]]) -> list[Trial]:
     """Trial records in number order (numbers are contiguous unless a create is still in flight)."""
     return sorted((to_record(r) for r in resources), key=lambda t: t.number)

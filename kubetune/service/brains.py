@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 from ..api.spec import ExperimentSpec
 from ..api.trial import Trial, TrialState
+from ..bus.base import experiment_key
 from ..operator.records import trial_name
 from ..study import SearchExhausted, Study
 
@@ -33,6 +34,12 @@ class Brain:
     # Names this Brain to the operator, which then sends only what changed; a new Brain (this service
     # restarted, or the experiment's search spec changed) has a new epoch, and gets the whole list again.
     epoch: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    @property
+    def bus_key(self) -> str:
+        """Its key on the metric bus, as its pods have it (KUBETUNE_BUS_KEY)."""
+        namespace, name = self.key.split("/", 1)
+        return experiment_key(namespace, name, self.uid)
 
     def sync(self, records: list[Trial]) -> None:
         """The API's records win for state; reported values kept here that the API lacks stay."""

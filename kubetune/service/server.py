@@ -7,7 +7,8 @@
     POST /v1/flush        {experiment, document, seed, prior, trials, trial, ended} -> that trial's reported values
                           (ended: its pod is gone; a synchronous PBT population stops waiting for it;
                           attempt: the trial runs again from the start as that attempt, its pod lost)
-    POST /v1/forget       {experiment} -> drops the experiment and its bus keys (the finalizer calls it)
+    POST /v1/forget       {experiment} -> drops the experiment and its bus keys (the finalizer calls it;
+                          with a uid, only that incarnation's: one created again under the name stays)
 
 It also hosts one scheduler loop per experiment: reports from the metric bus
 (Redis) go to the experiment's Study and scheduler, decisions go back to the
@@ -24,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from ..api.trial import Trial
+from ..bus.base import experiment_key
 from .brains import Brain, Brains
 
 log = logging.getLogger("kubetune.suggestion")
@@ -88,14 +90,17 @@ class SuggestionService:
         return reply
 
     def forget(self, req: dict) -> dict:
-        key = _key(req["experiment"])
-        self.brains.drop(key)
-        loop = self._loops.pop(key, None)
-        if loop is not None:
-            loop[0].set()
-            loop[1].join(timeout=5)
+        exp = req["experiment"]
+        key, uid = _key(exp), exp.get("uid", "")
+        brain = self.brains.get(key)
+        if brain is None or not uid or brain.uid == uid:  # (else it was created again since: keep the new one)
+            self.brains.drop(key)
+            loop = self._loops.pop(key, None)
+            if loop is not None:
+                loop[0].set()
+                loop[1].join(timeout=5)
         if self.bus is not None:
-            self.bus.delete_experiment(key)
+            self.bus.delete_experiment(experiment_key(exp["namespace"], exp["name"], uid))
         return {"forgotten": key}
 
     def _brain(self, req: dict) -> Brain:
@@ -111,8 +116,9 @@ class SuggestionService:
         from ..bus import SchedulerLoop, StudyHandler, number_of
 
         old = self._loops.pop(brain.key, None)
-        if old is not None:
+        if old is not None:  # its experiment was created again, or its search changed
             old[0].set()
+            old[1].join(timeout=5)  # a read still in flight would make its keys again after they are forgotten
         handler = StudyHandler(brain.study, brain.metric, brain.lock)
 
         def handle(msg):
@@ -125,7 +131,7 @@ class SuggestionService:
             brain.dirty.update(number_of(a) for a, _, _ in late)  # an exploit changed its parameters
             return late
 
-        loop = SchedulerLoop(self.bus, brain.key, handle, consumer="suggestion",
+        loop = SchedulerLoop(self.bus, brain.bus_key, handle, consumer="suggestion",
                              persist=lambda: self._persist(brain), released=released)
         stop = threading.Event()
         thread = threading.Thread(target=loop.run, args=(stop,), kwargs={"on_error": self._bus_error},
