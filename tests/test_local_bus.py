@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from tests.redis_server import free_port
 from tests.test_local_run import TRIALS, journal, kubetune, wait_for, write_spec
@@ -304,3 +305,20 @@ def test_synchronous_pbt_over_redis_holds_each_check_until_the_population_catche
         assert steps == list(range(1, len(steps) + 1))
     assert command_calls(redis_server, "blpop") > 0  # each report waited for its own answer on the bus
     assert bus_keys(redis_server) == []
+
+
+def test_a_trial_is_judged_with_the_reports_its_client_flushes_as_it_exits(tmp_path, redis_server):
+    """Reports sent every step without a pause are batched by the trial's client, and the last batch
+    is sent as the process exits: its exit must reach the engine only after those reports."""
+    steps = 95  # batches of 32: the last 31 go at the exit
+    spec = curve_spec(tmp_path, "flush-at-exit", trials=8, parallel=4, steps=steps, early_stopping=False)
+    doc = yaml.safe_load(spec.read_text())
+    doc["spec"]["trialTemplate"]["command"] = ["python", str(TRIALS / "quick_exit.py")]
+    spec.write_text(yaml.safe_dump(doc))
+    state = tmp_path / "state"
+    result = kubetune("run", str(spec), "--redis", redis_server.url, "--json", "--state-dir", str(state),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = journal(state, "flush-at-exit")
+    assert len(records) == 8 and all(r["state"] == "Succeeded" for r in records.values())
+    check_curves(records, steps)  # every trial: all its values
