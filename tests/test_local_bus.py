@@ -310,7 +310,7 @@ def test_synchronous_pbt_over_redis_holds_each_check_until_the_population_catche
 def test_a_trial_is_judged_with_the_reports_its_client_flushes_as_it_exits(tmp_path, redis_server):
     """Reports sent every step without a pause are batched by the trial's client, and the last batch
     is sent as the process exits: its exit must reach the engine only after those reports."""
-    steps = 95  # batches of 32: the last 31 go at the exit
+    steps = 95  # the client sends batches of 32 (the first report alone): the last 30 go at the exit
     spec = curve_spec(tmp_path, "flush-at-exit", trials=8, parallel=4, steps=steps, early_stopping=False)
     doc = yaml.safe_load(spec.read_text())
     doc["spec"]["trialTemplate"]["command"] = ["python", str(TRIALS / "quick_exit.py")]

@@ -160,6 +160,7 @@ class BusBridge:
         return late
 
     def _progressed(self) -> None:
+        self._errors = 0  # the bus is back: the next outage is logged again
         if self.wake_wanted:
             self.events.put(Wake())
 
