@@ -322,3 +322,49 @@ def test_a_trial_is_judged_with_the_reports_its_client_flushes_as_it_exits(tmp_p
     records = journal(state, "flush-at-exit")
     assert len(records) == 8 and all(r["state"] == "Succeeded" for r in records.values())
     check_curves(records, steps)  # every trial: all its values
+
+
+def test_the_bridge_applies_a_report_read_twice_once_and_answers_unknown_trials_stop():
+    """In process, over MemoryBus: the bus delivers at least once, so the same report may reach the
+    engine twice; and anyone with the bus can write to the stream."""
+    import queue
+    import types
+
+    from kubetune.api.spec import ExperimentSpec
+    from kubetune.bus import MemoryBus, Report
+    from kubetune.engine import Engine
+    from kubetune.runtime.bridge import BusBridge
+    from kubetune.runtime.runner import _handle
+    from kubetune.study import Study
+
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "Experiment", "metadata": {"name": "twice"}, "spec": {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
+        "budget": {"maxTrials": 1}, "trialTemplate": {"command": ["true"]}}}
+    spec = ExperimentSpec.from_document(doc)
+    study = Study(parameters=spec.parameters, algorithm=spec.algorithm, goal=spec.objective.goal)
+    engine = Engine(spec, study, 0.0)
+    assert len(engine.step(0.0)) == 1
+    engine.on_started(0, 0.0)
+    runtime = types.SimpleNamespace(waiting={}, stop=lambda *a, **k: None)
+    bus, events = MemoryBus(), queue.Queue()
+    bridge = BusBridge(bus, "k", events)
+    bridge.start()
+    try:
+        same = Report(0, 1, 1.0, {"loss": 0.5})
+        bus.publish("k", [same, same, Report(0, 2, 2.0, {"loss": 0.25}), same, Report(7, 1, 1.0, {"loss": 0.1})])
+        target = bridge.last_id()
+        deadline = time.monotonic() + 30
+        while not bridge.handled(target):
+            assert time.monotonic() < deadline, "the loop did not handle the reports"
+            try:
+                _handle(engine, runtime, events.get(timeout=0.1), 0.0)
+            except queue.Empty:
+                pass
+        assert engine.trials[0].intermediate == [[1.0, 0.5], [2.0, 0.25]]
+        assert [d.action for _, d in bus.take_decisions("k", 0)] == ["continue"]  # coalesced: the latest
+        ((_, stray),) = bus.take_decisions("k", 7)
+        assert stray.stop and "no trial number 7" in stray.reason
+    finally:
+        bridge.close()
+    assert bus.experiments() == set()  # its keys deleted

@@ -15,8 +15,8 @@ from typing import Callable
 
 from ..api.spec import ExperimentSpec
 from ..api.trial import Decision, Trial, TrialState
-from ..bus.service import _already_applied
 from ..api.validation import Problem, SpecError
+from ..bus.service import _already_applied
 from ..engine import Completion, Engine, Launch, Stop
 from ..study import Study, prior_from
 from .bridge import RUN_ID_KEY, bus_key, connect_redis
@@ -193,6 +193,10 @@ def _handle(engine: Engine, runtime: LocalRuntime, event, now: float) -> None:
     if isinstance(event, Started):
         engine.on_started(event.number, now)
     elif isinstance(event, Reported):
+        if event.resent_ok and not 0 <= event.number < len(engine.trials):
+            # (Anyone with the bus can write to its stream.)
+            event.reply(Decision("stop", f"no trial number {event.number} in this experiment"))
+            return
         if event.resent_ok and _applied_before(engine, event):
             if event.number in runtime.waiting and event.step == engine.trials[event.number].last_step:
                 decision = _STILL_HELD  # its answer is still held: the new copy waits for it instead
