@@ -1,6 +1,7 @@
 """The `kubetune` command.
 
     kubetune run FILE [--json]      run (or resume) an experiment on this machine
+                 [--redis URL]      trials report over Redis Streams, as in a cluster
     kubetune validate FILE          check a spec; exit 2 listing every problem
     kubetune results NAME|FILE      the trials of a finished or interrupted run
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -22,6 +24,7 @@ from .api.durations import format_duration
 from .api.spec import ExperimentSpec, load_spec
 from .api.trial import Trial, TrialState, best_of
 from .api.validation import Problem, SpecError, suggestion
+from .runtime.bridge import BusUnreachable
 from .runtime.runner import RunResult, run_experiment
 from .runtime.store import DEFAULT_STATE_DIR, StateError, StateStore
 
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.lines():
             print(line, file=sys.stderr)
         return EXIT_USAGE
-    except (StateError, FileNotFoundError, IsADirectoryError) as e:
+    except (StateError, BusUnreachable, FileNotFoundError, IsADirectoryError) as e:
         print(f"kubetune: {e}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -54,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("file", help="an Experiment YAML file")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     run.add_argument("--quiet", action="store_true", help="no live progress")
+    run.add_argument("--redis", metavar="URL",
+                     help="trials report over the Redis Streams metric bus at URL (redis:// or rediss:// for "
+                          "TLS), as pods do, instead of the local socket")
+    run.add_argument("--redis-password-env", metavar="NAME",
+                     help="the environment variable that holds the Redis password (trials get it too)")
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="check an Experiment file; exit 2 listing every problem")
@@ -81,6 +89,13 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     spec = load_spec(args.file)
+    password = None
+    if args.redis_password_env and not args.redis:
+        raise SpecError([Problem("--redis-password-env", "only with --redis")])
+    if args.redis_password_env:
+        password = os.environ.get(args.redis_password_env)
+        if not password:
+            raise SpecError([Problem("--redis-password-env", f"${args.redis_password_env} is not set")])
     out = sys.stderr if args.json else sys.stdout
     progress = None if args.quiet else _Progress(out)
     # Ctrl-C and `kill` stop the run cleanly, at the runner's next pass (see run_experiment).
@@ -89,7 +104,7 @@ def cmd_run(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         result = run_experiment(spec, args.state_dir, base_dir=Path(args.file).resolve().parent,
-                                on_progress=progress, stop=stop)
+                                on_progress=progress, stop=stop, redis_url=args.redis, redis_password=password)
     except KeyboardInterrupt:
         if progress:
             progress.end()

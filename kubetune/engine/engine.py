@@ -121,6 +121,14 @@ class Engine:
         decision = self.study.report(trial, step, float(metrics[metric]), **others)
         return self._follow(trial, step, decision)
 
+    def on_resent(self, number: int) -> Decision:
+        """The answer to a report the trial sent again (the metric bus delivers at least once): what
+        was decided on its latest report, made again if it was held and is held no more."""
+        trial = self.trials[number]
+        if trial.state != TrialState.RUNNING or number in self._stopping:
+            return Decision("stop", self._stopping.get(number, (None, "trial is not running"))[1])
+        return self._follow(trial, trial.last_step, self.study.resent(trial))
+
     def released(self) -> list[tuple[int, Decision]]:
         """Decisions on earlier reports answered `wait` (synchronous PBT) that are made now,
         as (trial number, decision): the driver hands each to the trial still waiting for it.

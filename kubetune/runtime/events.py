@@ -20,6 +20,9 @@ class Reported:
     step: float | None = None
     # Set for reports that wait for an answer (the SDK); stdout lines have none.
     reply: Callable[[Decision], None] | None = field(default=None, repr=False)
+    # From the metric bus, which delivers at least once: the same report may come again (after a
+    # Redis restart, or sent again by a trial still waiting for its answer), and is applied once.
+    resent_ok: bool = False
 
 
 @dataclass
@@ -29,4 +32,9 @@ class Exited:
     error: str = ""  # the last line of output, when it failed
 
 
-Event = Started | Reported | Exited
+@dataclass
+class Wake:
+    """Nothing happened to a trial: the bus loop handled more reports (an exit held back may go now)."""
+
+
+Event = Started | Reported | Exited | Wake

@@ -4,6 +4,12 @@ A trial runs in its own process group (so stopping it stops its children too)
 with its parameters in the command and the environment. A reader thread copies
 its output to the trial's log and picks metric lines out of it; a waiter thread
 reports its exit only after the reader has drained the last line.
+
+Trials report through the SDK over a Unix socket (the default), or over the
+metric bus (`kubetune run --redis`, see bridge.py). A bus trial's exit is held
+back until the bus loop has handled every report published before it: the
+trial's client flushes its last reports as it exits, and the engine must judge
+it with them.
 """
 
 from __future__ import annotations
@@ -24,9 +30,13 @@ from ..api.template import render_command, trial_env
 from ..api.trial import Decision, Trial
 from ..engine.metric_lines import parse_metric_line
 from .channel import ReportChannel
-from .events import Event, Exited, Reported, Started
+from .events import Event, Exited, Reported, Started, Wake
 
 KILL_AFTER = 10.0  # seconds between SIGTERM and SIGKILL
+# Longest a bus trial's exit waits for the loop to reach its last reports (the bus down, say):
+# then it is judged on what arrived.
+EXIT_WAIT = 30.0
+_ENDING = Decision("stop", "the run is ending")
 
 
 @dataclass
@@ -38,13 +48,20 @@ class _Proc:
     kill_at: float | None = None
     uses_sdk: bool = False
     tail: list[str] = field(default_factory=list)
+    # A bus trial that exited: its Exited event, held until the loop reaches `target` (a stream position).
+    exited: Exited | None = None
+    target: tuple[int, int] | None = None
+    give_up_at: float = 0.0
 
 
 class LocalRuntime:
     def __init__(self, spec: ExperimentSpec, trial_dir, base_dir: Path, kill_after: float = KILL_AFTER,
-                 checkpoints: Path | None = None):
+                 checkpoints: Path | None = None, bus=None, bus_key: str | None = None,
+                 bus_env: dict[str, str] | None = None, exit_wait: float = EXIT_WAIT):
         """trial_dir: a function giving each trial its own folder; base_dir: default working directory;
-        checkpoints: the folder every trial's checkpoints go under (PBT copies between them)."""
+        checkpoints: the folder every trial's checkpoints go under (PBT copies between them);
+        bus: a MetricBus the trials report over instead of the local socket (under `bus_key`), with
+        `bus_env` (its URL, password) in their environment."""
         self.spec = spec
         self.checkpoints = checkpoints
         self._trial_dir = trial_dir
@@ -56,7 +73,28 @@ class LocalRuntime:
         self.waiting: dict[int, Callable[[Decision], None]] = {}
         kind = spec.collector_kind
         self._read_stdout = kind in ("auto", "stdout")
-        self.channel = ReportChannel(self._events) if kind in ("auto", "sdk") else None
+        sdk = kind in ("auto", "sdk")
+        # Without a bus, SDK reports come over the Unix socket straight into the event queue, not through
+        # MemoryBus and the bridge: the loop hands reports to its handler one at a time, each a round trip
+        # to the main loop, where the socket's threads post concurrently and one pass answers all that is
+        # queued (bench/local_channel.py: 2-2.5x fewer reports/s with 8 trials), and the socket's answer
+        # is synchronous already, so a trial's exit never overtakes its reports.
+        self.channel = ReportChannel(self._events) if sdk and bus is None else None
+        self.bridge = None
+        self.exit_wait = exit_wait
+        self._bus_env: dict[str, str] = {}
+        if bus is not None:
+            from .bridge import BusBridge
+
+            self._bus_env = {**(bus_env or {}), "KUBETUNE_BUS_KEY": bus_key}
+            if ((spec.early_stopping or {}).get("settings") or {}).get("synch"):
+                # Synchronous PBT holds a check's answer: every report waits for its own (see kubetune.trial).
+                self._bus_env["KUBETUNE_REPORT_WAIT"] = "1"
+            if sdk:
+                self.bridge = BusBridge(bus, bus_key, self._events)
+                self.bridge.start()
+            else:
+                bus.close()
 
     # -- the Runtime interface -------------------------------------------------
 
@@ -77,8 +115,12 @@ class LocalRuntime:
             env["KUBETUNE_CHECKPOINT_DIR"] = str(self.checkpoints)
         if trial.budget is not None:
             env["KUBETUNE_BUDGET"] = f"{trial.budget:g}"  # how far this run should go (HyperBand)
+        env["KUBETUNE_ATTEMPT"] = str(trial.attempt)
         if self.channel is not None:
             env["KUBETUNE_CHANNEL"] = self.channel.path
+        elif self.bridge is not None:
+            env.pop("KUBETUNE_CHANNEL", None)  # (inherited, if kubetune runs inside a trial): the SDK picks the bus
+            env.update(self._bus_env)
         cwd = self.base_dir / (self.spec.trial_template.working_dir or ".")
         log_path = folder / "output.log"
         try:
@@ -111,18 +153,52 @@ class LocalRuntime:
     def events(self, timeout: float) -> list[Event]:
         """Events since the last call; waits up to `timeout` for the first one."""
         self._signals(time.monotonic())
-        out: list[Event] = []
+        got: list[Event] = []
+        out: list[Event] = self._release_exits()  # held exits the loop has caught up with go at once
+        if not out:
+            try:
+                got.append(self._events.get(timeout=timeout))
+            except queue.Empty:
+                pass
         try:
-            out.append(self._events.get(timeout=timeout))
             while True:
-                out.append(self._events.get_nowait())
+                got.append(self._events.get_nowait())
         except queue.Empty:
             pass
-        for ev in out:
+        for ev in got:
+            if isinstance(ev, Wake):
+                continue
             if isinstance(ev, Reported) and ev.reply is not None and ev.number in self._procs:
                 self._procs[ev.number].uses_sdk = True
+            if isinstance(ev, Exited) and self.bridge is not None and ev.number in self._procs:
+                proc = self._procs[ev.number]
+                proc.exited, proc.give_up_at = ev, time.monotonic() + self.exit_wait
+                self.bridge.wake_wanted = True
+                continue  # held until the loop has handled the trial's last reports
+            out.append(ev)
             if isinstance(ev, Exited):
                 self._procs.pop(ev.number, None)
+        # After the reports taken above: a trial's last reports come before its exit.
+        out += self._release_exits()
+        return out
+
+    def _release_exits(self) -> list[Exited]:
+        """The held exits whose trials' reports the bus loop has all handled (or that waited too long)."""
+        held = [p for p in self._procs.values() if p.exited is not None]
+        if not held:
+            return []
+        out = []
+        now = time.monotonic()
+        last = None
+        for proc in held:
+            if proc.target is None:
+                # Every report published before the exit is at or before the stream's newest entry now.
+                last = last or self.bridge.last_id()
+                proc.target = last
+            if proc.target is not None and self.bridge.handled(proc.target) or now >= proc.give_up_at:
+                out.append(proc.exited)
+                del self._procs[proc.trial.number]
+        self.bridge.wake_wanted = any(p.exited is not None for p in self._procs.values())
         return out
 
     @property
@@ -134,9 +210,13 @@ class LocalRuntime:
             self.stop(number)
         deadline = time.monotonic() + self.kill_after + 2
         while self._procs and time.monotonic() < deadline:
-            self.events(0.1)
+            for ev in self.events(0.1):
+                if isinstance(ev, Reported) and ev.reply is not None:
+                    ev.reply(_ENDING)  # a bus loop waits for the answer (and a trial's exit for the loop)
         if self.channel is not None:
             self.channel.close()
+        if self.bridge is not None:
+            self.bridge.close()
 
     # -- threads -------------------------------------------------------------
 

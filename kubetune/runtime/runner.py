@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..api.spec import ExperimentSpec
-from ..api.trial import Trial, TrialState
+from ..api.trial import Decision, Trial, TrialState
 from ..api.validation import Problem, SpecError
+from ..bus.service import _already_applied
 from ..engine import Completion, Engine, Launch, Stop
 from ..study import Study, prior_from
+from .bridge import RUN_ID_KEY, bus_key, connect_redis
 from .events import Exited, Reported, Started
 from .local import LocalRuntime
 from .store import StateStore
@@ -81,21 +83,47 @@ def run_experiment(
     on_progress: Callable[[Engine, float], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     stop: threading.Event | None = None,
+    redis_url: str | None = None,
+    redis_password: str | None = None,
 ) -> RunResult:
     """Runs the experiment to its end. `stop` (set from a signal handler, as the CLI does) ends it
     like Ctrl-C, but between two passes of the loop: a KeyboardInterrupt raised at an arbitrary
     point can land between taking a trial's exit event off the queue and recording it, and the
-    drain then waits for a process that is already gone."""
+    drain then waits for a process that is already gone.
+
+    redis_url: trials report over Redis Streams there, as pods do (see bridge.py); BusUnreachable
+    is raised, before anything is started or written, if it does not answer."""
+    bus = connect_redis(redis_url, redis_password) if redis_url else None
     # Absolute: trials run in another working directory and get these paths.
     state_root = Path(state_root).resolve()
     store = StateStore(state_root, spec.name)
-    study, state = open_study(spec, store, state_root)
+    try:
+        study, state = open_study(spec, store, state_root)
+    except BaseException:
+        if bus is not None:
+            bus.close()
+        raise
     if state.get("completion") and not _can_continue(state, study, spec):
         store.close()
+        if bus is not None:
+            bus.close()
         return RunResult(spec, study.trials, Completion(**state["completion"]), state["elapsed"], store.dir)
     start = clock()
     engine = Engine(spec, study, start, elapsed_before=state.get("elapsed", 0.0))
-    runtime = LocalRuntime(spec, store.trial_dir, Path(base_dir), checkpoints=store.dir / "checkpoints")
+    bus_kw = {}
+    if bus is not None:
+        had_key = bool(state.get(RUN_ID_KEY))
+        key = bus_key(spec.name, state)
+        if not had_key:
+            store.save_state(state)
+        # What an earlier run of this experiment left on its stream (one that crashed: a run deletes its
+        # keys as it ends) answers trials that are run again from scratch now: dropped.
+        bus.delete_experiment(key)
+        env = {"KUBETUNE_REDIS_URL": redis_url}
+        if redis_password:
+            env["KUBETUNE_REDIS_PASSWORD"] = redis_password
+        bus_kw = {"bus": bus, "bus_key": key, "bus_env": env}
+    runtime = LocalRuntime(spec, store.trial_dir, Path(base_dir), checkpoints=store.dir / "checkpoints", **bus_kw)
     try:
         _loop(engine, runtime, store, clock, on_progress, stop)
     except KeyboardInterrupt:
@@ -165,7 +193,19 @@ def _handle(engine: Engine, runtime: LocalRuntime, event, now: float) -> None:
     if isinstance(event, Started):
         engine.on_started(event.number, now)
     elif isinstance(event, Reported):
-        decision = engine.on_report(event.number, event.metrics, event.step)
+        if event.resent_ok and not 0 <= event.number < len(engine.trials):
+            # (Anyone with the bus can write to its stream.)
+            event.reply(Decision("stop", f"no trial number {event.number} in this experiment"))
+            return
+        if event.resent_ok and _applied_before(engine, event):
+            if event.number in runtime.waiting and event.step == engine.trials[event.number].last_step:
+                decision = _STILL_HELD  # its answer is still held: the new copy waits for it instead
+            elif event.step == engine.trials[event.number].last_step:
+                decision = engine.on_resent(event.number)
+            else:
+                decision = engine.on_report(event.number, {}, event.step)  # (an older report: continue)
+        else:
+            decision = engine.on_report(event.number, event.metrics, event.step)
         if decision.wait:
             # Synchronous PBT: the trial's report() blocks until _release() answers it (a stdout
             # trial cannot wait, and just goes on).
@@ -178,6 +218,20 @@ def _handle(engine: Engine, runtime: LocalRuntime, event, now: float) -> None:
     elif isinstance(event, Exited):
         runtime.waiting.pop(event.number, None)
         engine.on_exit(event.number, event.exit_code, now, event.error)
+
+
+_STILL_HELD = Decision("wait", "still held")
+
+
+def _applied_before(engine: Engine, event: Reported) -> bool:
+    """Whether this report of the objective is one the trial's history already holds (at a step not
+    after its latest: the usual new report costs one comparison). A report without a step cannot
+    be told from a new one, and is applied."""
+    trial = engine.trials[event.number]
+    value = event.metrics.get(engine.objective.metric)
+    if event.step is None or value is None or trial.state != TrialState.RUNNING:
+        return False
+    return _already_applied(trial, event.step, float(value))
 
 
 def _release(engine: Engine, runtime: LocalRuntime) -> None:

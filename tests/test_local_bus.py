@@ -1,0 +1,370 @@
+"""`kubetune run --redis URL`: trial processes report over Redis Streams, as pods do.
+
+Real redis-server (tests/redis_server.py), real trial processes, real files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.redis_server import free_port
+from tests.test_local_run import TRIALS, journal, kubetune, wait_for, write_spec
+
+
+def redis_client(server):
+    import redis
+
+    return redis.Redis(host="127.0.0.1", port=server.port, password=server.password, socket_timeout=5)
+
+
+def bus_keys(server) -> list[str]:
+    with redis_client(server) as r:
+        return sorted(k.decode() for k in r.scan_iter(match="kubetune:{local/*", count=1000))
+
+
+def command_calls(server, command: str) -> int:
+    with redis_client(server) as r:
+        return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def curve(x: float, step: int) -> float:
+    """What tests/trials/curve.py reports at a step."""
+    return (1.0 - (x - 0.3) ** 2) * (1 - 0.5 ** step)
+
+
+def curve_spec(tmp_path, name, *, trials=9, parallel=3, steps=9, step_seconds=0.05, early_stopping=True):
+    spec = {
+        "objective": {"metric": "score", "goal": "maximize"},
+        "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
+        "algorithm": {"name": "sobol", "settings": {"seed": 3}},
+        "budget": {"maxTrials": trials, "parallelTrials": parallel},
+        "trialTemplate": {"command": ["python", str(TRIALS / "curve.py")],
+                          "env": [{"name": "STEPS", "value": str(steps)},
+                                  {"name": "STEP_SECONDS", "value": str(step_seconds)}]},
+    }
+    if early_stopping:
+        spec["earlyStopping"] = {"name": "asha", "settings": {"resource": "step", "min": 1, "max": steps,
+                                                             "reductionFactor": 3}}
+    return write_spec(tmp_path / f"{name}.yaml", name, spec)
+
+
+def check_curves(records: dict, steps: int) -> None:
+    """Every value a trial reported reached the engine once, in order, and its result is its best."""
+    for r in records.values():
+        seen = r["intermediate"]
+        assert [s for s, _ in seen] == list(range(1, len(seen) + 1)), r["name"]
+        assert all(v == curve(r["params"]["x"], s) for s, v in seen), r["name"]
+        assert r["value"] == max(v for _, v in seen)
+        if r["state"] == "Succeeded":
+            assert len(seen) == steps
+
+
+def test_asha_over_redis_prunes_through_the_bus_and_cleans_up(tmp_path, redis_server):
+    spec = curve_spec(tmp_path, "asha-bus")
+    state = tmp_path / "state"
+    result = kubetune("run", str(spec), "--redis", redis_server.url, "--json", "--state-dir", str(state),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "Succeeded" and summary["trials"] == 9
+    records = journal(state, "asha-bus")
+    pruned = [r for r in records.values() if r["state"] == "Pruned"]
+    assert pruned and summary["counts"]["Succeeded"] + len(pruned) == 9
+    # Each pruned trial heard its stop (over Redis: there is no other channel) and left by itself, before
+    # its last step, rather than being killed after the grace the runner gives an SDK trial.
+    assert all("exited with code" not in r["reason"] for r in pruned)
+    assert all(len(r["intermediate"]) < 9 for r in pruned)
+    check_curves(records, 9)
+    # Reports went in as stream entries, read by the consumer group; decisions came back as list pushes.
+    assert command_calls(redis_server, "xadd") >= sum(len(r["intermediate"]) for r in records.values())
+    assert command_calls(redis_server, "xreadgroup") > 0 and command_calls(redis_server, "rpush") > 0
+    # The run deleted its keys; the stream's name is kept in the experiment's state for a resume.
+    assert bus_keys(redis_server) == []
+    run_id = json.loads((state / "asha-bus" / "state.json").read_text())["bus_run"]
+    assert run_id
+
+
+def test_trials_get_the_bus_in_their_environment_and_not_the_socket(tmp_path, redis_server):
+    spec = write_spec(tmp_path / "exp.yaml", "env-bus", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "lr", "type": "double", "min": 0.001, "max": 0.1}],
+        "budget": {"maxTrials": 1},
+        "trialTemplate": {"command": ["python", str(TRIALS / "echo_args.py")]},
+    })
+    state = tmp_path / "state"
+    env = {"KUBETUNE_CHANNEL": "/nonexistent/inherited.sock"}
+    result = kubetune("run", str(spec), "--redis", redis_server.url, "--state-dir", str(state), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    (record,) = journal(state, "env-bus").values()
+    seen = json.loads((state / "env-bus" / "trials" / record["name"] / "seen.json").read_text())["env"]
+    run_id = json.loads((state / "env-bus" / "state.json").read_text())["bus_run"]
+    assert seen["KUBETUNE_REDIS_URL"] == redis_server.url
+    assert seen["KUBETUNE_BUS_KEY"] == f"local/env-bus/{run_id}"
+    assert seen["KUBETUNE_ATTEMPT"] == "1" and seen["KUBETUNE_TRIAL"] == "0"
+    assert "KUBETUNE_CHANNEL" not in seen and "KUBETUNE_REDIS_PASSWORD" not in seen
+    assert record["value"] == record["params"]["lr"]  # its stdout metric line still counts
+
+
+def test_password_from_the_environment_reaches_redis_and_the_trials(tmp_path, redis_server_factory):
+    server = redis_server_factory(password="s3cret")
+    spec = curve_spec(tmp_path, "pw-bus", trials=2, parallel=2, steps=3, early_stopping=False)
+    state = tmp_path / "state"
+    result = kubetune("run", str(spec), "--redis", server.url, "--redis-password-env", "KT_PW", "--json",
+                      "--state-dir", str(state), cwd=tmp_path, env={"KT_PW": "s3cret"})
+    assert result.returncode == 0, result.stderr
+    records = journal(state, "pw-bus")
+    assert all(r["state"] == "Succeeded" for r in records.values())
+    check_curves(records, 3)
+    assert command_calls(server, "xadd") >= 6
+    # Without the password the server refuses: a clear error, before anything starts.
+    refused = kubetune("run", str(spec), "--redis", server.url, "--state-dir", str(tmp_path / "other"),
+                       cwd=tmp_path)
+    assert refused.returncode == 2 and "cannot reach Redis at" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("keep_data", [True, False], ids=["aof-kept", "redis-data-lost"])
+def test_a_redis_restart_mid_run_loses_no_finished_result(tmp_path, redis_server, keep_data):
+    steps = 30
+    spec = curve_spec(tmp_path, "outage", trials=6, parallel=2, steps=steps, step_seconds=0.1,
+                      early_stopping=False)
+    state = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "run", str(spec), "--redis", redis_server.url,
+                             "--json", "--state-dir", str(state)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        def mid_run():
+            # Two trials finished, and each running trial well inside its curve (the newest entries on the
+            # stream say how far), so that none ends while Redis is down: a trial that exits then takes
+            # the reports it could not send with it (its value would come from fewer steps).
+            records = journal(state, "outage")
+            if sum(r["state"] == "Succeeded" for r in records.values()) < 2:
+                return False
+            running = {n for n, r in records.items() if r["state"] == "Running"}
+            if not running:
+                return False
+            with redis_client(redis_server) as r:
+                keys = [k for k in r.scan_iter(match="kubetune:{local/outage/*}:reports")]
+                if not keys:
+                    return False
+                last = {}
+                for _, fields in r.xrevrange(keys[0], count=50):
+                    trial, _, step, _ = json.loads(fields[b"r"])
+                    last.setdefault(trial, step)
+            return all(n in last and 3 <= last[n] <= steps - 12 for n in running)
+        wait_for(mid_run, 120, "two finished trials and the running ones mid-curve")
+        finished_before = {n: r for n, r in journal(state, "outage").items() if r["state"] == "Succeeded"}
+        redis_server.restart(keep_data=keep_data)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["counts"]["Succeeded"] == 6
+    final = journal(state, "outage")
+    for n, before in finished_before.items():
+        assert final[n] == before  # kept as it was
+    if keep_data:
+        # Reports sent while Redis was down were buffered by the trials and sent once it was back; those
+        # read again after the restart (unacknowledged) were applied once.
+        check_curves(final, steps)
+    else:
+        # Reports that were on the stream when its data went are lost (intermediate values, never a result):
+        # what arrived is in order, and each trial ran to its end.
+        for r in final.values():
+            got = [s for s, _ in r["intermediate"]]
+            assert got == sorted(set(got)) and got[-1] == steps
+            assert r["value"] == curve(r["params"]["x"], steps)
+    assert bus_keys(redis_server) == []
+
+
+def test_interrupt_then_resume_over_redis_does_not_rerun_finished_trials(tmp_path, redis_server):
+    count_file = tmp_path / "finished.txt"
+    spec = write_spec(tmp_path / "exp.yaml", "resumable-bus", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "x", "type": "double", "min": -3, "max": 3}],
+        "algorithm": {"name": "sobol", "settings": {"seed": 5}},
+        "budget": {"maxTrials": 8, "parallelTrials": 2},
+        "trialTemplate": {"command": ["python", str(TRIALS / "counted.py")]},
+    })
+    gate = tmp_path / "go"
+    env = {"COUNT_FILE": str(count_file), "STEP_SECONDS": "0.3", "HOLD_FROM": "4", "HOLD_FILE": str(gate)}
+    state = tmp_path / "state"
+    args = [sys.executable, "-m", "kubetune.cli", "run", str(spec), "--redis", redis_server.url,
+            "--state-dir", str(state)]
+    proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        def some_done_some_running():
+            records = journal(state, "resumable-bus").values()
+            quiet = count_file.exists() and time.time() - count_file.stat().st_mtime > 0.25
+            return (sum(r["state"] == "Succeeded" for r in records) >= 3 and quiet
+                    and any(r["state"] == "Running" for r in records))
+        wait_for(some_done_some_running, 120, "three finished trials and one mid-run")
+        run_id = json.loads((state / "resumable-bus" / "state.json").read_text())["bus_run"]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    first = journal(state, "resumable-bus")
+    finished_before = {n for n, r in first.items() if r["state"] == "Succeeded"}
+    interrupted = {n for n, r in first.items() if r["state"] == "Killed"}
+    assert interrupted and all(first[n]["reason"] == "interrupted" for n in interrupted)
+    assert bus_keys(redis_server) == []  # an interrupted run deletes its keys too
+
+    gate.touch()
+    second = kubetune("run", str(spec), "--redis", redis_server.url, "--state-dir", str(state), "--json",
+                      cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["counts"]["Succeeded"] == 8
+    runs = sorted(int(n) for n in count_file.read_text().split())
+    assert runs == list(range(8)), f"each trial must finish exactly once, got {runs}"
+    final = journal(state, "resumable-bus")
+    assert all(final[n]["attempt"] == 1 for n in finished_before)
+    assert all(final[n]["attempt"] == 2 for n in interrupted)
+    assert all(final[n]["params"] == first[n]["params"] for n in first)
+    for r in final.values():  # every report of the run that finished reached the engine
+        assert [s for s, _ in r["intermediate"]] == [1, 2, 3]
+    # The resumed run read the same stream.
+    assert json.loads((state / "resumable-bus" / "state.json").read_text())["bus_run"] == run_id
+    assert bus_keys(redis_server) == []
+
+
+def test_a_state_from_before_the_bus_gets_a_run_id_on_resume(tmp_path, redis_server):
+    spec = curve_spec(tmp_path, "old-state", trials=2, parallel=1, steps=2, early_stopping=False)
+    state = tmp_path / "state"
+    first = kubetune("run", str(spec), "--state-dir", str(state), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    path = state / "old-state" / "state.json"
+    saved = json.loads(path.read_text())
+    saved.pop("bus_run", None)  # as written before local runs had a stream
+    path.write_text(json.dumps(saved))
+    doc = spec.read_text().replace("maxTrials: 2", "maxTrials: 3")  # more budget: the run goes on
+    spec.write_text(doc)
+    again = kubetune("run", str(spec), "--redis", redis_server.url, "--state-dir", str(state), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(path.read_text())["bus_run"]
+    assert len(journal(state, "old-state")) == 3
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:{port}/0", "redis://:hunter2@127.0.0.1:{port}/0",
+                                 "notascheme://nowhere"])
+def test_an_unreachable_redis_is_a_clear_error_before_any_trial_starts(tmp_path, url):
+    url = url.format(port=free_port())
+    spec = curve_spec(tmp_path, "unreachable", trials=1, parallel=1, steps=1, early_stopping=False)
+    state = tmp_path / "state"
+    started = time.monotonic()
+    result = kubetune("run", str(spec), "--redis", url, "--state-dir", str(state), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "cannot reach Redis at" in result.stderr and "Traceback" not in result.stderr
+    assert url.replace("hunter2", "***") in result.stderr and "hunter2" not in result.stderr
+    assert not state.exists()  # nothing started, nothing written
+    assert time.monotonic() - started < 30
+
+
+def test_synchronous_pbt_over_redis_holds_each_check_until_the_population_catches_up(tmp_path, redis_server):
+    """As test_local_run's synchronous PBT test, over the bus: a held answer goes back to the loop as
+    `wait`, and the decision made later reaches the waiting trial through its decision queue."""
+    spec = {
+        "objective": {"metric": "score", "goal": "maximize", "strategy": "latest"},
+        "parameters": [{"name": "lr", "type": "double", "min": 0.001, "max": 0.3, "log": True}],
+        "algorithm": {"name": "random", "settings": {"seed": 1}},
+        "earlyStopping": {"name": "pbt", "settings": {"perturbationInterval": 3, "quantileFraction": 0.25,
+                                                      "synch": True}},
+        "budget": {"maxTrials": 5, "parallelTrials": 5, "maxFailedTrials": 1},
+        "trialTemplate": {"command": ["python", str(TRIALS / "pbt_toy.py")],
+                          "env": [{"name": "STEPS", "value": "12"}, {"name": "STEP_SECONDS", "value": "0.01"},
+                                  {"name": "START_DELAY", "value": "0.4"}, {"name": "CRASH_TRIAL", "value": "2"},
+                                  {"name": "CRASH_STEP", "value": "5"}]},
+    }
+    path = write_spec(tmp_path / "synch.yaml", "synch-bus", spec)
+    started = time.monotonic()
+    result = kubetune("run", str(path), "--redis", redis_server.url, "--json", "--state-dir", str(tmp_path / "state"),
+                      cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 60  # no trial waited out a hold for the member that died
+    records = journal(tmp_path / "state", "synch-bus")
+    assert [r["state"] for r in records.values()].count("Failed") == 1 and records[2]["state"] == "Failed"
+    exploits = [e for r in records.values() for e in r["events"] if e["event"] == "exploit"]
+    assert exploits and all(e["donor_step"] == e["step"] for e in exploits)
+    assert all(e["step"] in (3, 6, 9, 12) for e in exploits)
+    for r in records.values():
+        for e in (e for e in r["events"] if e["event"] == "exploit"):
+            w = dict(map(tuple, records[e["donor"]]["intermediate"]))[e["donor_step"]]
+            assert r["intermediate"][e["report"]][1] == pytest.approx(w + e["new"]["lr"] * (1 - w), abs=1e-12)
+        steps = [s for s, _ in r["intermediate"]]
+        assert steps == list(range(1, len(steps) + 1))
+    assert command_calls(redis_server, "blpop") > 0  # each report waited for its own answer on the bus
+    assert bus_keys(redis_server) == []
+
+
+def test_a_trial_is_judged_with_the_reports_its_client_flushes_as_it_exits(tmp_path, redis_server):
+    """Reports sent every step without a pause are batched by the trial's client, and the last batch
+    is sent as the process exits: its exit must reach the engine only after those reports."""
+    steps = 95  # the client sends batches of 32 (the first report alone): the last 30 go at the exit
+    spec = curve_spec(tmp_path, "flush-at-exit", trials=8, parallel=4, steps=steps, early_stopping=False)
+    doc = yaml.safe_load(spec.read_text())
+    doc["spec"]["trialTemplate"]["command"] = ["python", str(TRIALS / "quick_exit.py")]
+    spec.write_text(yaml.safe_dump(doc))
+    state = tmp_path / "state"
+    result = kubetune("run", str(spec), "--redis", redis_server.url, "--json", "--state-dir", str(state),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = journal(state, "flush-at-exit")
+    assert len(records) == 8 and all(r["state"] == "Succeeded" for r in records.values())
+    check_curves(records, steps)  # every trial: all its values
+
+
+def test_the_bridge_applies_a_report_read_twice_once_and_answers_unknown_trials_stop():
+    """In process, over MemoryBus: the bus delivers at least once, so the same report may reach the
+    engine twice; and anyone with the bus can write to the stream."""
+    import queue
+    import types
+
+    from kubetune.api.spec import ExperimentSpec
+    from kubetune.bus import MemoryBus, Report
+    from kubetune.engine import Engine
+    from kubetune.runtime.bridge import BusBridge
+    from kubetune.runtime.runner import _handle
+    from kubetune.study import Study
+
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "Experiment", "metadata": {"name": "twice"}, "spec": {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
+        "budget": {"maxTrials": 1}, "trialTemplate": {"command": ["true"]}}}
+    spec = ExperimentSpec.from_document(doc)
+    study = Study(parameters=spec.parameters, algorithm=spec.algorithm, goal=spec.objective.goal)
+    engine = Engine(spec, study, 0.0)
+    assert len(engine.step(0.0)) == 1
+    engine.on_started(0, 0.0)
+    runtime = types.SimpleNamespace(waiting={}, stop=lambda *a, **k: None)
+    bus, events = MemoryBus(), queue.Queue()
+    bridge = BusBridge(bus, "k", events)
+    bridge.start()
+    try:
+        same = Report(0, 1, 1.0, {"loss": 0.5})
+        bus.publish("k", [same, same, Report(0, 2, 2.0, {"loss": 0.25}), same, Report(7, 1, 1.0, {"loss": 0.1})])
+        target = bridge.last_id()
+        deadline = time.monotonic() + 30
+        while not bridge.handled(target):
+            assert time.monotonic() < deadline, "the loop did not handle the reports"
+            try:
+                _handle(engine, runtime, events.get(timeout=0.1), 0.0)
+            except queue.Empty:
+                pass
+        assert engine.trials[0].intermediate == [[1.0, 0.5], [2.0, 0.25]]
+        assert [d.action for _, d in bus.take_decisions("k", 0)] == ["continue"]  # coalesced: the latest
+        ((_, stray),) = bus.take_decisions("k", 7)
+        assert stray.stop and "no trial number 7" in stray.reason
+    finally:
+        bridge.close()
+    assert bus.experiments() == set()  # its keys deleted
