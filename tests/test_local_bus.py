@@ -324,17 +324,10 @@ def test_a_trial_is_judged_with_the_reports_its_client_flushes_as_it_exits(tmp_p
     check_curves(records, steps)  # every trial: all its values
 
 
-def test_the_bridge_applies_a_report_read_twice_once_and_answers_unknown_trials_stop():
-    """In process, over MemoryBus: the bus delivers at least once, so the same report may reach the
-    engine twice; and anyone with the bus can write to the stream."""
-    import queue
-    import types
-
+def one_trial_engine():
+    """An engine with trial 0 started, as the runner's main loop holds it."""
     from kubetune.api.spec import ExperimentSpec
-    from kubetune.bus import MemoryBus, Report
     from kubetune.engine import Engine
-    from kubetune.runtime.bridge import BusBridge
-    from kubetune.runtime.runner import _handle
     from kubetune.study import Study
 
     doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "Experiment", "metadata": {"name": "twice"}, "spec": {
@@ -346,13 +339,23 @@ def test_the_bridge_applies_a_report_read_twice_once_and_answers_unknown_trials_
     engine = Engine(spec, study, 0.0)
     assert len(engine.step(0.0)) == 1
     engine.on_started(0, 0.0)
+    return engine
+
+
+def bridged(engine, bus, sent):
+    """Runs a bridge over `bus` until the reports `sent` are handled, the main loop's part done here."""
+    import queue
+    import types
+
+    from kubetune.runtime.bridge import BusBridge
+    from kubetune.runtime.runner import _handle
+
     runtime = types.SimpleNamespace(waiting={}, stop=lambda *a, **k: None)
-    bus, events = MemoryBus(), queue.Queue()
+    events = queue.Queue()
     bridge = BusBridge(bus, "k", events)
     bridge.start()
     try:
-        same = Report(0, 1, 1.0, {"loss": 0.5})
-        bus.publish("k", [same, same, Report(0, 2, 2.0, {"loss": 0.25}), same, Report(7, 1, 1.0, {"loss": 0.1})])
+        bus.publish("k", sent)
         target = bridge.last_id()
         deadline = time.monotonic() + 30
         while not bridge.handled(target):
@@ -361,10 +364,35 @@ def test_the_bridge_applies_a_report_read_twice_once_and_answers_unknown_trials_
                 _handle(engine, runtime, events.get(timeout=0.1), 0.0)
             except queue.Empty:
                 pass
-        assert engine.trials[0].intermediate == [[1.0, 0.5], [2.0, 0.25]]
-        assert [d.action for _, d in bus.take_decisions("k", 0)] == ["continue"]  # coalesced: the latest
-        ((_, stray),) = bus.take_decisions("k", 7)
-        assert stray.stop and "no trial number 7" in stray.reason
     finally:
-        bridge.close()
-    assert bus.experiments() == set()  # its keys deleted
+        bridge.close(delete=False)
+
+
+def test_the_bridge_applies_a_report_read_twice_once_and_answers_unknown_trials_stop():
+    """In process, over MemoryBus: the bus delivers at least once, so the same report may reach the
+    engine twice; and anyone with the bus can write to the stream."""
+    from kubetune.bus import MemoryBus, Report
+
+    engine, bus = one_trial_engine(), MemoryBus()
+    same = Report(0, 1, 1.0, {"loss": 0.5})
+    bridged(engine, bus, [same, same, Report(0, 2, 2.0, {"loss": 0.25}), same, Report(7, 1, 1.0, {"loss": 0.1})])
+    assert engine.trials[0].intermediate == [[1.0, 0.5], [2.0, 0.25]]
+    assert [d.action for _, d in bus.take_decisions("k", 0)] == ["continue"]  # coalesced: the latest
+    ((_, stray),) = bus.take_decisions("k", 7)
+    assert stray.stop and "no trial number 7" in stray.reason
+
+
+def test_a_process_of_an_earlier_run_still_reporting_is_stopped_and_not_applied():
+    """`kubetune run` killed with kill -9 leaves its trial processes running (each in its own session).
+    Resumed, the run starts those trials again as new attempts; the old processes' reports must not
+    enter the new attempts' histories, and they hear that they were superseded."""
+    from kubetune.bus import MemoryBus, Report
+
+    engine, bus = one_trial_engine(), MemoryBus()
+    engine.trials[0].attempt = 2  # what the resumed run's start_over made of it
+    bridged(engine, bus, [Report(0, 1, 1.0, {"loss": 0.5}, 2), Report(0, 7, 7.0, {"loss": 0.01}, 1),
+                          Report(0, 2, 2.0, {"loss": 0.25}, 2)])
+    assert engine.trials[0].intermediate == [[1.0, 0.5], [2.0, 0.25]]
+    ((_, old),) = bus.take_decisions("k", 0)
+    assert old.stop and old.reason == "superseded: the trial runs again as attempt 2"
+    assert [d.action for _, d in bus.take_decisions("k", "0.2")] == ["continue"]

@@ -59,7 +59,7 @@ class StudyHandler:
             if step is None:
                 step = (trial.last_step or 0) + 1
             inter = trial.intermediate
-            if inter and step <= inter[-1][0] and _already_applied(trial, step, value):
+            if inter and step <= inter[-1][0] and already_applied(trial, step, value):
                 # Sent again: a held report is still held here. Otherwise the trial is still waiting
                 # for an answer this process does not have (a restart lost it): the Study makes it
                 # again, or hands out the one recorded. An older report: the trial has gone on since.
@@ -87,7 +87,7 @@ class StudyHandler:
             return out
 
 
-def _already_applied(trial: Trial, step: float, value: float) -> bool:
+def already_applied(trial: Trial, step: float, value: float) -> bool:
     if not trial.intermediate or step > trial.intermediate[-1][0]:
         return False  # the usual case: a new, later step
     # The whole history, not the last few: a batch read again after a failed save or acknowledgement

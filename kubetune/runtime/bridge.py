@@ -114,7 +114,7 @@ class BusBridge:
         self.bus, self.key, self.events = bus, key, events
         self.answer_timeout = answer_timeout
         self._cond = threading.Condition()
-        self._late: list[tuple[int, int, Decision]] = []  # held decisions made now, for the loop to write
+        self._late: list[tuple[int | str, int, Decision]] = []  # held decisions made now, for the loop to write
         self._closed = False
         self._stop = threading.Event()
         self.wake_wanted = False  # set by the runtime while it holds an exit back for the loop
@@ -139,9 +139,9 @@ class BusBridge:
                     self._cond.notify_all()
                 elif not decision.wait:
                     # The decision on a report answered `wait` earlier: the trial's client is holding for it.
-                    self._late.append((r.trial, r.seq, decision))
+                    self._late.append((r.address, r.seq, decision))
 
-        self.events.put(Reported(r.trial, dict(r.metrics), r.step, reply, resent_ok=True))
+        self.events.put(Reported(r.trial, dict(r.metrics), r.step, reply, resent_ok=True, attempt=r.attempt))
         deadline = time.monotonic() + self.answer_timeout
         with self._cond:
             while req.answer is None and not self._closed:
@@ -154,7 +154,7 @@ class BusBridge:
                 return CONTINUE
             return req.answer
 
-    def _released(self) -> list[tuple[int, int, Decision]]:
+    def _released(self) -> list[tuple[int | str, int, Decision]]:
         with self._cond:
             late, self._late = self._late, []
         return late

@@ -23,6 +23,7 @@ class Reported:
     # From the metric bus, which delivers at least once: the same report may come again (after a
     # Redis restart, or sent again by a trial still waiting for its answer), and is applied once.
     resent_ok: bool = False
+    attempt: int | None = None  # the trial's run that sent it (bus reports name it)
 
 
 @dataclass

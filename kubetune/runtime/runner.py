@@ -16,7 +16,7 @@ from typing import Callable
 from ..api.spec import ExperimentSpec
 from ..api.trial import Decision, Trial, TrialState
 from ..api.validation import Problem, SpecError
-from ..bus.service import _already_applied
+from ..bus.service import already_applied
 from ..engine import Completion, Engine, Launch, Stop
 from ..study import Study, prior_from
 from .bridge import RUN_ID_KEY, bus_key, connect_redis
@@ -197,6 +197,12 @@ def _handle(engine: Engine, runtime: LocalRuntime, event, now: float) -> None:
             # (Anyone with the bus can write to its stream.)
             event.reply(Decision("stop", f"no trial number {event.number} in this experiment"))
             return
+        attempt = engine.trials[event.number].attempt
+        if event.attempt is not None and event.attempt != attempt:
+            # A process of a run before this one (killed with `kill -9`, its trials ran on): the trial
+            # runs again from the start now, and that run's reports are not the trial's.
+            event.reply(Decision("stop", f"superseded: the trial runs again as attempt {attempt}"))
+            return
         if event.resent_ok and _applied_before(engine, event):
             if event.number in runtime.waiting and event.step == engine.trials[event.number].last_step:
                 decision = _STILL_HELD  # its answer is still held: the new copy waits for it instead
@@ -231,7 +237,7 @@ def _applied_before(engine: Engine, event: Reported) -> bool:
     value = event.metrics.get(engine.objective.metric)
     if event.step is None or value is None or trial.state != TrialState.RUNNING:
         return False
-    return _already_applied(trial, event.step, float(value))
+    return already_applied(trial, event.step, float(value))
 
 
 def _release(engine: Engine, runtime: LocalRuntime) -> None:
