@@ -7,9 +7,10 @@
         if trial.report(step=epoch, val_accuracy=acc).stop:
             break                            # pruned: the scheduler says stop now
 
-Inside `kubetune run`, reports travel over the runner's local channel; in a
-cluster pod, over the Redis metric bus (KUBETUNE_REDIS_URL, set by the
-operator). Either way the answer is the scheduler's decision. Run outside any experiment (plain
+Inside `kubetune run`, reports travel over the runner's local channel (a Unix
+socket into the runner's memory); with `kubetune run --redis URL`, and in a
+cluster pod, over the Redis metric bus (KUBETUNE_REDIS_URL, set by the runner
+or the operator). Either way the answer is the scheduler's decision. Run outside any experiment (plain
 `python train.py`), `params()` reads KUBETUNE_PARAMS if set, else returns the
 defaults you pass, and `report()` prints the metrics and always answers "go on".
 """
