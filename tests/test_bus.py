@@ -987,3 +987,26 @@ def test_a_report_from_a_client_without_attempts_is_read_as_the_first_attempt(re
         assert [m.id for m in bus.read(EXP, "c0", pending=True)] == [m.id for m in got]
     finally:
         bus.close()
+
+
+def test_a_trial_ending_while_redis_restarts_still_delivers_its_last_reports(redis_server):
+    """The last reports hold a trial's final values: a client closing while Redis is down keeps
+    trying until it is back (within close_retry_s), rather than dropping them with the process."""
+    from kubetune.bus.redis_streams import RedisBus
+
+    bus = RedisBus(url=redis_server.url)
+    try:
+        client = TrialClient(bus, EXP, 0, batch=100, flush_s=3600, close_retry_s=60)
+        for step in (1, 2, 3):
+            client.send_report(step, {"acc": step / 10})  # buffered
+        redis_server.kill()
+        closing = threading.Thread(target=client.close)
+        closing.start()
+        closing.join(1.0)
+        assert closing.is_alive(), "gave up at once"
+        redis_server.restart(keep_data=True)
+        closing.join(60)
+        assert not closing.is_alive()
+        assert [m.report.step for m in bus.read(EXP, "c0", count=10)] == [1.0, 2.0, 3.0]
+    finally:
+        bus.close()

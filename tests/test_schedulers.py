@@ -180,6 +180,18 @@ def test_sha_prunes_a_loser_whose_report_jumped_past_several_rungs():
     assert [t.number for t in first if t.state == TrialState.PRUNED] == [0, 4, 5, 6, 7, 8]
 
 
+def test_sha_gives_a_failed_winners_place_to_the_next_best():
+    # The best trial of the rung crashes after reporting there: it cannot be resumed, so the
+    # rung's three places go to the next three (Ray's HyperBand removes an errored trial from its bracket).
+    s = study("sha", RUNGS)
+    first = [s.ask() for _ in range(9)]
+    for i, t in enumerate(first):
+        s.report(t, step=1, value=0.1 * i)
+    s.tell(first[8], None, state=TrialState.FAILED, reason="exited with code 1")
+    assert [s.ask().number for _ in range(3)] == [7, 6, 5]
+    assert sorted(t.number for t in first if t.state == TrialState.PRUNED) == [0, 1, 2, 3, 4]
+
+
 def test_hyperband_cycles_brackets_and_judges_short_brackets_when_no_new_trials_come():
     s = study("hyperband", RUNGS)
     sizes = s.scheduler.bracket_sizes(s.scheduler.s_max + 1)

@@ -15,7 +15,7 @@ in between (which holds nothing) answers it. `wait` is never returned: a batched
 report, or one whose hold ran out, goes on as `continue`. If the bus is
 unreachable the reports stay buffered (up to `max_buffer`, oldest dropped
 first) and the trial carries on: losing the bus costs intermediate metrics,
-never the trial.
+never the trial; closing waits a while for the bus to come back.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ _FINAL = ("stop", "pause")
 class TrialClient:
     def __init__(self, bus: MetricBus, experiment: str, trial: int, *, attempt: int = 1, batch: int = 32,
                  flush_s: float = 0.05, wait: bool = False, wait_s: float = 0.5, max_buffer: int = 10_000,
-                 hold_s: float = 3600.0, repeat_s: float = 30.0):
+                 hold_s: float = 3600.0, repeat_s: float = 30.0, close_retry_s: float = 30.0):
         self.bus, self.experiment, self.trial, self.attempt = bus, experiment, trial, attempt
         self.address = address(trial, attempt)  # this run's decision queue
         self.batch, self.flush_s, self.wait, self.wait_s = batch, flush_s, wait, wait_s
-        self.hold_s, self.repeat_s = hold_s, repeat_s
+        self.hold_s, self.repeat_s, self.close_retry_s = hold_s, repeat_s, close_retry_s
         self.max_buffer = max_buffer
         self.seq = 0
         self.decision: Decision = CONTINUE  # the latest one
@@ -163,4 +163,12 @@ class TrialClient:
                 self.decision = d
 
     def close(self) -> Decision:
-        return self.flush()
+        """Sends what is left. While the bus is down (Redis restarting as the trial ends), tries again
+        for up to close_retry_s: the last reports hold the trial's final values, and once the process
+        is gone nothing else would send them."""
+        decision = self.flush()
+        deadline = time.monotonic() + self.close_retry_s
+        while self._buffer and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            decision = self.flush()
+        return decision

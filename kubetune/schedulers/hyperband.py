@@ -24,6 +24,9 @@ from .base import Assignment
 from .rungs import RungScheduler, rung_settings
 
 
+_CANNOT_GO_ON = (TrialState.FAILED, TrialState.KILLED)
+
+
 class HyperBand(RungScheduler):
     name = "hyperband"
     SETTINGS = rung_settings("synchronous", ("synchronous", "asynchronous"))
@@ -102,7 +105,9 @@ class HyperBand(RungScheduler):
             rec = self.rung(b, k)
             if not all(t.number in rec or t.state.finished for t in in_rung):
                 break
-            ranked = sorted((t.number for t in in_rung if t.number in rec), key=lambda n: (rec[n], n))
+            # A trial that failed or was killed after reporting here cannot go on: its place goes to the next.
+            ranked = sorted((t.number for t in in_rung if t.number in rec and t.state not in _CANNOT_GO_ON),
+                            key=lambda n: (rec[n], n))
             winners = ranked[: max(1, math.floor(len(in_rung) / self.eta))]
             # A report that jumped past several rungs pauses a trial above rung k: it still lost here.
             paused = [t.number for t in in_rung if t.state == TrialState.PAUSED and self.top_rung(t) >= k]
