@@ -187,14 +187,10 @@ def test_a_redis_restart_mid_run_loses_no_finished_result(tmp_path, redis_server
 
 
 def test_interrupt_then_resume_over_redis_does_not_rerun_finished_trials(tmp_path, redis_server):
+    from tests.test_local_run import counted_spec
+
     count_file = tmp_path / "finished.txt"
-    spec = write_spec(tmp_path / "exp.yaml", "resumable-bus", {
-        "objective": {"metric": "loss", "goal": "minimize"},
-        "parameters": [{"name": "x", "type": "double", "min": -3, "max": 3}],
-        "algorithm": {"name": "sobol", "settings": {"seed": 5}},
-        "budget": {"maxTrials": 8, "parallelTrials": 2},
-        "trialTemplate": {"command": ["python", str(TRIALS / "counted.py")]},
-    })
+    spec = counted_spec(tmp_path, "resumable-bus", 8)
     gate = tmp_path / "go"
     env = {"COUNT_FILE": str(count_file), "STEP_SECONDS": "0.3", "HOLD_FROM": "4", "HOLD_FILE": str(gate)}
     state = tmp_path / "state"
@@ -274,35 +270,15 @@ def test_an_unreachable_redis_is_a_clear_error_before_any_trial_starts(tmp_path,
 def test_synchronous_pbt_over_redis_holds_each_check_until_the_population_catches_up(tmp_path, redis_server):
     """As test_local_run's synchronous PBT test, over the bus: a held answer goes back to the loop as
     `wait`, and the decision made later reaches the waiting trial through its decision queue."""
-    spec = {
-        "objective": {"metric": "score", "goal": "maximize", "strategy": "latest"},
-        "parameters": [{"name": "lr", "type": "double", "min": 0.001, "max": 0.3, "log": True}],
-        "algorithm": {"name": "random", "settings": {"seed": 1}},
-        "earlyStopping": {"name": "pbt", "settings": {"perturbationInterval": 3, "quantileFraction": 0.25,
-                                                      "synch": True}},
-        "budget": {"maxTrials": 5, "parallelTrials": 5, "maxFailedTrials": 1},
-        "trialTemplate": {"command": ["python", str(TRIALS / "pbt_toy.py")],
-                          "env": [{"name": "STEPS", "value": "12"}, {"name": "STEP_SECONDS", "value": "0.01"},
-                                  {"name": "START_DELAY", "value": "0.4"}, {"name": "CRASH_TRIAL", "value": "2"},
-                                  {"name": "CRASH_STEP", "value": "5"}]},
-    }
-    path = write_spec(tmp_path / "synch.yaml", "synch-bus", spec)
+    from tests.test_local_run import check_synch_pbt, synch_pbt_spec
+
+    path = write_spec(tmp_path / "synch.yaml", "synch-bus", synch_pbt_spec())
     started = time.monotonic()
     result = kubetune("run", str(path), "--redis", redis_server.url, "--json", "--state-dir", str(tmp_path / "state"),
                       cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 60  # no trial waited out a hold for the member that died
-    records = journal(tmp_path / "state", "synch-bus")
-    assert [r["state"] for r in records.values()].count("Failed") == 1 and records[2]["state"] == "Failed"
-    exploits = [e for r in records.values() for e in r["events"] if e["event"] == "exploit"]
-    assert exploits and all(e["donor_step"] == e["step"] for e in exploits)
-    assert all(e["step"] in (3, 6, 9, 12) for e in exploits)
-    for r in records.values():
-        for e in (e for e in r["events"] if e["event"] == "exploit"):
-            w = dict(map(tuple, records[e["donor"]]["intermediate"]))[e["donor_step"]]
-            assert r["intermediate"][e["report"]][1] == pytest.approx(w + e["new"]["lr"] * (1 - w), abs=1e-12)
-        steps = [s for s, _ in r["intermediate"]]
-        assert steps == list(range(1, len(steps) + 1))
+    check_synch_pbt(journal(tmp_path / "state", "synch-bus"))
     assert command_calls(redis_server, "blpop") > 0  # each report waited for its own answer on the bus
     assert bus_keys(redis_server) == []
 

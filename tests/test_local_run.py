@@ -66,16 +66,21 @@ def test_quickstart_runs_and_names_the_best_trial(tmp_path):
     assert json.loads(shown.stdout)["best"] == best
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
-def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_trials(tmp_path, sig):
-    count_file = tmp_path / "finished.txt"
-    spec = write_spec(tmp_path / "exp.yaml", "resumable", {
+def counted_spec(tmp_path, name: str, max_trials: int):
+    """Sobol over counted.py (which notes each trial it finishes), two at a time."""
+    return write_spec(tmp_path / "exp.yaml", name, {
         "objective": {"metric": "loss", "goal": "minimize"},
         "parameters": [{"name": "x", "type": "double", "min": -3, "max": 3}],
         "algorithm": {"name": "sobol", "settings": {"seed": 5}},
-        "budget": {"maxTrials": 10, "parallelTrials": 2},
+        "budget": {"maxTrials": max_trials, "parallelTrials": 2},
         "trialTemplate": {"command": ["python", str(TRIALS / "counted.py")]},
     })
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_trials(tmp_path, sig):
+    count_file = tmp_path / "finished.txt"
+    spec = counted_spec(tmp_path, "resumable", 10)
     gate = tmp_path / "go"
     env = {"COUNT_FILE": str(count_file), "STEP_SECONDS": "0.4", "HOLD_FROM": "4", "HOLD_FILE": str(gate)}
     state = tmp_path / "state"
@@ -261,11 +266,9 @@ def test_warm_start_takes_the_earlier_experiments_finished_trials(tmp_path):
     assert "spec.warmStart.fromExperiments[0]: no earlier experiment 'nope'" in result.stderr
 
 
-def test_synchronous_pbt_waits_for_the_population_and_not_for_a_member_that_died(tmp_path):
-    """Members start 0.4 s apart (steps take 10 ms): each check waits until every live member has
-    reported that step, so every donor is taken at the taker's step; trial 2 crashes at step 5,
-    and the checks at step 6 go on without it."""
-    spec = {
+def synch_pbt_spec() -> dict:
+    """Synchronous PBT over pbt_toy.py: members start 0.4 s apart (steps take 10 ms), trial 2 crashes at step 5."""
+    return {
         "objective": {"metric": "score", "goal": "maximize", "strategy": "latest"},
         "parameters": [{"name": "lr", "type": "double", "min": 0.001, "max": 0.3, "log": True}],
         "algorithm": {"name": "random", "settings": {"seed": 1}},
@@ -277,12 +280,10 @@ def test_synchronous_pbt_waits_for_the_population_and_not_for_a_member_that_died
                                   {"name": "START_DELAY", "value": "0.4"}, {"name": "CRASH_TRIAL", "value": "2"},
                                   {"name": "CRASH_STEP", "value": "5"}]},
     }
-    path = write_spec(tmp_path / "synch.yaml", "synch", spec)
-    started = time.monotonic()
-    result = kubetune("run", str(path), "--json", "--state-dir", str(tmp_path / "state"), cwd=tmp_path, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert time.monotonic() - started < 60  # ANSWER_TIMEOUT never ran out: nobody waited for the dead one
-    records = journal(tmp_path / "state", "synch")
+
+
+def check_synch_pbt(records: dict) -> None:
+    """Every donor was taken at the taker's step, the checks went on without the member that died."""
     assert [r["state"] for r in records.values()].count("Failed") == 1 and records[2]["state"] == "Failed"
     exploits = [e for r in records.values() for e in r["events"] if e["event"] == "exploit"]
     assert exploits and all(e["donor_step"] == e["step"] for e in exploits)
@@ -296,3 +297,14 @@ def test_synchronous_pbt_waits_for_the_population_and_not_for_a_member_that_died
     for r in records.values():
         steps = [s for s, _ in r["intermediate"]]
         assert steps == list(range(1, len(steps) + 1))  # own counter, and no step lost to a wait
+
+
+def test_synchronous_pbt_waits_for_the_population_and_not_for_a_member_that_died(tmp_path):
+    """Each check waits until every live member has reported that step; the checks at step 6 go on
+    without trial 2, which crashed at step 5."""
+    path = write_spec(tmp_path / "synch.yaml", "synch", synch_pbt_spec())
+    started = time.monotonic()
+    result = kubetune("run", str(path), "--json", "--state-dir", str(tmp_path / "state"), cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 60  # ANSWER_TIMEOUT never ran out: nobody waited for the dead one
+    check_synch_pbt(journal(tmp_path / "state", "synch"))
