@@ -788,6 +788,14 @@ def test_a_batch_handled_but_not_acknowledged_is_applied_once_when_read_again(bu
     assert [s for s, _ in trial.intermediate] == [float(q) for q in range(1, 21)]
 
 
+def test_reports_that_name_their_epoch_but_no_step_are_applied_once_when_read_again(bus):
+    """report(epoch=3, acc=...) without step=: the epoch is the step (as in a local run), so a batch
+    read again is recognised; counting reports instead would append each one a second time."""
+    trial = handled_with_a_failed_save(bus, [Report(0, q, None, {"acc": q / 100, "epoch": q}) for q in range(1, 11)])
+    assert [s for s, _ in trial.intermediate] == [float(q) for q in range(1, 11)]
+    assert trial.metrics["epoch"] == 10
+
+
 def test_a_diverged_report_read_again_is_applied_once(bus):
     """A NaN loss is common (training diverged); the report carrying it may be read again like any."""
     sent = [Report(0, 1, 1.0, {"acc": 0.1}), Report(0, 2, 2.0, {"acc": math.nan}), Report(0, 3, 3.0, {"acc": math.nan})]

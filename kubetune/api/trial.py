@@ -163,3 +163,16 @@ class Decision:
 
 _DECISION_FIELDS = frozenset(f.name for f in fields(Decision))
 CONTINUE = Decision()
+
+
+_STEP_KEYS = ("step", "epoch", "iteration", "iter")
+
+
+def step_from(metrics: Mapping[str, float], trial: Trial) -> float:
+    """The step of a report that named none: a step-like metric, else the report's ordinal. The same
+    locally and over the bus, and a report read again (the bus delivers at least once) gets the same."""
+    for key in _STEP_KEYS:
+        v = metrics.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+    return float(len(trial.intermediate) + 1)

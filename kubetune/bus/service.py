@@ -16,7 +16,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable
 
-from ..api.trial import CONTINUE, Decision, Trial, TrialState
+from ..api.trial import CONTINUE, Decision, Trial, TrialState, step_from
 from .base import Message, MetricBus, position
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class StudyHandler:
             others = {k: v for k, v in metrics.items() if k != metric} if len(metrics) > 1 else _NONE
             step = r.step
             if step is None:
-                step = (trial.last_step or 0) + 1
+                step = step_from(metrics, trial)
             inter = trial.intermediate
             if inter and step <= inter[-1][0] and already_applied(trial, step, value):
                 # Sent again: a held report is still held here. Otherwise the trial is still waiting

@@ -9,14 +9,13 @@ fake clock and a fake runtime.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping
 
 from ..api.durations import format_duration
 from ..api.spec import ExperimentSpec
 from ..api.validation import is_number
-from ..api.trial import CONTINUE, Decision, Trial, TrialState, finite
+from ..api.trial import CONTINUE, Decision, Trial, TrialState, finite, step_from
 from ..study import SearchExhausted, Study
 
 # Why an experiment ended (Katib's condition reasons, where it has one).
@@ -117,7 +116,7 @@ class Engine:
             trial.metrics.update(others)
             return CONTINUE
         if step is None:
-            step = _step_from(metrics, trial)
+            step = step_from(metrics, trial)
         decision = self.study.report(trial, step, float(metrics[metric]), **others)
         return self._follow(trial, step, decision)
 
@@ -313,15 +312,3 @@ def check_end(spec: ExperimentSpec, trials: list[Trial], best: Trial | None, ela
         tally = ", ".join(f"{n} {s.value.lower()}" for s, n in by.items() if n)
         return Completion(NO_RESULT, f"{ended.message}, and no trial succeeded ({tally or 'none finished'})")
     return ended
-
-
-_STEP_KEYS = ("step", "epoch", "iteration", "iter")
-
-
-def _step_from(metrics: Mapping[str, float], trial: Trial) -> float:
-    """The step of a report that named none: a step-like metric, else the report's ordinal."""
-    for key in _STEP_KEYS:
-        v = metrics.get(key)
-        if is_number(v) and math.isfinite(v):
-            return float(v)
-    return float(len(trial.intermediate) + 1)
