@@ -247,6 +247,33 @@ def test_killing_operator_service_and_redis_loses_nothing_and_duplicates_nothing
         assert t["status"]["value"] == pytest.approx((1 - (x - 0.3) ** 2) * (1 - 0.5 ** 9))
 
 
+def test_a_suggestion_service_restarted_mid_trial_takes_the_reports_sent_while_it_was_down(
+        k8s_cluster, k8s_namespace, make_kubelet, stack):
+    """The service is down while the trials end: the operator waits for it rather than recording what
+    the API holds (the last reports are on the bus). Every trial exists from the start (parallelTrials
+    = maxTrials), so the first request the restarted service gets is that flush: it must rebuild the
+    experiment reading the stream the pods wrote (its key holds the experiment's uid)."""
+    kubelet = make_kubelet(gpus=2)
+    spec = curve_spec(budget={"maxTrials": 2, "parallelTrials": 2})
+    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "0.5"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("downtime", k8s_namespace, **spec))
+
+    def reported(n):
+        items = get(k8s_cluster, "trials", k8s_namespace)["items"]
+        return len(items) == 2 and all(len((t.get("status") or {}).get("intermediate") or []) >= n for t in items)
+
+    wait_until(lambda: reported(2), timeout=60, interval=0.2, what="both trials to report twice")
+    stack.kill("suggestion")
+    wait_until(lambda: not kubelet.running_pods(), timeout=60, what="both trials to end while the service is down")
+    stack.start("suggestion")
+    status = wait_phase(k8s_cluster, k8s_namespace, "downtime", stack)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    for t in get(k8s_cluster, "trials", k8s_namespace)["items"]:
+        x = t["spec"]["params"]["x"]
+        assert [s for s, _ in t["status"]["intermediate"]] == list(range(1, 10))
+        assert t["status"]["value"] == pytest.approx((1 - (x - 0.3) ** 2) * (1 - 0.5 ** 9))
+
+
 def test_asha_prunes_trials_through_the_redis_bus(k8s_cluster, k8s_namespace, make_kubelet, stack):
     make_kubelet(gpus=4)
     spec = curve_spec(budget={"maxTrials": 12, "parallelTrials": 4},

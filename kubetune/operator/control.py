@@ -31,6 +31,7 @@ from .records import current_pod, now_iso, owned_by, owns, parse_time, pod_name,
 log = logging.getLogger("kubetune.operator")
 
 SPEC_CACHE_SECONDS = 1.0
+SERVICE_WAIT_S = 60.0  # how long a trial's end waits for a suggestion service that is restarting
 FOREIGN_POD_WAIT_S = 60.0  # how long a trial waits for the pod of an earlier trial of its name to go
 STOP_GRACE = 5  # seconds a trial told to stop through the SDK has to exit by itself
 FINAL = {s.value for s in TrialState if s.finished}
@@ -161,9 +162,7 @@ class Controller:
 
     def _context(self, exp: dict, spec: ExperimentSpec, trials: list[Trial]) -> dict:
         """What the suggestion service needs to (re)build an experiment: spec, seed, trials, prior."""
-        meta = exp["metadata"]
-        return {"experiment": {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
-                "document": exp, "seed": (exp.get("status") or {})["seed"],
+        return {"experiment": _ref(exp), "document": exp, "seed": (exp.get("status") or {})["seed"],
                 "trials": [t.to_dict() for t in trials], "prior": [t.to_dict() for t in self._prior(exp, spec)]}
 
     def _prior(self, exp: dict, spec: ExperimentSpec) -> list[Trial]:
@@ -309,18 +308,23 @@ class Controller:
     def _reported(self, exp: dict, spec: ExperimentSpec, record: Trial) -> dict:
         """The trial's reported values, once the suggestion service has taken all it sent."""
         meta = exp["metadata"]
-        request = {"experiment": {"namespace": meta["namespace"], "name": meta["name"]}, "trial": record.number,
-                   "ended": True}
-        try:
-            got = self.ask_service("/v1/flush", request)
-            if not got.get("known"):
-                # A restarted service: send the whole context so it rebuilds the experiment first.
-                trials = records(owned_by(self.kube.list_trials(meta["namespace"], meta["name"]), exp))
-                got = self.ask_service("/v1/flush", {**self._context(exp, spec, trials), **request})
-        except OSError as e:
-            log.warning("suggestion service unreachable for %s: %s; using what the API holds", record.name, e)
-            return {}
-        return got if got.get("known") else {}
+        request = {"experiment": _ref(exp), "trial": record.number, "ended": True}
+        # A service restarting (its pod replaced) is waited for: the reports the trial sent meanwhile are
+        # on the bus, and only the service takes them; what the API holds may lack the last ones.
+        deadline = time.monotonic() + SERVICE_WAIT_S
+        while True:
+            try:
+                got = self.ask_service("/v1/flush", request)
+                if not got.get("known"):
+                    # A restarted service: send the whole context so it rebuilds the experiment first.
+                    trials = records(owned_by(self.kube.list_trials(meta["namespace"], meta["name"]), exp))
+                    got = self.ask_service("/v1/flush", {**self._context(exp, spec, trials), **request})
+                return got if got.get("known") else {}
+            except OSError as e:
+                if time.monotonic() >= deadline:
+                    log.warning("suggestion service unreachable for %s: %s; using what the API holds", record.name, e)
+                    return {}
+                time.sleep(0.5)
 
     def _from_log(self, spec: ExperimentSpec, namespace: str, pod: str | None) -> dict:
         """Metrics printed by a trial that does not use the SDK (`epoch=3 val_accuracy=0.91`)."""
@@ -357,8 +361,8 @@ class Controller:
         self.kube.patch_trial(meta["namespace"], meta["name"], {"spec": {"attempt": attempt}})
         self.event(exp, "Warning", "TrialRetried", f"trial {meta['name']}: {why}; attempt {attempt}")
         try:  # before the new pod reports: the service drops what it holds of the lost attempt
-            self.ask_service("/v1/flush", {"experiment": {"namespace": meta["namespace"], "name": exp["metadata"]["name"]},
-                                           "trial": int(trial["spec"]["number"]), "attempt": attempt})
+            self.ask_service("/v1/flush", {"experiment": _ref(exp), "trial": int(trial["spec"]["number"]),
+                                           "attempt": attempt})
         except OSError as e:  # a restarted service reads the trial from the API, as reset above
             log.warning("suggestion service unreachable while retrying %s: %s", meta["name"], e)
         trial["spec"]["attempt"] = attempt
@@ -399,6 +403,13 @@ class Controller:
             self.kube.event(obj, kind, reason, message)
         except Exception as e:  # noqa: BLE001 - an event is a courtesy, never a reason to fail
             log.debug("event not posted: %s", e)
+
+
+def _ref(exp: dict) -> dict:
+    """How the suggestion service names an experiment: with its uid, which keys its metric bus stream
+    (a service restarted and first asked to flush builds the experiment from this)."""
+    meta = exp["metadata"]
+    return {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]}
 
 
 @dataclass
