@@ -105,6 +105,8 @@ class Brains:
         fingerprint = spec.search_fingerprint()
         with self._lock:
             brain = self._brains.get(key)
+            if not uid and brain is not None:
+                uid = brain.uid  # a request without one (an operator before uids keyed the bus): the same experiment
             if brain is not None and brain.uid == uid and brain.fingerprint == fingerprint:
                 return brain
             study = Study(parameters=spec.parameters, algorithm=spec.algorithm, goal=spec.objective.goal,
