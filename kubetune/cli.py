@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                           "TLS), as pods do, instead of the local socket")
     run.add_argument("--redis-password-env", metavar="NAME",
                      help="the environment variable that holds the Redis password (trials get it too)")
+    run.add_argument("--redis-ca", metavar="FILE",
+                     help="with a rediss:// URL: the CA certificate that signed the server's (trials get it too)")
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="check an Experiment file; exit 2 listing every problem")
@@ -90,8 +92,11 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     spec = load_spec(args.file)
     password = None
-    if args.redis_password_env and not args.redis:
-        raise SpecError([Problem("--redis-password-env", "only with --redis")])
+    for flag, given in (("--redis-password-env", args.redis_password_env), ("--redis-ca", args.redis_ca)):
+        if given and not args.redis:
+            raise SpecError([Problem(flag, "only with --redis")])
+    if args.redis_ca and not Path(args.redis_ca).is_file():
+        raise SpecError([Problem("--redis-ca", f"no such file: {args.redis_ca}")])
     if args.redis_password_env:
         password = os.environ.get(args.redis_password_env)
         if not password:
@@ -104,7 +109,8 @@ def cmd_run(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         result = run_experiment(spec, args.state_dir, base_dir=Path(args.file).resolve().parent,
-                                on_progress=progress, stop=stop, redis_url=args.redis, redis_password=password)
+                                on_progress=progress, stop=stop, redis_url=args.redis, redis_password=password,
+                                redis_ca=args.redis_ca)
     except KeyboardInterrupt:
         if progress:
             progress.end()

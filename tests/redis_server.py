@@ -25,15 +25,33 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, *, appendonly: bool = True, password: str | None = None):
+    def __init__(self, workdir: Path, *, appendonly: bool = True, password: str | None = None, tls: bool = False):
+        """tls: serve TLS only, with a certificate for 127.0.0.1 from a throw-away CA (ca_file)."""
         self.dir = Path(workdir)
         self.appendonly, self.password = appendonly, password
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
+        self.ca_file: Path | None = None
+        self._tls_args: list[str] = []
+        if tls:
+            from tests.cluster.pki import CertificateAuthority
+
+            ca = CertificateAuthority(self.dir / "tls")
+            pair = ca.server("redis", "127.0.0.1", ("127.0.0.1",))
+            self.ca_file = ca.cert
+            self._tls_args = ["--tls-cert-file", str(pair.cert), "--tls-key-file", str(pair.key),
+                              "--tls-ca-cert-file", str(ca.cert), "--tls-auth-clients", "no"]
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.ca_file else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def client(self, **kw):
+        """A redis-py client for this server (TLS verified against its CA when it serves TLS)."""
+        import redis
+
+        tls = {"ssl": True, "ssl_ca_certs": str(self.ca_file)} if self.ca_file else {}
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, **tls, **kw)
 
     def start(self, timeout_s: float = 15.0) -> None:
         fixed = self.port is not None
@@ -42,7 +60,8 @@ class RedisServer:
                 self.port = free_port()
             data = self.dir / "data"
             data.mkdir(parents=True, exist_ok=True)
-            args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(data),
+            ports = ["--port", "0", "--tls-port", str(self.port), *self._tls_args] if self.ca_file else ["--port", str(self.port)]
+            args = ["redis-server", *ports, "--bind", "127.0.0.1", "--dir", str(data),
                     "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
                     "--logfile", str(self.dir / "redis.log"), "--daemonize", "no"]
             if self.password:
@@ -64,7 +83,7 @@ class RedisServer:
             if self.proc.poll() is not None:
                 return False
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                with self._connection() as s:
                     s.sendall(b"PING\r\n")
                     reply = s.recv(64)
                     if reply.startswith((b"+PONG", b"-NOAUTH")):
@@ -76,12 +95,18 @@ class RedisServer:
             time.sleep(0.02)
         return False
 
+    def _connection(self):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=0.5)
+        if not self.ca_file:
+            return s
+        import ssl
+
+        return ssl.create_default_context(cafile=str(self.ca_file)).wrap_socket(s, server_hostname="127.0.0.1")
+
     def _is_ours(self) -> bool:
         """The server answering on the port is the one started here, not another test's that took the port
         between free_port() and the start (ours then fails to bind and exits)."""
-        import redis
-
-        with redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5) as r:
+        with self.client(socket_timeout=5) as r:
             return r.info("server")["process_id"] == self.proc.pid
 
     def kill(self) -> None:
@@ -106,8 +131,8 @@ class RedisServer:
 
 
 def _require_redis() -> None:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (hack/install-redis.sh installs it)")
+    if shutil.which("redis-server") is None:  # a missing dependency fails the run, it is never skipped
+        pytest.fail("redis-server is not installed: hack/install-redis.sh installs it (hack/test.sh runs it)")
 
 
 @pytest.fixture

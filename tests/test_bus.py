@@ -1018,3 +1018,27 @@ def test_a_trial_ending_while_redis_restarts_still_delivers_its_last_reports(red
         assert [m.report.step for m in bus.read(EXP, "c0", count=10)] == [1.0, 2.0, 3.0]
     finally:
         bus.close()
+
+
+def test_the_bus_speaks_tls_and_verifies_the_server(redis_server_factory):
+    """rediss:// with the CA that signed the server's certificate: reports and decisions go through.
+    Without that CA the certificate is refused (verification is on, never silently skipped)."""
+    import redis as redis_py
+
+    from kubetune.bus.redis_streams import RedisBus
+
+    server = redis_server_factory(tls=True)
+    assert server.url.startswith("rediss://")
+    bus = RedisBus(url=server.url, ca_file=str(server.ca_file))
+    try:
+        loop = SchedulerLoop(bus, EXP, lambda m: Decision("stop", "over TLS"), consumer="c0")
+        client = TrialClient(bus, EXP, 0, batch=1)
+        client.send_report(1, {"acc": 0.5})
+        assert loop.drain() == 1
+        assert client.flush().reason == "over TLS"
+    finally:
+        bus.close()
+    untrusted = RedisBus(url=server.url)
+    with pytest.raises(redis_py.ConnectionError, match="certificate verify failed"):
+        untrusted.publish(EXP, reports(0, 1))
+    untrusted.close()

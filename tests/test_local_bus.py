@@ -20,9 +20,7 @@ from tests.test_local_run import TRIALS, journal, kubetune, wait_for, write_spec
 
 
 def redis_client(server):
-    import redis
-
-    return redis.Redis(host="127.0.0.1", port=server.port, password=server.password, socket_timeout=5)
+    return server.client(socket_timeout=5)
 
 
 def bus_keys(server) -> list[str]:
@@ -129,6 +127,25 @@ def test_password_from_the_environment_reaches_redis_and_the_trials(tmp_path, re
                        cwd=tmp_path)
     assert refused.returncode == 2 and "cannot reach Redis at" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_a_run_over_tls_verifies_the_server_with_the_ca_given(tmp_path, redis_server_factory):
+    """rediss:// and --redis-ca: the runner and every trial (KUBETUNE_REDIS_CA_FILE) verify the server."""
+    server = redis_server_factory(tls=True)
+    spec = curve_spec(tmp_path, "tls-bus", trials=2, parallel=2, steps=3, early_stopping=False)
+    state = tmp_path / "state"
+    result = kubetune("run", str(spec), "--redis", server.url, "--redis-ca", str(server.ca_file), "--json",
+                      "--state-dir", str(state), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = journal(state, "tls-bus")
+    assert all(r["state"] == "Succeeded" for r in records.values())
+    check_curves(records, 3)
+    assert command_calls(server, "xadd") >= 6  # the trials reported over TLS
+    untrusted = kubetune("run", str(spec), "--redis", server.url, "--state-dir", str(tmp_path / "other"), cwd=tmp_path)
+    assert untrusted.returncode == 2 and "certificate verify failed" in untrusted.stderr
+    missing = kubetune("run", str(spec), "--redis", server.url, "--redis-ca", str(tmp_path / "nope.crt"),
+                       "--state-dir", str(tmp_path / "other"), cwd=tmp_path)
+    assert missing.returncode == 2 and "--redis-ca: no such file" in missing.stderr
 
 
 @pytest.mark.parametrize("keep_data", [True, False], ids=["aof-kept", "redis-data-lost"])

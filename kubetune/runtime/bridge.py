@@ -54,21 +54,23 @@ def redacted(url: str) -> str:
     return url
 
 
-def connect_redis(url: str, password: str | None = None, timeout_s: float = 5.0) -> MetricBus:
-    """A RedisBus for `url` that has answered a PING; BusUnreachable (naming the URL) otherwise."""
+def connect_redis(url: str, password: str | None = None, ca_file: str | None = None,
+                  timeout_s: float = 5.0) -> MetricBus:
+    """A RedisBus for `url` that has answered a PING; BusUnreachable (naming the URL) otherwise.
+    ca_file: the CA that signed the server's certificate (rediss://), when not one the system trusts."""
     try:
         import redis
 
         from ..bus.redis_streams import RedisBus, connect
 
-        client = connect(url, password=password, timeout_s=timeout_s, retries=1)
+        client = connect(url, password=password, ca_file=ca_file, timeout_s=timeout_s, retries=1)
         client.ping()
     except ImportError as e:
         raise BusUnreachable(f"--redis needs redis-py: {e}") from None
     except (ValueError, redis.RedisError, OSError) as e:
         raise BusUnreachable(f"cannot reach Redis at {redacted(url)}: {e}") from None
     # The bus the loop uses retries more (a Redis restart mid-run is ridden out).
-    return RedisBus(connect(url, password=password, timeout_s=timeout_s))
+    return RedisBus(connect(url, password=password, ca_file=ca_file, timeout_s=timeout_s))
 
 
 def bus_key(spec_name: str, state: dict) -> str:

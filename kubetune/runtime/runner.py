@@ -85,6 +85,7 @@ def run_experiment(
     stop: threading.Event | None = None,
     redis_url: str | None = None,
     redis_password: str | None = None,
+    redis_ca: str | None = None,
 ) -> RunResult:
     """Runs the experiment to its end. `stop` (set from a signal handler, as the CLI does) ends it
     like Ctrl-C, but between two passes of the loop: a KeyboardInterrupt raised at an arbitrary
@@ -93,7 +94,7 @@ def run_experiment(
 
     redis_url: trials report over Redis Streams there, as pods do (see bridge.py); BusUnreachable
     is raised, before anything is started or written, if it does not answer."""
-    bus = connect_redis(redis_url, redis_password) if redis_url else None
+    bus = connect_redis(redis_url, redis_password, redis_ca) if redis_url else None
     # Absolute: trials run in another working directory and get these paths.
     state_root = Path(state_root).resolve()
     store = StateStore(state_root, spec.name)
@@ -122,6 +123,8 @@ def run_experiment(
         env = {"KUBETUNE_REDIS_URL": redis_url}
         if redis_password:
             env["KUBETUNE_REDIS_PASSWORD"] = redis_password
+        if redis_ca:
+            env["KUBETUNE_REDIS_CA_FILE"] = str(Path(redis_ca).resolve())  # trials run in their own folders
         bus_kw = {"bus": bus, "bus_key": key, "bus_env": env}
     runtime = LocalRuntime(spec, store.trial_dir, Path(base_dir), checkpoints=store.dir / "checkpoints", **bus_kw)
     try:

@@ -18,10 +18,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=int(os.environ.get("KUBETUNE_PORT", "8080")))
     p.add_argument("--redis-url", default=os.environ.get("KUBETUNE_REDIS_URL", ""))
     p.add_argument("--redis-password", default=os.environ.get("KUBETUNE_REDIS_PASSWORD") or None)
+    p.add_argument("--redis-ca-file", default=os.environ.get("KUBETUNE_REDIS_CA_FILE") or None,
+                   help="with a rediss:// URL: the CA certificate that signed the server's")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    bus, write = _bus_and_writer(args.redis_url, args.redis_password)
+    bus, write = _bus_and_writer(args.redis_url, args.redis_password, args.redis_ca_file)
     service = SuggestionService(bus, write)
     server = serve(service, args.host, args.port)
     logging.getLogger("kubetune.suggestion").info("serving on %s:%d", args.host, server.server_port)
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     service.close()
 
 
-def _bus_and_writer(url: str, password: str | None):
+def _bus_and_writer(url: str, password: str | None, ca_file: str | None = None):
     """The Redis metric bus, and how reported values reach the Trial resources; (None, None) without Redis."""
     if not url:
         return None, None
@@ -58,7 +60,7 @@ def _bus_and_writer(url: str, password: str | None):
                 if e.status != 404:  # a trial deleted with its experiment has nothing to keep
                     raise
 
-    return redis_bus(url=url, password=password), write
+    return redis_bus(url=url, password=password, ca_file=ca_file), write
 
 
 if __name__ == "__main__":

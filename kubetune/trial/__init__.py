@@ -90,7 +90,8 @@ class _BusChannel:
             from ..bus import TrialClient, redis_bus
 
             bus = redis_bus(url=os.environ["KUBETUNE_REDIS_URL"],
-                            password=os.environ.get("KUBETUNE_REDIS_PASSWORD") or None)
+                            password=os.environ.get("KUBETUNE_REDIS_PASSWORD") or None,
+                            ca_file=os.environ.get("KUBETUNE_REDIS_CA_FILE") or None)  # TLS: rediss://
             # The experiment's key on the bus: set by the runner that reads it (a local run over Redis),
             # else namespace/name, as the suggestion service reads it.
             experiment = (os.environ.get("KUBETUNE_BUS_KEY")
