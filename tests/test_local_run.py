@@ -308,3 +308,30 @@ def test_synchronous_pbt_waits_for_the_population_and_not_for_a_member_that_died
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 60  # ANSWER_TIMEOUT never ran out: nobody waited for the dead one
     check_synch_pbt(journal(tmp_path / "state", "synch"))
+
+
+def test_a_resumed_run_killed_with_sigkill_is_resumed_again(tmp_path):
+    """A finished run whose budget was raised, then killed with -9 mid-run: the next run goes on with it,
+    not shows the first run's ending over trials left Running."""
+    count_file = tmp_path / "finished.txt"
+    gate = tmp_path / "go"
+    env = {"COUNT_FILE": str(count_file), "STEP_SECONDS": "0.05", "HOLD_FROM": "2", "HOLD_FILE": str(gate)}
+    state = tmp_path / "state"
+    first = kubetune("run", str(counted_spec(tmp_path, "raised", 2)), "--state-dir", str(state), cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    spec = counted_spec(tmp_path, "raised", 4)
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "run", str(spec), "--state-dir", str(state)],
+                            cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: sum(r["state"] == "Running" for r in journal(state, "raised").values()) == 2, 60,
+                 "trials 2 and 3 running")
+    finally:
+        proc.kill()  # kill -9: no chance to record anything
+        proc.wait()
+    gate.touch()  # (the orphaned trials go on, find the runner gone at their first report, and fail)
+    second = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout)
+    assert summary["reason"] == "MaxTrialsReached" and summary["counts"]["Succeeded"] == 4, summary
+    assert all(r["state"] == "Succeeded" for r in journal(state, "raised").values())

@@ -108,6 +108,11 @@ def run_experiment(
         if bus is not None:
             bus.close()
         return RunResult(spec, study.trials, Completion(**state["completion"]), state["elapsed"], store.dir)
+    if state.get("completion"):
+        # Going on past an earlier ending: saved now, so that a run killed with -9 is resumed again
+        # (not shown as that ending, over trials it left Running).
+        state["completion"] = None
+        store.save_state(state)
     start = clock()
     engine = Engine(spec, study, start, elapsed_before=state.get("elapsed", 0.0))
     bus_kw = {}
@@ -143,7 +148,8 @@ def run_experiment(
 def _can_continue(state: dict, study: Study, spec: ExperimentSpec) -> bool:
     """A finished run goes on only when its budget was raised (or it was interrupted)."""
     reason = state["completion"]["reason"]
-    if reason == "Interrupted":
+    if reason == "Interrupted" or any(t.state.active for t in study.trials):
+        # (Active trials: a later run, killed with -9, that a state written before it was saved cleared.)
         return True
     if reason in ("MaxTrialsReached", "NoTrialSucceeded"):
         return len(study.trials) < spec.budget.max_trials
