@@ -335,3 +335,20 @@ def test_a_resumed_run_killed_with_sigkill_is_resumed_again(tmp_path):
     summary = json.loads(second.stdout)
     assert summary["reason"] == "MaxTrialsReached" and summary["counts"]["Succeeded"] == 4, summary
     assert all(r["state"] == "Succeeded" for r in journal(state, "raised").values())
+
+
+def test_a_timed_out_trial_that_ignores_sigterm_and_keeps_reporting_is_killed(tmp_path):
+    """Each report of a trial being stopped is answered `stop`; that must not put off its SIGKILL."""
+    spec = write_spec(tmp_path / "exp.yaml", "stubborn", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
+        "budget": {"maxTrials": 1, "parallelTrials": 1, "trialTimeout": "3s"},
+        "trialTemplate": {"command": ["python", str(TRIALS / "stubborn.py")]},
+    })
+    env = {"MARKER_DIR": str(tmp_path), "RUN_SECONDS": "30"}
+    result = kubetune("run", str(spec), "--state-dir", str(tmp_path / "state"), "--json", cwd=tmp_path, env=env)
+    assert (tmp_path / "term").exists(), result.stderr
+    assert not (tmp_path / "survived").exists(), "the trial ran to its own end: SIGKILL never came"
+    [record] = journal(tmp_path / "state", "stubborn").values()
+    assert record["state"] == "Failed" and record["reason"] == "exceeded trialTimeout (3s)"
+    assert result.returncode == 1 and json.loads(result.stdout)["reason"] == "NoTrialSucceeded"

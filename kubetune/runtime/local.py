@@ -46,6 +46,7 @@ class _Proc:
     log_path: Path
     term_at: float | None = None
     kill_at: float | None = None
+    term_sent: bool = False
     uses_sdk: bool = False
     tail: list[str] = field(default_factory=list)
     # A bus trial that exited: its Exited event, held until the loop reaches `target` (a stream position).
@@ -146,6 +147,8 @@ class LocalRuntime:
         if proc is None:
             return
         now = time.monotonic()
+        if proc.term_sent:
+            return  # its SIGKILL is due already: asked again (each report of a trial being stopped is), not put off
         proc.term_at = min(proc.term_at or float("inf"), now + grace)
         proc.kill_at = proc.term_at + self.kill_after
         self._signals(now)
@@ -252,7 +255,7 @@ class LocalRuntime:
                 proc.kill_at = None
             elif proc.term_at is not None and now >= proc.term_at:
                 _signal_group(proc.popen, signal.SIGTERM)
-                proc.term_at = None
+                proc.term_at, proc.term_sent = None, True
 
 
 def _signal_group(popen: subprocess.Popen, sig: int) -> None:
