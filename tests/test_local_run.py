@@ -352,3 +352,23 @@ def test_a_timed_out_trial_that_ignores_sigterm_and_keeps_reporting_is_killed(tm
     [record] = journal(tmp_path / "state", "stubborn").values()
     assert record["state"] == "Failed" and record["reason"] == "exceeded trialTimeout (3s)"
     assert result.returncode == 1 and json.loads(result.stdout)["reason"] == "NoTrialSucceeded"
+
+
+def test_the_first_record_after_one_cut_short_by_a_crash_is_kept(tmp_path):
+    """kill -9 in the middle of a journal write leaves a record without its newline; the next run's first
+    record must not be glued onto it (and lost with it)."""
+    from kubetune.api.trial import Trial, TrialState
+    from kubetune.runtime.store import StateStore
+
+    store = StateStore(tmp_path, "torn")
+    store.save_trials([Trial(0, {"x": 1}, TrialState.SUCCEEDED, 0.5), Trial(1, {"x": 2}, TrialState.RUNNING)])
+    store.close()
+    cut = json.dumps(Trial(1, {"x": 2}, TrialState.SUCCEEDED, 0.25).to_dict())
+    with store.journal.open("a") as f:
+        f.write(cut[:len(cut) // 2])  # the crash
+    resumed = StateStore(tmp_path, "torn")
+    assert [t.state for t in resumed.load_trials()] == [TrialState.SUCCEEDED, TrialState.RUNNING]
+    resumed.save_trials([Trial(1, {"x": 2}, TrialState.SUCCEEDED, 0.125)])
+    resumed.close()
+    trials = StateStore(tmp_path, "torn").load_trials()
+    assert (trials[1].state, trials[1].value) == (TrialState.SUCCEEDED, 0.125)

@@ -89,6 +89,8 @@ class StateStore:
         if self._handle is None:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._handle = self.journal.open("a")
+            if _cut_short(self.journal):
+                lines = "\n" + lines  # ends the record a crash cut short, which stays unreadable on its own line
         self._handle.write(lines)
         self._handle.flush()
         os.fsync(self._handle.fileno())
@@ -97,6 +99,15 @@ class StateStore:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def _cut_short(path: Path) -> bool:
+    """Whether the file's last line lacks its newline (a write cut short by kill -9)."""
+    with path.open("rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def _atomic_write(path: Path, text: str) -> None:
