@@ -372,3 +372,19 @@ def test_the_first_record_after_one_cut_short_by_a_crash_is_kept(tmp_path):
     resumed.close()
     trials = StateStore(tmp_path, "torn").load_trials()
     assert (trials[1].state, trials[1].value) == (TrialState.SUCCEEDED, 0.125)
+
+
+def test_a_spec_file_that_is_not_utf8_is_a_usage_error_naming_the_file(tmp_path):
+    """A YAML saved as UTF-16 (PowerShell's `>` writes it) is exit 2 with the file named, not a traceback."""
+    spec = write_spec(tmp_path / "exp.yaml", "utf16", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
+        "trialTemplate": {"command": ["python", "-c", "print('loss=1')"]},
+    })
+    spec.write_bytes(spec.read_text().encode("utf-16"))
+    for command in ("run", "validate"):
+        result = kubetune(command, str(spec), "--state-dir", str(tmp_path / "state"), cwd=tmp_path) \
+            if command == "run" else kubetune(command, str(spec), cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and str(spec) in result.stderr and "UTF-8" in result.stderr
+    assert not (tmp_path / "state").exists()
