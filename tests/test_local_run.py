@@ -388,3 +388,30 @@ def test_a_spec_file_that_is_not_utf8_is_a_usage_error_naming_the_file(tmp_path)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr and str(spec) in result.stderr and "UTF-8" in result.stderr
     assert not (tmp_path / "state").exists()
+
+
+def test_a_second_run_of_an_experiment_already_running_is_refused(tmp_path):
+    """Two `kubetune run`s of one experiment would both run its unfinished trials and write one journal."""
+    count_file = tmp_path / "finished.txt"
+    gate = tmp_path / "go"
+    env = {"COUNT_FILE": str(count_file), "STEP_SECONDS": "0.05", "HOLD_FROM": "0", "HOLD_FILE": str(gate)}
+    state = tmp_path / "state"
+    spec = counted_spec(tmp_path, "twice", 2)
+    first = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "run", str(spec), "--state-dir", str(state)],
+                             cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: sum(r["state"] == "Running" for r in journal(state, "twice").values()) == 2, 60,
+                 "the first run's trials running")
+        second = kubetune("run", str(spec), "--state-dir", str(state), cwd=tmp_path, env=env, timeout=30)
+        assert second.returncode == 2, second.stderr
+        assert "another" in second.stderr and str(state / "twice") in second.stderr
+        assert all(r["attempt"] == 1 for r in journal(state, "twice").values())
+    finally:
+        gate.touch()
+        try:
+            first.wait(timeout=60)
+        finally:
+            first.kill()
+    assert first.returncode == 0, first.stderr.read()
+    assert sorted(int(n) for n in count_file.read_text().split()) == [0, 1]

@@ -98,8 +98,10 @@ def run_experiment(
     state_root = Path(state_root).resolve()
     store = StateStore(state_root, spec.name)
     try:
+        store.lock()
         study, state = open_study(spec, store, state_root)
     except BaseException:
+        store.close()
         if bus is not None:
             bus.close()
         raise
