@@ -415,3 +415,36 @@ def test_a_second_run_of_an_experiment_already_running_is_refused(tmp_path):
             first.kill()
     assert first.returncode == 0, first.stderr.read()
     assert sorted(int(n) for n in count_file.read_text().split()) == [0, 1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_a_trial_that_leaves_a_background_process_behind_ends_with_its_process(tmp_path):
+    """A trial's leftover child holds its output open; the trial must still end when its process does,
+    and the leftover must not outlive the run."""
+    marker = tmp_path / "child.pid"
+    spec = write_spec(tmp_path / "exp.yaml", "leftover", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
+        "budget": {"maxTrials": 1, "parallelTrials": 1},
+        "trialTemplate": {"command": ["sh", "-c", f"sleep 300 & echo $! > {marker}; sleep 301 >/dev/null & "
+                                                  f"echo $! >> {marker}; echo loss=0.5"]},
+        "metricsCollector": {"kind": "stdout"},
+    })
+    try:
+        result = kubetune("run", str(spec), "--state-dir", str(tmp_path / "state"), "--json", cwd=tmp_path,
+                          timeout=40)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["best"]["value"] == 0.5
+        pids = [int(p) for p in marker.read_text().split()]
+        assert len(pids) == 2
+        wait_for(lambda: not any(alive(p) for p in pids), 10, "the trial's leftover processes to be gone")
+    finally:
+        for pid in (int(p) for p in marker.read_text().split()) if marker.exists() else ():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

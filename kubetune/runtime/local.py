@@ -238,8 +238,19 @@ class LocalRuntime:
                         self._events.put(Reported(proc.trial.number, metrics))
 
     def _wait(self, proc: _Proc, reader: threading.Thread) -> None:
+        try:
+            # Exited, not reaped yet (so that its group id cannot be reused before the signal below).
+            os.waitid(os.P_PID, proc.popen.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            pass  # reaped already (a poll() on the main thread)
+        # The trial ends with its process. Whatever it left in its group (a background job) goes too: it
+        # would outlive the run, and while it held the output pipe open the exit was never reported.
+        _signal_group(proc.popen, signal.SIGTERM)
         code = proc.popen.wait()
-        reader.join()
+        reader.join(self.kill_after)
+        if reader.is_alive():
+            _signal_group(proc.popen, signal.SIGKILL)
+            reader.join()
         if code < 0:
             error = f"killed by {signal.Signals(-code).name}"
         else:
