@@ -245,11 +245,15 @@ class Engine:
         while free > 0:
             # A new configuration while the budget allows; else only a paused trial to resume.
             new = len(self.trials) < self.budget.max_trials and not self._exhausted
+            paused = [t for t in self.trials if t.state == TrialState.PAUSED]
             try:
                 trial = self.study.ask(new=new)
             except SearchExhausted:
                 self._exhausted = True
                 continue
+            finally:
+                # Paused trials the scheduler pruned while picking (synchronous HyperBand's losers at a rung).
+                self.changed.update(t.number for t in paused if t.state != TrialState.PAUSED)
             if trial is None:
                 break
             self.changed.add(trial.number)
