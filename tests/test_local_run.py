@@ -77,7 +77,7 @@ def counted_spec(tmp_path, name: str, max_trials: int):
     })
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "kill", "hangup"])
 def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_trials(tmp_path, sig):
     count_file = tmp_path / "finished.txt"
     spec = counted_spec(tmp_path, "resumable", 10)
@@ -448,3 +448,24 @@ def test_a_trial_that_leaves_a_background_process_behind_ends_with_its_process(t
         for pid in (int(p) for p in marker.read_text().split()) if marker.exists() else ():
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_under_nohup_a_hangup_does_not_stop_the_run(tmp_path):
+    spec = counted_spec(tmp_path, "nohup", 2)
+    gate = tmp_path / "go"
+    env = {"COUNT_FILE": str(tmp_path / "finished.txt"), "STEP_SECONDS": "0.05", "HOLD_FROM": "0",
+           "HOLD_FILE": str(gate)}
+    state = tmp_path / "state"
+    proc = subprocess.Popen(["nohup", sys.executable, "-m", "kubetune.cli", "run", str(spec), "--state-dir", str(state)],
+                            cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: sum(r["state"] == "Running" for r in journal(state, "nohup").values()) == 2, 60,
+                 "both trials running")
+        proc.send_signal(signal.SIGHUP)
+        gate.touch()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        gate.touch()
+        proc.kill()
+    assert all(r["state"] == "Succeeded" for r in journal(state, "nohup").values())
