@@ -238,11 +238,14 @@ class LocalRuntime:
                         self._events.put(Reported(proc.trial.number, metrics))
 
     def _wait(self, proc: _Proc, reader: threading.Thread) -> None:
-        try:
-            # Exited, not reaped yet (so that its group id cannot be reused before the signal below).
-            os.waitid(os.P_PID, proc.popen.pid, os.WEXITED | os.WNOWAIT)
-        except ChildProcessError:
-            pass  # reaped already (a poll() on the main thread)
+        if hasattr(os, "waitid"):  # (not on macOS: there the group is signalled just after the reaping)
+            try:
+                # Exited, not reaped yet (so that its group id cannot be reused before the signal below).
+                os.waitid(os.P_PID, proc.popen.pid, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                pass  # reaped already (a poll() on the main thread)
+        else:
+            proc.popen.wait()
         # The trial ends with its process. Whatever it left in its group (a background job) goes too: it
         # would outlive the run, and while it held the output pipe open the exit was never reported.
         _signal_group(proc.popen, signal.SIGTERM)
