@@ -469,3 +469,33 @@ def test_under_nohup_a_hangup_does_not_stop_the_run(tmp_path):
         gate.touch()
         proc.kill()
     assert all(r["state"] == "Succeeded" for r in journal(state, "nohup").values())
+
+
+def test_the_time_a_run_killed_with_sigkill_spent_counts_toward_the_timeout(tmp_path):
+    """The experiment's elapsed time (what budget.timeout is measured on) is saved as the run goes, not
+    only at its end: a run killed with -9 and run again must not start its clock afresh."""
+    gate = tmp_path / "go"
+    env = {"COUNT_FILE": str(tmp_path / "finished.txt"), "STEP_SECONDS": "0.05", "HOLD_FROM": "0",
+           "HOLD_FILE": str(gate)}
+    state = tmp_path / "state"
+    spec = counted_spec(tmp_path, "clock", 2)
+
+    def elapsed() -> float:
+        try:
+            return json.loads((state / "clock" / "state.json").read_text())["elapsed"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return 0.0
+
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "run", str(spec), "--state-dir", str(state)],
+                            cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: elapsed() > 0, 30, "the elapsed time saved while the run goes")
+    finally:
+        proc.kill()
+        proc.wait()
+        gate.touch()  # (the orphaned trial goes on, finds the runner gone at its first report, and fails)
+    before = elapsed()
+    again = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["elapsed_seconds"] >= before

@@ -26,6 +26,7 @@ from .store import StateStore
 
 POLL = 0.2  # seconds the loop waits for an event before checking timeouts
 SDK_GRACE = 5.0  # a trial told to stop through the SDK gets this long to exit by itself
+SAVE_ELAPSED = 5.0  # seconds between saves of the elapsed time (a run killed with -9 keeps what it spent)
 
 
 @dataclass
@@ -132,7 +133,7 @@ def run_experiment(
         bus_kw = {"bus": bus, "bus_key": key, "bus_env": env}
     runtime = LocalRuntime(spec, store.trial_dir, Path(base_dir), checkpoints=store.dir / "checkpoints", **bus_kw)
     try:
-        _loop(engine, runtime, store, clock, on_progress, stop)
+        _loop(engine, runtime, store, clock, on_progress, stop, state)
     except KeyboardInterrupt:
         _apply(engine.interrupt(), runtime)
         _drain(engine, runtime, store, clock)
@@ -161,8 +162,9 @@ def _can_continue(state: dict, study: Study, spec: ExperimentSpec) -> bool:
     return False
 
 
-def _loop(engine, runtime, store, clock, on_progress, stop=None) -> None:
+def _loop(engine, runtime, store, clock, on_progress, stop=None, state=None) -> None:
     last_progress = 0.0
+    last_saved = clock()
     while not engine.done:
         if stop is not None and stop.is_set():
             raise KeyboardInterrupt
@@ -173,6 +175,10 @@ def _loop(engine, runtime, store, clock, on_progress, stop=None) -> None:
         _release(engine, runtime)
         store.save_trials(engine.take_changed())
         now = clock()
+        if state is not None and now - last_saved >= SAVE_ELAPSED:
+            state["elapsed"] = engine.elapsed(now)  # what budget.timeout is measured on
+            store.save_state(state)
+            last_saved = now
         if on_progress is not None and now - last_progress >= 0.5:
             on_progress(engine, now)
             last_progress = now
