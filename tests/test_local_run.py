@@ -499,3 +499,36 @@ def test_the_time_a_run_killed_with_sigkill_spent_counts_toward_the_timeout(tmp_
     again = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["elapsed_seconds"] >= before
+
+
+def test_a_trial_that_exits_cleanly_on_sigterm_when_interrupted_is_run_again(tmp_path):
+    """Exit code 0 after the runner's SIGTERM is a trial cut short (trainers that save on preemption exit
+    cleanly), not one that finished: it must not be recorded Succeeded with its partial curve."""
+    gate = tmp_path / "go"
+    env = {"MARKER_DIR": str(tmp_path), "HOLD_FILE": str(gate)}
+    spec = write_spec(tmp_path / "exp.yaml", "graceful", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "x", "type": "double", "min": 1, "max": 2}],
+        "algorithm": {"name": "sobol", "settings": {"seed": 5}},
+        "budget": {"maxTrials": 2, "parallelTrials": 2},
+        "trialTemplate": {"command": ["python", str(TRIALS / "graceful.py")]},
+    })
+    state = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "run", str(spec), "--state-dir", str(state)],
+                            cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: all((tmp_path / f"{n}.reported").exists() for n in (0, 1)), 60, "both trials reporting")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    first = journal(state, "graceful")
+    assert [(r["state"], r["reason"]) for r in first.values()] == [("Killed", "interrupted")] * 2
+    gate.touch()
+    again = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    final = journal(state, "graceful")
+    assert all(r["state"] == "Succeeded" and r["attempt"] == 2 and len(r["intermediate"]) == 3
+               for r in final.values()), final

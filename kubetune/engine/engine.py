@@ -151,14 +151,17 @@ class Engine:
                 self._stopping[number] = (TrialState.PAUSED, f"paused at step {step:g}")
         return decision
 
-    def on_exit(self, number: int, exit_code: int | None, now: float, error: str = "") -> None:
-        """A trial's process ended; records its final state and value."""
+    def on_exit(self, number: int, exit_code: int | None, now: float, error: str = "", stopped: bool = False) -> None:
+        """A trial's process ended; records its final state and value. stopped: the runtime had signalled
+        it to stop (a trial that exits cleanly on SIGTERM, as trainers that save on preemption do, was cut
+        short all the same)."""
         trial = self.trials[number]
         trial.finished_at = now
         self.changed.add(number)
         self.study.ended(trial)
         values = [v for _, v in trial.intermediate]
-        if number in self._stopping and self._stopping[number][0] == TrialState.KILLED and exit_code == 0:
+        if (number in self._stopping and self._stopping[number][0] == TrialState.KILLED and exit_code == 0
+                and not stopped):
             # It finished on its own before the stop reached it: a normal ending, not a kill.
             del self._stopping[number]
         if number in self._stopping and self._stopping[number][0] == TrialState.PAUSED:

@@ -258,7 +258,7 @@ class LocalRuntime:
             error = f"killed by {signal.Signals(-code).name}"
         else:
             error = proc.tail[-1] if proc.tail and code != 0 else ""
-        self._events.put(Exited(proc.trial.number, code, error))
+        self._events.put(Exited(proc.trial.number, code, error, stopped=proc.term_sent))
 
     def _signals(self, now: float) -> None:
         for proc in list(self._procs.values()):
@@ -268,8 +268,8 @@ class LocalRuntime:
                 _signal_group(proc.popen, signal.SIGKILL)
                 proc.kill_at = None
             elif proc.term_at is not None and now >= proc.term_at:
+                proc.term_at, proc.term_sent = None, True  # (before the signal: the waiter reads it after the exit)
                 _signal_group(proc.popen, signal.SIGTERM)
-                proc.term_at, proc.term_sent = None, True
 
 
 def _signal_group(popen: subprocess.Popen, sig: int) -> None:

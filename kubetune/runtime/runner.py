@@ -237,7 +237,7 @@ def _handle(engine: Engine, runtime: LocalRuntime, event, now: float) -> None:
         _answer(runtime, event.number, event.reply, decision)
     elif isinstance(event, Exited):
         runtime.waiting.pop(event.number, None)
-        engine.on_exit(event.number, event.exit_code, now, event.error)
+        engine.on_exit(event.number, event.exit_code, now, event.error, stopped=event.stopped)
 
 
 _STILL_HELD = Decision("wait", "still held")
