@@ -103,10 +103,14 @@ def cmd_run(args) -> int:
             raise SpecError([Problem("--redis-password-env", f"${args.redis_password_env} is not set")])
     out = sys.stderr if args.json else sys.stdout
     progress = None if args.quiet else _Progress(out)
-    # Ctrl-C and `kill` stop the run cleanly, at the runner's next pass (see run_experiment).
+    # Ctrl-C, `kill` and a hangup stop the run cleanly, at the runner's next pass (see run_experiment).
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # A closed terminal or SSH session too: killed by it, the run would leave its trials running on
+    # (unless it is ignored, as under nohup: the run is meant to go on).
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda *_: stop.set())
     try:
         result = run_experiment(spec, args.state_dir, base_dir=Path(args.file).resolve().parent,
                                 on_progress=progress, stop=stop, redis_url=args.redis, redis_password=password,

@@ -366,3 +366,31 @@ def test_a_trial_survives_its_dict_form_whole():
     assert Trial.from_dict(d) == t
     d["intermediate"][0][1] = 9.9  # a copy: changing the dict leaves the trial alone
     assert t.intermediate[0][1] == 0.4
+
+
+@pytest.mark.parametrize("method", ["sha", "asha-promotion"])
+def test_every_state_change_reaches_the_driver(method):
+    """The driver saves what take_changed() returns: a paused trial the scheduler prunes while picking
+    the next trial (synchronous HyperBand's losers) must be among them, or the store keeps it Paused."""
+    settings = {"resource": "step", "min": 1, "max": 9, "reductionFactor": 3}
+    if method == "asha-promotion":
+        early = {"name": "asha", "settings": {**settings, "mode": "promotion"}}
+    else:
+        early = {"name": "sha", "settings": settings}
+    spec = make_spec(budget={"maxTrials": 9, "parallelTrials": 3}, early_stopping=early)
+    saved: dict[int, tuple] = {}
+
+    class Saving(Simulator):
+        def apply(self, actions):
+            super().apply(actions)
+            for t in self.engine.take_changed():
+                saved[t.number] = (t.state, t.reason)
+
+        def advance(self):
+            super().advance()
+            for t in self.engine.take_changed():
+                saved[t.number] = (t.state, t.reason)
+
+    e = Saving(make_engine(spec), curve).run()
+    assert e.count(TrialState.PRUNED) >= 1
+    assert {t.number: (t.state, t.reason) for t in e.trials} == saved

@@ -77,7 +77,7 @@ def counted_spec(tmp_path, name: str, max_trials: int):
     })
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "kill", "hangup"])
 def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_trials(tmp_path, sig):
     count_file = tmp_path / "finished.txt"
     spec = counted_spec(tmp_path, "resumable", 10)
@@ -308,3 +308,227 @@ def test_synchronous_pbt_waits_for_the_population_and_not_for_a_member_that_died
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 60  # ANSWER_TIMEOUT never ran out: nobody waited for the dead one
     check_synch_pbt(journal(tmp_path / "state", "synch"))
+
+
+def test_a_resumed_run_killed_with_sigkill_is_resumed_again(tmp_path):
+    """A finished run whose budget was raised, then killed with -9 mid-run: the next run goes on with it,
+    not shows the first run's ending over trials left Running."""
+    count_file = tmp_path / "finished.txt"
+    gate = tmp_path / "go"
+    env = {"COUNT_FILE": str(count_file), "STEP_SECONDS": "0.05", "HOLD_FROM": "2", "HOLD_FILE": str(gate)}
+    state = tmp_path / "state"
+    first = kubetune("run", str(counted_spec(tmp_path, "raised", 2)), "--state-dir", str(state), cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    spec = counted_spec(tmp_path, "raised", 4)
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "run", str(spec), "--state-dir", str(state)],
+                            cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: sum(r["state"] == "Running" for r in journal(state, "raised").values()) == 2, 60,
+                 "trials 2 and 3 running")
+    finally:
+        proc.kill()  # kill -9: no chance to record anything
+        proc.wait()
+    gate.touch()  # (the orphaned trials go on, find the runner gone at their first report, and fail)
+    second = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout)
+    assert summary["reason"] == "MaxTrialsReached" and summary["counts"]["Succeeded"] == 4, summary
+    assert all(r["state"] == "Succeeded" for r in journal(state, "raised").values())
+
+
+def test_a_timed_out_trial_that_ignores_sigterm_and_keeps_reporting_is_killed(tmp_path):
+    """Each report of a trial being stopped is answered `stop`; that must not put off its SIGKILL."""
+    spec = write_spec(tmp_path / "exp.yaml", "stubborn", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
+        "budget": {"maxTrials": 1, "parallelTrials": 1, "trialTimeout": "3s"},
+        "trialTemplate": {"command": ["python", str(TRIALS / "stubborn.py")]},
+    })
+    env = {"MARKER_DIR": str(tmp_path), "RUN_SECONDS": "30"}
+    result = kubetune("run", str(spec), "--state-dir", str(tmp_path / "state"), "--json", cwd=tmp_path, env=env)
+    assert (tmp_path / "term").exists(), result.stderr
+    assert not (tmp_path / "survived").exists(), "the trial ran to its own end: SIGKILL never came"
+    [record] = journal(tmp_path / "state", "stubborn").values()
+    assert record["state"] == "Failed" and record["reason"] == "exceeded trialTimeout (3s)"
+    assert result.returncode == 1 and json.loads(result.stdout)["reason"] == "NoTrialSucceeded"
+
+
+def test_the_first_record_after_one_cut_short_by_a_crash_is_kept(tmp_path):
+    """kill -9 in the middle of a journal write leaves a record without its newline; the next run's first
+    record must not be glued onto it (and lost with it)."""
+    from kubetune.api.trial import Trial, TrialState
+    from kubetune.runtime.store import StateStore
+
+    store = StateStore(tmp_path, "torn")
+    store.save_trials([Trial(0, {"x": 1}, TrialState.SUCCEEDED, 0.5), Trial(1, {"x": 2}, TrialState.RUNNING)])
+    store.close()
+    cut = json.dumps(Trial(1, {"x": 2}, TrialState.SUCCEEDED, 0.25).to_dict())
+    with store.journal.open("a") as f:
+        f.write(cut[:len(cut) // 2])  # the crash
+    resumed = StateStore(tmp_path, "torn")
+    assert [t.state for t in resumed.load_trials()] == [TrialState.SUCCEEDED, TrialState.RUNNING]
+    resumed.save_trials([Trial(1, {"x": 2}, TrialState.SUCCEEDED, 0.125)])
+    resumed.close()
+    trials = StateStore(tmp_path, "torn").load_trials()
+    assert (trials[1].state, trials[1].value) == (TrialState.SUCCEEDED, 0.125)
+
+
+def test_a_spec_file_that_is_not_utf8_is_a_usage_error_naming_the_file(tmp_path):
+    """A YAML saved as UTF-16 (PowerShell's `>` writes it) is exit 2 with the file named, not a traceback."""
+    spec = write_spec(tmp_path / "exp.yaml", "utf16", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
+        "trialTemplate": {"command": ["python", "-c", "print('loss=1')"]},
+    })
+    spec.write_bytes(spec.read_text().encode("utf-16"))
+    for command in ("run", "validate"):
+        result = kubetune(command, str(spec), "--state-dir", str(tmp_path / "state"), cwd=tmp_path) \
+            if command == "run" else kubetune(command, str(spec), cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and str(spec) in result.stderr and "UTF-8" in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_second_run_of_an_experiment_already_running_is_refused(tmp_path):
+    """Two `kubetune run`s of one experiment would both run its unfinished trials and write one journal."""
+    count_file = tmp_path / "finished.txt"
+    gate = tmp_path / "go"
+    env = {"COUNT_FILE": str(count_file), "STEP_SECONDS": "0.05", "HOLD_FROM": "0", "HOLD_FILE": str(gate)}
+    state = tmp_path / "state"
+    spec = counted_spec(tmp_path, "twice", 2)
+    first = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "run", str(spec), "--state-dir", str(state)],
+                             cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: sum(r["state"] == "Running" for r in journal(state, "twice").values()) == 2, 60,
+                 "the first run's trials running")
+        second = kubetune("run", str(spec), "--state-dir", str(state), cwd=tmp_path, env=env, timeout=30)
+        assert second.returncode == 2, second.stderr
+        assert "another" in second.stderr and str(state / "twice") in second.stderr
+        assert all(r["attempt"] == 1 for r in journal(state, "twice").values())
+    finally:
+        gate.touch()
+        try:
+            first.wait(timeout=60)
+        finally:
+            first.kill()
+    assert first.returncode == 0, first.stderr.read()
+    assert sorted(int(n) for n in count_file.read_text().split()) == [0, 1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_a_trial_that_leaves_a_background_process_behind_ends_with_its_process(tmp_path):
+    """A trial's leftover child holds its output open; the trial must still end when its process does,
+    and the leftover must not outlive the run."""
+    marker = tmp_path / "child.pid"
+    spec = write_spec(tmp_path / "exp.yaml", "leftover", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
+        "budget": {"maxTrials": 1, "parallelTrials": 1},
+        "trialTemplate": {"command": ["sh", "-c", f"sleep 300 & echo $! > {marker}; sleep 301 >/dev/null & "
+                                                  f"echo $! >> {marker}; echo loss=0.5"]},
+        "metricsCollector": {"kind": "stdout"},
+    })
+    try:
+        result = kubetune("run", str(spec), "--state-dir", str(tmp_path / "state"), "--json", cwd=tmp_path,
+                          timeout=40)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["best"]["value"] == 0.5
+        pids = [int(p) for p in marker.read_text().split()]
+        assert len(pids) == 2
+        wait_for(lambda: not any(alive(p) for p in pids), 10, "the trial's leftover processes to be gone")
+    finally:
+        for pid in (int(p) for p in marker.read_text().split()) if marker.exists() else ():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_under_nohup_a_hangup_does_not_stop_the_run(tmp_path):
+    spec = counted_spec(tmp_path, "nohup", 2)
+    gate = tmp_path / "go"
+    env = {"COUNT_FILE": str(tmp_path / "finished.txt"), "STEP_SECONDS": "0.05", "HOLD_FROM": "0",
+           "HOLD_FILE": str(gate)}
+    state = tmp_path / "state"
+    proc = subprocess.Popen(["nohup", sys.executable, "-m", "kubetune.cli", "run", str(spec), "--state-dir", str(state)],
+                            cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: sum(r["state"] == "Running" for r in journal(state, "nohup").values()) == 2, 60,
+                 "both trials running")
+        proc.send_signal(signal.SIGHUP)
+        gate.touch()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        gate.touch()
+        proc.kill()
+    assert all(r["state"] == "Succeeded" for r in journal(state, "nohup").values())
+
+
+def test_the_time_a_run_killed_with_sigkill_spent_counts_toward_the_timeout(tmp_path):
+    """The experiment's elapsed time (what budget.timeout is measured on) is saved as the run goes, not
+    only at its end: a run killed with -9 and run again must not start its clock afresh."""
+    gate = tmp_path / "go"
+    env = {"COUNT_FILE": str(tmp_path / "finished.txt"), "STEP_SECONDS": "0.05", "HOLD_FROM": "0",
+           "HOLD_FILE": str(gate)}
+    state = tmp_path / "state"
+    spec = counted_spec(tmp_path, "clock", 2)
+
+    def elapsed() -> float:
+        try:
+            return json.loads((state / "clock" / "state.json").read_text())["elapsed"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return 0.0
+
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "run", str(spec), "--state-dir", str(state)],
+                            cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: elapsed() > 0, 30, "the elapsed time saved while the run goes")
+    finally:
+        proc.kill()
+        proc.wait()
+        gate.touch()  # (the orphaned trial goes on, finds the runner gone at its first report, and fails)
+    before = elapsed()
+    again = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["elapsed_seconds"] >= before
+
+
+def test_a_trial_that_exits_cleanly_on_sigterm_when_interrupted_is_run_again(tmp_path):
+    """Exit code 0 after the runner's SIGTERM is a trial cut short (trainers that save on preemption exit
+    cleanly), not one that finished: it must not be recorded Succeeded with its partial curve."""
+    gate = tmp_path / "go"
+    env = {"MARKER_DIR": str(tmp_path), "HOLD_FILE": str(gate)}
+    spec = write_spec(tmp_path / "exp.yaml", "graceful", {
+        "objective": {"metric": "loss", "goal": "minimize"},
+        "parameters": [{"name": "x", "type": "double", "min": 1, "max": 2}],
+        "algorithm": {"name": "sobol", "settings": {"seed": 5}},
+        "budget": {"maxTrials": 2, "parallelTrials": 2},
+        "trialTemplate": {"command": ["python", str(TRIALS / "graceful.py")]},
+    })
+    state = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "run", str(spec), "--state-dir", str(state)],
+                            cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: all((tmp_path / f"{n}.reported").exists() for n in (0, 1)), 60, "both trials reporting")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    first = journal(state, "graceful")
+    assert [(r["state"], r["reason"]) for r in first.values()] == [("Killed", "interrupted")] * 2
+    gate.touch()
+    again = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    final = journal(state, "graceful")
+    assert all(r["state"] == "Succeeded" and r["attempt"] == 2 and len(r["intermediate"]) == 3
+               for r in final.values()), final

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from .durations import parse_duration
 from .space import SearchSpace
-from .validation import load_experiment
+from .validation import Problem, SpecError, load_experiment
 
 DEFAULT_ALGORITHM = {"name": "random", "settings": {}}
 # Katib's metric lines: `name=value`, several per line, separated by spaces or commas.
@@ -144,4 +144,9 @@ class ExperimentSpec:
 def load_spec(path: str | Path) -> ExperimentSpec:
     """Reads, validates and types an Experiment file; raises SpecError."""
     path = Path(path)
-    return ExperimentSpec.from_document(load_experiment(path.read_text(), str(path)))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError([Problem("(file)", f"not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8")],
+                        str(path)) from None
+    return ExperimentSpec.from_document(load_experiment(text, str(path)))

@@ -150,14 +150,17 @@ class Engine:
                 self._stopping[number] = (TrialState.PAUSED, f"paused at step {step:g}")
         return decision
 
-    def on_exit(self, number: int, exit_code: int | None, now: float, error: str = "") -> None:
-        """A trial's process ended; records its final state and value."""
+    def on_exit(self, number: int, exit_code: int | None, now: float, error: str = "", stopped: bool = False) -> None:
+        """A trial's process ended; records its final state and value. stopped: the runtime had signalled
+        it to stop (a trial that exits cleanly on SIGTERM, as trainers that save on preemption do, was cut
+        short all the same)."""
         trial = self.trials[number]
         trial.finished_at = now
         self.changed.add(number)
         self.study.ended(trial)
         values = [v for _, v in trial.intermediate]
-        if number in self._stopping and self._stopping[number][0] == TrialState.KILLED and exit_code == 0:
+        if (number in self._stopping and self._stopping[number][0] == TrialState.KILLED and exit_code == 0
+                and not stopped):
             # It finished on its own before the stop reached it: a normal ending, not a kill.
             del self._stopping[number]
         if number in self._stopping and self._stopping[number][0] == TrialState.PAUSED:
@@ -244,11 +247,15 @@ class Engine:
         while free > 0:
             # A new configuration while the budget allows; else only a paused trial to resume.
             new = len(self.trials) < self.budget.max_trials and not self._exhausted
+            paused = [t for t in self.trials if t.state == TrialState.PAUSED]
             try:
                 trial = self.study.ask(new=new)
             except SearchExhausted:
                 self._exhausted = True
                 continue
+            finally:
+                # Paused trials the scheduler pruned while picking (synchronous HyperBand's losers at a rung).
+                self.changed.update(t.number for t in paused if t.state != TrialState.PAUSED)
             if trial is None:
                 break
             self.changed.add(trial.number)

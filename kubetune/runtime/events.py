@@ -31,6 +31,7 @@ class Exited:
     number: int
     exit_code: int | None
     error: str = ""  # the last line of output, when it failed
+    stopped: bool = False  # it had been sent SIGTERM (exit code 0 then is not a run that finished)
 
 
 @dataclass

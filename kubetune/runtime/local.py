@@ -46,6 +46,7 @@ class _Proc:
     log_path: Path
     term_at: float | None = None
     kill_at: float | None = None
+    term_sent: bool = False
     uses_sdk: bool = False
     tail: list[str] = field(default_factory=list)
     # A bus trial that exited: its Exited event, held until the loop reaches `target` (a stream position).
@@ -146,6 +147,8 @@ class LocalRuntime:
         if proc is None:
             return
         now = time.monotonic()
+        if proc.term_sent:
+            return  # its SIGKILL is due already: asked again (each report of a trial being stopped is), not put off
         proc.term_at = min(proc.term_at or float("inf"), now + grace)
         proc.kill_at = proc.term_at + self.kill_after
         self._signals(now)
@@ -235,13 +238,27 @@ class LocalRuntime:
                         self._events.put(Reported(proc.trial.number, metrics))
 
     def _wait(self, proc: _Proc, reader: threading.Thread) -> None:
+        if hasattr(os, "waitid"):  # (not on macOS: there the group is signalled just after the reaping)
+            try:
+                # Exited, not reaped yet (so that its group id cannot be reused before the signal below).
+                os.waitid(os.P_PID, proc.popen.pid, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                pass  # reaped already (a poll() on the main thread)
+        else:
+            proc.popen.wait()
+        # The trial ends with its process. Whatever it left in its group (a background job) goes too: it
+        # would outlive the run, and while it held the output pipe open the exit was never reported.
+        _signal_group(proc.popen, signal.SIGTERM)
         code = proc.popen.wait()
-        reader.join()
+        reader.join(self.kill_after)
+        if reader.is_alive():
+            _signal_group(proc.popen, signal.SIGKILL)
+            reader.join()
         if code < 0:
             error = f"killed by {signal.Signals(-code).name}"
         else:
             error = proc.tail[-1] if proc.tail and code != 0 else ""
-        self._events.put(Exited(proc.trial.number, code, error))
+        self._events.put(Exited(proc.trial.number, code, error, stopped=proc.term_sent))
 
     def _signals(self, now: float) -> None:
         for proc in list(self._procs.values()):
@@ -251,8 +268,8 @@ class LocalRuntime:
                 _signal_group(proc.popen, signal.SIGKILL)
                 proc.kill_at = None
             elif proc.term_at is not None and now >= proc.term_at:
+                proc.term_at, proc.term_sent = None, True  # (before the signal: the waiter reads it after the exit)
                 _signal_group(proc.popen, signal.SIGTERM)
-                proc.term_at = None
 
 
 def _signal_group(popen: subprocess.Popen, sig: int) -> None:

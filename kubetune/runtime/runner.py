@@ -26,6 +26,7 @@ from .store import StateStore
 
 POLL = 0.2  # seconds the loop waits for an event before checking timeouts
 SDK_GRACE = 5.0  # a trial told to stop through the SDK gets this long to exit by itself
+SAVE_ELAPSED = 5.0  # seconds between saves of the elapsed time (a run killed with -9 keeps what it spent)
 
 
 @dataclass
@@ -99,8 +100,10 @@ def run_experiment(
     state_root = Path(state_root).resolve()
     store = StateStore(state_root, spec.name)
     try:
+        store.lock()
         study, state = open_study(spec, store, state_root)
     except BaseException:
+        store.close()
         if bus is not None:
             bus.close()
         raise
@@ -109,6 +112,11 @@ def run_experiment(
         if bus is not None:
             bus.close()
         return RunResult(spec, study.trials, Completion(**state["completion"]), state["elapsed"], store.dir)
+    if state.get("completion"):
+        # Going on past an earlier ending: saved now, so that a run killed with -9 is resumed again
+        # (not shown as that ending, over trials it left Running).
+        state["completion"] = None
+        store.save_state(state)
     start = clock()
     engine = Engine(spec, study, start, elapsed_before=state.get("elapsed", 0.0))
     bus_kw = {}
@@ -128,7 +136,7 @@ def run_experiment(
         bus_kw = {"bus": bus, "bus_key": key, "bus_env": env}
     runtime = LocalRuntime(spec, store.trial_dir, Path(base_dir), checkpoints=store.dir / "checkpoints", **bus_kw)
     try:
-        _loop(engine, runtime, store, clock, on_progress, stop)
+        _loop(engine, runtime, store, clock, on_progress, stop, state)
     except KeyboardInterrupt:
         _apply(engine.interrupt(), runtime)
         _drain(engine, runtime, store, clock)
@@ -146,7 +154,8 @@ def run_experiment(
 def _can_continue(state: dict, study: Study, spec: ExperimentSpec) -> bool:
     """A finished run goes on only when its budget was raised (or it was interrupted)."""
     reason = state["completion"]["reason"]
-    if reason == "Interrupted":
+    if reason == "Interrupted" or any(t.state.active for t in study.trials):
+        # (Active trials: a later run, killed with -9, that a state written before it was saved cleared.)
         return True
     if reason in ("MaxTrialsReached", "NoTrialSucceeded"):
         return len(study.trials) < spec.budget.max_trials
@@ -156,8 +165,9 @@ def _can_continue(state: dict, study: Study, spec: ExperimentSpec) -> bool:
     return False
 
 
-def _loop(engine, runtime, store, clock, on_progress, stop=None) -> None:
+def _loop(engine, runtime, store, clock, on_progress, stop=None, state=None) -> None:
     last_progress = 0.0
+    last_saved = clock()
     while not engine.done:
         if stop is not None and stop.is_set():
             raise KeyboardInterrupt
@@ -168,6 +178,10 @@ def _loop(engine, runtime, store, clock, on_progress, stop=None) -> None:
         _release(engine, runtime)
         store.save_trials(engine.take_changed())
         now = clock()
+        if state is not None and now - last_saved >= SAVE_ELAPSED:
+            state["elapsed"] = engine.elapsed(now)  # what budget.timeout is measured on
+            store.save_state(state)
+            last_saved = now
         if on_progress is not None and now - last_progress >= 0.5:
             on_progress(engine, now)
             last_progress = now
@@ -226,7 +240,7 @@ def _handle(engine: Engine, runtime: LocalRuntime, event, now: float) -> None:
         _answer(runtime, event.number, event.reply, decision)
     elif isinstance(event, Exited):
         runtime.waiting.pop(event.number, None)
-        engine.on_exit(event.number, event.exit_code, now, event.error)
+        engine.on_exit(event.number, event.exit_code, now, event.error, stopped=event.stopped)
 
 
 _STILL_HELD = Decision("wait", "still held")

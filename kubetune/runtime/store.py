@@ -12,6 +12,7 @@ The journal is append-only and flushed to disk after each write, so a crash
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -34,6 +35,26 @@ class StateStore:
         self.journal = self.dir / "trials.jsonl"
         self.state_file = self.dir / "state.json"
         self._handle = None
+        self._lock = None
+
+    def lock(self) -> None:
+        """Holds the experiment for this process until close(); StateError if another holds it (two runs
+        of one experiment would both run its unfinished trials and write one journal). The kernel lets
+        go of it when the process ends, even by kill -9."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        f = (self.dir / "run.lock").open("a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise StateError(f"{self.dir} is in use by another `kubetune run` of this experiment"
+                             f"{f' (pid {holder})' if holder else ''}; wait for it to end or stop it") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        self._lock = f
 
     @property
     def exists(self) -> bool:
@@ -89,6 +110,8 @@ class StateStore:
         if self._handle is None:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._handle = self.journal.open("a")
+            if _cut_short(self.journal):
+                lines = "\n" + lines  # ends the record a crash cut short, which stays unreadable on its own line
         self._handle.write(lines)
         self._handle.flush()
         os.fsync(self._handle.fileno())
@@ -97,6 +120,18 @@ class StateStore:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def _cut_short(path: Path) -> bool:
+    """Whether the file's last line lacks its newline (a write cut short by kill -9)."""
+    with path.open("rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def _atomic_write(path: Path, text: str) -> None:
