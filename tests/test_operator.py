@@ -499,3 +499,31 @@ def test_the_k8s_examples_run_the_pytorch_trainer(k8s_cluster, k8s_namespace, ma
         assert any(e["event"] == "exploit" for t in trials for e in t["status"].get("events", []))
     if name == "tpe.yaml":
         assert status["succeeded"] == 6
+
+
+def test_a_pod_deleted_while_the_operator_is_down_runs_the_trial_again_as_a_new_attempt(
+        k8s_cluster, k8s_namespace, make_kubelet, stack):
+    """The pod of a running trial is deleted while the operator is down (a node drained, a pod cleaned up):
+    no watch event ever tells the restarted operator. It must see that the trial's pod is gone and run the
+    trial again as a new attempt, not make the same attempt's pod again, whose reports then go on after
+    the lost pod's in one record (steps 1, 2, 3, 1, 2, ...)."""
+    make_kubelet(gpus=1)
+    spec = curve_spec(budget={"maxTrials": 1, "parallelTrials": 1})
+    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "0.3"}, {"name": "JITTER", "value": "1"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("gone", k8s_namespace, **spec))
+
+    def reported(n):
+        items = get(k8s_cluster, "trials", k8s_namespace)["items"]
+        return items and len((items[0].get("status") or {}).get("intermediate") or []) >= n
+
+    wait_until(lambda: reported(3), timeout=60, what="the trial to report 3 steps")
+    stack.kill("operator")
+    k8s_cluster.kubectl("delete", "pod", "gone-0000", "-n", k8s_namespace, "--wait=true", "--timeout=60s")
+    stack.start("operator")
+    status = wait_phase(k8s_cluster, k8s_namespace, "gone", stack, timeout=120)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    [trial] = get(k8s_cluster, "trials", k8s_namespace)["items"]
+    steps = [s for s, _ in trial["status"]["intermediate"]]
+    assert steps == list(range(1, 10)), (steps, stack.logs())
+    assert trial["spec"]["attempt"] == 2 and trial["status"]["podName"] == "gone-0000-r2"
+    assert status.get("retries") == 1

@@ -198,10 +198,30 @@ class Controller:
         exp = self._experiment_of(trial)
         if exp is None:
             return
+        if status.get("state") == "Running" and self._lost_unseen(trial):
+            return
         # No status write here: a trial without a state is Pending, and its pod's name follows from its attempt.
         pod = trial_pod(ExperimentSpec.from_document(exp), trial, self.bus)
         if not self.kube.create_pod(pod):
             self._replace_foreign_pod(trial, pod)
+
+    def _lost_unseen(self, trial: dict) -> bool:
+        """A trial whose pod ran and is gone, unseen (deleted while this operator was down), runs again as a
+        new attempt: making the same attempt's pod again would run it afresh under the old attempt, its
+        reports going on after the lost pod's in one record."""
+        namespace, name = trial["metadata"]["namespace"], trial["metadata"]["name"]
+        if self.kube.get_pod(namespace, current_pod(trial)) is not None:
+            return False
+        fresh = self.kube.get_trial(namespace, name)  # (the event's copy may be stale, and is read-only)
+        status = (fresh or {}).get("status") or {}
+        if (fresh is None or fresh["metadata"]["uid"] != trial["metadata"]["uid"] or status.get("state") != "Running"
+                or current_pod(fresh) != current_pod(trial)):
+            return True  # gone, over or retried since: its own events see to it
+        if status.get("stop"):  # as its pod's deletion would have: it ends as it was told to
+            self._finish_trial(fresh, None, "")
+        else:
+            self._retry(fresh, f"pod {current_pod(fresh)} was deleted before it finished")
+        return True
 
     def _replace_foreign_pod(self, trial: dict, pod: dict) -> None:
         """The pod's name is taken. By this trial's own pod (created before a restart): nothing to do. By a
