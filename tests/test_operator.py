@@ -527,3 +527,32 @@ def test_a_pod_deleted_while_the_operator_is_down_runs_the_trial_again_as_a_new_
     assert steps == list(range(1, 10)), (steps, stack.logs())
     assert trial["spec"]["attempt"] == 2 and trial["status"]["podName"] == "gone-0000-r2"
     assert status.get("retries") == 1
+
+
+def test_a_restarted_suggestion_service_schedules_the_running_trials_before_any_ends(
+        k8s_cluster, k8s_namespace, make_kubelet, stack):
+    """The suggestion service restarts while every trial slot is taken: it holds nothing of the experiment,
+    and its scheduler loop (pruning, PBT, writing reported values to the Trials) runs only once the operator
+    sends the experiment again. That must not wait for a free slot, i.e. for a trial to end."""
+    from tests.cluster.waiting import GiveUp
+
+    make_kubelet(gpus=2)
+    spec = curve_spec(budget={"maxTrials": 2, "parallelTrials": 2})
+    spec["trialTemplate"]["env"] = [{"name": "STEPS", "value": "40"}, {"name": "STEP_SECONDS", "value": "0.3"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("held", k8s_namespace, **spec))
+
+    def reported():
+        items = get(k8s_cluster, "trials", k8s_namespace)["items"]
+        if any((t.get("status") or {}).get("state") in ("Succeeded", "Failed", "Pruned", "Killed") for t in items):
+            raise GiveUp(f"a trial ended first:\n{trial_states(k8s_cluster, k8s_namespace)}\n{stack.logs()}")
+        return {t["metadata"]["name"]: len((t.get("status") or {}).get("intermediate") or []) for t in items}
+
+    wait_until(lambda: len(reported()) == 2 and min(reported().values()) >= 2, timeout=60,
+               what="both trials to report")
+    stack.kill("suggestion")
+    stack.start("suggestion")
+    at_restart = reported()
+    # Reports written to the API again while both trials still run: the new service reads the bus.
+    wait_until(lambda: all(n >= at_restart[name] + 5 for name, n in reported().items()), timeout=30,
+               what="reported values to reach the Trials again after the restart")
+    assert wait_phase(k8s_cluster, k8s_namespace, "held", stack)["phase"] == "Succeeded"

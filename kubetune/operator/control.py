@@ -14,7 +14,7 @@ import math
 import secrets
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..api.spec import ExperimentSpec
@@ -33,6 +33,7 @@ log = logging.getLogger("kubetune.operator")
 SPEC_CACHE_SECONDS = 1.0
 FOREIGN_POD_WAIT_S = 60.0  # how long a trial waits for the pod of an earlier trial of its name to go
 STOP_GRACE = 5  # seconds a trial told to stop through the SDK has to exit by itself
+HOLD_CHECK_S = 2.0  # how often, with no trial to ask for, the service is checked to hold a running experiment
 FINAL = {s.value for s in TrialState if s.finished}
 
 
@@ -132,6 +133,13 @@ class Controller:
         active = sum(1 for t in trials if t.state.active)
         wanted = min(spec.budget.parallel_trials - active, spec.budget.max_trials - len(trials))
         if wanted <= 0 or status.get("exhausted"):
+            if active and self._hold_due(exp):
+                # Nothing to ask for, but the service must still hold the experiment while trials run: one
+                # restarted since has no scheduler loop reading their reports until it is sent it again.
+                try:
+                    self._suggest(exp, spec, trials, versions, 0)
+                except OSError as e:  # (the pass goes on: its status counts need no service)
+                    log.warning("suggestion service unreachable for %s: %s", exp["metadata"]["name"], e)
             return bool(status.get("exhausted"))
         meta = exp["metadata"]
         answer = self._suggest(exp, spec, trials, versions, wanted)
@@ -139,6 +147,11 @@ class Controller:
             if self.kube.create_trial(trial_resource(exp, s["number"], s["params"])):
                 log.info("created trial %s-%04d", meta["name"], s["number"])
         return bool(answer.get("exhausted"))
+
+    def _hold_due(self, exp: dict) -> bool:
+        """Whether to check, with an empty request, that the service holds the experiment (every HOLD_CHECK_S)."""
+        sent = self._sent.get((exp["metadata"]["namespace"], exp["metadata"]["name"]))
+        return sent is None or time.monotonic() - sent.at >= HOLD_CHECK_S
 
     def _suggest(self, exp: dict, spec: ExperimentSpec, trials: list[Trial], versions: dict[int, str],
                  count: int) -> dict:
@@ -154,6 +167,7 @@ class Controller:
                 "changed": [t.to_dict() for t in changed], "total": len(trials), "count": count})
             if not answer.get("resync"):
                 sent.versions.update((t.number, versions.get(t.number)) for t in changed)
+                sent.at = time.monotonic()
                 return answer
         answer = self.ask_service("/v1/suggest", {**self._context(exp, spec, trials), "count": count})
         self._sent[key] = _Sent(ident, answer["epoch"], dict(versions))
@@ -426,6 +440,7 @@ class _Sent:
     ident: tuple  # the experiment's uid and generation: a changed spec is sent whole
     epoch: str  # the service's name for what it holds
     versions: dict[int, str | None]  # trial number -> resourceVersion sent
+    at: float = field(default_factory=time.monotonic)  # when the service last answered for it
 
 
 def best_trial(spec: ExperimentSpec, trials: list[Trial]) -> Trial | None:
