@@ -372,18 +372,21 @@ class Controller:
     def _retry(self, trial: dict, why: str) -> None:
         """A pod lost before it finished (its node went away): run the trial again, as a new attempt."""
         meta = trial["metadata"]
-        exp = self.kube.get_experiment(meta["namespace"], trial["spec"]["experiment"])  # fresh: its retry count
-        if exp is None or not owns(exp, trial):
-            return
-        spec = ExperimentSpec.from_document(exp)
-        retries = int((exp.get("status") or {}).get("retries", 0))
-        if retries >= spec.budget.max_failed_trials:
-            self._finish_trial(trial, None, why)
-            return
+        while True:  # trials lost together (one node) are retried at once, in threads: each counts
+            exp = self.kube.get_experiment(meta["namespace"], trial["spec"]["experiment"])  # fresh: its retry count
+            if exp is None or not owns(exp, trial):
+                return
+            spec = ExperimentSpec.from_document(exp)
+            retries = int((exp.get("status") or {}).get("retries", 0))
+            if retries >= spec.budget.max_failed_trials:
+                self._finish_trial(trial, None, why)
+                return
+            if self.kube.patch_experiment_status(meta["namespace"], exp["metadata"]["name"], {"retries": retries + 1},
+                                                 resource_version=exp["metadata"]["resourceVersion"]):
+                break
         record = to_record(trial)
         record.start_over()  # its reports go, and with them the exploits that point into them
         attempt = record.attempt
-        self.kube.patch_experiment_status(meta["namespace"], exp["metadata"]["name"], {"retries": retries + 1})
         # The new pod's name first, so events of the old pod are ignored from now on.
         self.kube.patch_trial_status(meta["namespace"], meta["name"], {
             "state": "Pending", "podName": pod_name(meta["name"], attempt), "startTime": None,
