@@ -556,3 +556,37 @@ def test_a_restarted_suggestion_service_schedules_the_running_trials_before_any_
     wait_until(lambda: all(n >= at_restart[name] + 5 for name, n in reported().items()), timeout=30,
                what="reported values to reach the Trials again after the restart")
     assert wait_phase(k8s_cluster, k8s_namespace, "held", stack)["phase"] == "Succeeded"
+
+
+def test_a_trial_whose_pod_the_control_plane_marked_failed_as_disrupted_runs_again(
+        k8s_cluster, k8s_namespace, make_kubelet, stack):
+    """A node gone for good (a spot instance reclaimed, its Node object deleted): the pod garbage collector
+    marks its pods Failed with a DisruptionTarget condition, then deletes them (as node-pressure eviction
+    marks them Failed, reason Evicted). The trial did not fail: it runs again, as for a pod evicted while
+    running, instead of counting as a failed trial."""
+    doomed = make_kubelet(gpus=1)
+    spec = curve_spec(budget={"maxTrials": 1, "parallelTrials": 1})
+    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "0.3"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("reclaimed", k8s_namespace, **spec))
+    wait_until(lambda: doomed.running_pods(), timeout=60, what="the trial to run")
+
+    def reported(n):
+        [trial] = get(k8s_cluster, "trials", k8s_namespace)["items"]
+        return len((trial.get("status") or {}).get("intermediate") or []) >= n
+
+    wait_until(lambda: reported(2), timeout=60, what="the trial to report")
+    make_kubelet(gpus=1)
+    doomed.lose()
+    # What the pod garbage collector writes for a pod of a deleted node, in its order.
+    condition = {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC",
+                 "message": "PodGC: node no longer exists", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+    k8s_cluster.kubectl("patch", "pod", "reclaimed-0000", "-n", k8s_namespace, "--subresource=status", "--type=merge",
+                        "-p", json.dumps({"status": {"phase": "Failed", "conditions": [condition]}}))
+    k8s_cluster.kubectl("delete", "pod", "reclaimed-0000", "-n", k8s_namespace, "--grace-period=0", "--force",
+                        "--ignore-not-found")
+    status = wait_phase(k8s_cluster, k8s_namespace, "reclaimed", stack, timeout=120)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    [trial] = get(k8s_cluster, "trials", k8s_namespace)["items"]
+    assert trial["spec"]["attempt"] == 2 and trial["status"]["state"] == "Succeeded"
+    assert [s for s, _ in trial["status"]["intermediate"]] == list(range(1, 10))
+    assert status.get("retries") == 1

@@ -275,8 +275,12 @@ class Controller:
             return None  # over, or the pod of an earlier attempt
         phase = (pod.get("status") or {}).get("phase")
         experiment = trial["spec"]["experiment"]
-        if meta.get("deletionTimestamp") and phase not in ("Succeeded", "Failed") and not status.get("stop"):
-            # Evicted (its node was lost) or deleted by someone: the trial runs again in a new pod.
+        lost = (meta.get("deletionTimestamp") and phase not in ("Succeeded", "Failed")) or (
+            phase == "Failed" and _disrupted(pod))
+        if lost and not status.get("stop"):
+            # Evicted (its node was lost) or deleted by someone: the trial runs again in a new pod. So too for
+            # a pod the control plane failed for it (the pod garbage collector, for a node gone for good;
+            # node-pressure eviction): it says so in a DisruptionTarget condition.
             self._retry(trial, f"pod {meta['name']} was evicted or deleted before it finished")
             self.kube.delete_pod(meta["namespace"], meta["name"], grace=0)
             return experiment
@@ -465,6 +469,13 @@ def counts(spec: ExperimentSpec, trials: list[Trial]) -> dict:
 def _condition(kind: str, status: str, reason: str, message: str) -> dict:
     return {"type": kind, "status": status, "reason": reason, "message": message[:1000],
             "lastTransitionTime": now_iso()}
+
+
+def _disrupted(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod was failed by the control plane, not by its container's exit."""
+    status = pod.get("status") or {}
+    return status.get("reason") == "Evicted" or any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
 def _exit_of(pod: Mapping[str, Any]) -> tuple[int | None, str]:
