@@ -56,3 +56,44 @@ def test_trials_lost_together_count_one_retry_each(k8s_cluster, k8s_namespace, c
     trials = get(k8s_cluster, "trials", k8s_namespace)["items"]
     assert [t["spec"]["attempt"] for t in trials] == [2, 2]
     assert get(k8s_cluster, "experiment", k8s_namespace, "flap")["status"].get("retries") == 2
+
+
+def test_a_retried_trial_never_ends_with_the_lost_attempts_reports(k8s_cluster, k8s_namespace, chart):
+    """The retry's word to the suggestion service fails (a blip: the service keeps running), and the new pod
+    ends before it reports anything. The flush at its end must not hand back the lost attempt's reports:
+    they made the trial Succeeded with a value its attempt never reported."""
+    import socket
+
+    from kubetune.bus import MemoryBus, TrialClient
+    from kubetune.service.server import SuggestionService, serve
+
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "blip", k8s_namespace, **curve_spec(budget={"maxTrials": 1, "parallelTrials": 1})))
+    bus = MemoryBus()
+    service = SuggestionService(bus=bus)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = serve(service, "127.0.0.1", port)
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, f"http://127.0.0.1:{port}")
+        controller.reconcile_experiment(k8s_namespace, "blip")  # starts it: trial 0, held by the service
+        uid = get(k8s_cluster, "experiment", k8s_namespace, "blip")["metadata"]["uid"]
+        lost = TrialClient(bus, f"{k8s_namespace}/blip/{uid}", 0, wait=True)
+        for step in (1, 2, 3):
+            assert lost.send_report(step, {"score": 0.9}).action == "continue"
+
+        controller.suggestion_url = "http://127.0.0.1:9"  # the retry's flush fails
+        controller._retry(kube.get_trial(k8s_namespace, "blip-0000"), "its node was lost")
+        controller.suggestion_url = f"http://127.0.0.1:{port}"
+        kube.delete_pod(k8s_namespace, "blip-0000-r2", grace=0)  # (no kubelet here: its pod is gone)
+        controller._finish_trial(kube.get_trial(k8s_namespace, "blip-0000"), 0, "")  # exited, reporting nothing
+
+        trial = kube.get_trial(k8s_namespace, "blip-0000")
+        assert trial["spec"]["attempt"] == 2
+        assert trial["status"]["state"] == "Failed" and "value" not in trial["status"], trial["status"]
+        assert trial["status"]["intermediate"] == []
+    finally:
+        server.shutdown()
+        service.close()

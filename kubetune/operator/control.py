@@ -347,8 +347,9 @@ class Controller:
     def _reported(self, exp: dict, spec: ExperimentSpec, record: Trial) -> dict:
         """The trial's reported values, once the suggestion service has taken all it sent."""
         meta = exp["metadata"]
+        # With its attempt: a service not told of a retry (that request failed) drops the lost attempt's reports.
         request = {"experiment": {"namespace": meta["namespace"], "name": meta["name"]}, "trial": record.number,
-                   "ended": True}
+                   "ended": True, "attempt": record.attempt}
         try:
             got = self.ask_service("/v1/flush", request)
             if not got.get("known"):
