@@ -133,7 +133,7 @@ class Controller:
         active = sum(1 for t in trials if t.state.active)
         wanted = min(spec.budget.parallel_trials - active, spec.budget.max_trials - len(trials))
         if wanted <= 0 or status.get("exhausted"):
-            if active and self._hold_due(exp):
+            if active and self._hold_due(exp, len(trials)):
                 # Nothing to ask for, but the service must still hold the experiment while trials run: one
                 # restarted since has no scheduler loop reading their reports until it is sent it again.
                 try:
@@ -143,15 +143,19 @@ class Controller:
             return bool(status.get("exhausted"))
         meta = exp["metadata"]
         answer = self._suggest(exp, spec, trials, versions, wanted)
+        self._sent[(meta["namespace"], meta["name"])].suggested = max(
+            [len(trials)] + [s["number"] + 1 for s in answer["suggestions"]])
         for s in answer["suggestions"]:
             if self.kube.create_trial(trial_resource(exp, s["number"], s["params"])):
                 log.info("created trial %s-%04d", meta["name"], s["number"])
         return bool(answer.get("exhausted"))
 
-    def _hold_due(self, exp: dict) -> bool:
-        """Whether to check, with an empty request, that the service holds the experiment (every HOLD_CHECK_S)."""
+    def _hold_due(self, exp: dict, total: int) -> bool:
+        """Whether to check, with an empty request, that the service holds the experiment (every HOLD_CHECK_S).
+        Not while the watch cache lacks trials created since (total, below what was suggested): the service
+        would drop them until they were sent, and answer their first reports `stop`."""
         sent = self._sent.get((exp["metadata"]["namespace"], exp["metadata"]["name"]))
-        return sent is None or time.monotonic() - sent.at >= HOLD_CHECK_S
+        return sent is None or (time.monotonic() - sent.at >= HOLD_CHECK_S and total >= sent.suggested)
 
     def _suggest(self, exp: dict, spec: ExperimentSpec, trials: list[Trial], versions: dict[int, str],
                  count: int) -> dict:
@@ -449,6 +453,7 @@ class _Sent:
     epoch: str  # the service's name for what it holds
     versions: dict[int, str | None]  # trial number -> resourceVersion sent
     at: float = field(default_factory=time.monotonic)  # when the service last answered for it
+    suggested: int = 0  # trials up to this number were suggested (and created, or being created)
 
 
 def best_trial(spec: ExperimentSpec, trials: list[Trial]) -> Trial | None:
