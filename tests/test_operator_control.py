@@ -97,3 +97,27 @@ def test_a_retried_trial_never_ends_with_the_lost_attempts_reports(k8s_cluster, 
     finally:
         server.shutdown()
         service.close()
+
+
+def test_a_pod_made_for_a_trial_killed_meanwhile_does_not_run_on(k8s_cluster, k8s_namespace, chart):
+    """The experiment ends (goal reached, timeout) just as a new trial's pod is being made: the pass that
+    ends it finds no pod and records the trial Killed, then the pod is created. Nothing would ever stop
+    that pod (events of a finished trial's pod are ignored): it held its GPU until it ran to its end."""
+    from kubetune.api.trial import TrialState
+
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "late", k8s_namespace, **curve_spec(budget={"maxTrials": 1, "parallelTrials": 1})))
+    exp = get(k8s_cluster, "experiment", k8s_namespace, "late")
+
+    class EndingMeanwhile(Kube):
+        def create_pod(self, body):
+            controller.request_stop(k8s_namespace, "late-0000", TrialState.KILLED, "experiment ended: timeout")
+            return super().create_pod(body)
+
+    kube = EndingMeanwhile(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+    controller = Controller(kube, "http://127.0.0.1:9")
+    kube.create_trial(trial_resource(exp, 0, {"x": 0.5}))
+    controller.ensure_pod(kube.get_trial(k8s_namespace, "late-0000"))
+    assert kube.get_trial(k8s_namespace, "late-0000")["status"]["state"] == "Killed"
+    pod = kube.get_pod(k8s_namespace, "late-0000")
+    assert pod is None or pod.metadata.deletion_timestamp is not None, "the killed trial's pod runs on"

@@ -222,6 +222,13 @@ class Controller:
         pod = trial_pod(ExperimentSpec.from_document(exp), trial, self.bus)
         if not self.kube.create_pod(pod):
             self._replace_foreign_pod(trial, pod)
+            return
+        # Ended meanwhile (its experiment's end found no pod to stop, and recorded it): nothing else would
+        # stop this pod, as events of a finished trial's pod are ignored.
+        now = self.kube.get_trial(trial["metadata"]["namespace"], trial["metadata"]["name"])
+        if now is None or now["metadata"]["uid"] != trial["metadata"]["uid"] or (
+                (now.get("status") or {}).get("state") in FINAL):
+            self.kube.delete_pod(pod["metadata"]["namespace"], pod["metadata"]["name"], grace=0)
 
     def _lost_unseen(self, trial: dict) -> bool:
         """A trial whose pod ran and is gone, unseen (deleted while this operator was down), runs again as a
