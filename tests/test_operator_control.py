@@ -121,3 +121,23 @@ def test_a_pod_made_for_a_trial_killed_meanwhile_does_not_run_on(k8s_cluster, k8
     assert kube.get_trial(k8s_namespace, "late-0000")["status"]["state"] == "Killed"
     pod = kube.get_pod(k8s_namespace, "late-0000")
     assert pod is None or pod.metadata.deletion_timestamp is not None, "the killed trial's pod runs on"
+
+
+def test_a_retried_trials_new_pod_running_is_recorded_though_the_watch_cache_lags(k8s_cluster, k8s_namespace, chart):
+    """The new attempt's pod reports Running before the operator's watch cache has the trial's retry: the
+    cached copy names the lost pod. Its Running was ignored as an earlier attempt's pod's, and the trial
+    stayed Pending for its whole run (no startTime: trialTimeout never applied to it)."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "lag", k8s_namespace, **curve_spec(budget={"maxTrials": 1, "parallelTrials": 1})))
+    exp = get(k8s_cluster, "experiment", k8s_namespace, "lag")
+    kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+    controller = Controller(kube, "http://127.0.0.1:9")
+    kube.create_trial(trial_resource(exp, 0, {"x": 0.5}))
+    kube.patch_trial_status(k8s_namespace, "lag-0000", {"state": "Running", "podName": "lag-0000"})
+    cached = kube.get_trial(k8s_namespace, "lag-0000")  # what the watch cache still holds
+    controller._retry(kube.get_trial(k8s_namespace, "lag-0000"), "its node was lost")
+    pod = kube.core.api_client.sanitize_for_serialization(kube.get_pod(k8s_namespace, "lag-0000-r2"))
+    pod["status"] = {"phase": "Running"}
+    assert controller.on_pod(pod, cached=cached) == "lag"
+    status = kube.get_trial(k8s_namespace, "lag-0000")["status"]
+    assert status["state"] == "Running" and status.get("startTime") and status["podName"] == "lag-0000-r2"

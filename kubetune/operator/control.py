@@ -275,8 +275,8 @@ class Controller:
         meta = pod["metadata"]
         trial_name = (meta.get("labels") or {}).get("kubetune.io/trial")
         ending = deleted or meta.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
-        if cached is not None and not ending and owns(cached, pod):
-            trial = dict(cached)
+        if cached is not None and not ending and owns(cached, pod) and current_pod(cached) == meta["name"]:
+            trial = dict(cached)  # (one naming another pod may lag a retry that made this one: read it)
         else:
             trial = self.kube.get_trial(meta["namespace"], trial_name) if trial_name else None
         if trial is None or not owns(trial, pod):
