@@ -526,3 +526,94 @@ def test_the_k8s_examples_run_the_pytorch_trainer(k8s_cluster, k8s_namespace, ma
         assert any(e["event"] == "exploit" for t in trials for e in t["status"].get("events", []))
     if name == "tpe.yaml":
         assert status["succeeded"] == 6
+
+
+def test_a_pod_deleted_while_the_operator_is_down_runs_the_trial_again_as_a_new_attempt(
+        k8s_cluster, k8s_namespace, make_kubelet, stack):
+    """The pod of a running trial is deleted while the operator is down (a node drained, a pod cleaned up):
+    no watch event ever tells the restarted operator. It must see that the trial's pod is gone and run the
+    trial again as a new attempt, not make the same attempt's pod again, whose reports then go on after
+    the lost pod's in one record (steps 1, 2, 3, 1, 2, ...)."""
+    make_kubelet(gpus=1)
+    spec = curve_spec(budget={"maxTrials": 1, "parallelTrials": 1})
+    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "0.3"}, {"name": "JITTER", "value": "1"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("gone", k8s_namespace, **spec))
+
+    def reported(n):
+        items = get(k8s_cluster, "trials", k8s_namespace)["items"]
+        return items and len((items[0].get("status") or {}).get("intermediate") or []) >= n
+
+    wait_until(lambda: reported(3), timeout=60, what="the trial to report 3 steps")
+    stack.kill("operator")
+    k8s_cluster.kubectl("delete", "pod", "gone-0000", "-n", k8s_namespace, "--wait=true", "--timeout=60s")
+    stack.start("operator")
+    status = wait_phase(k8s_cluster, k8s_namespace, "gone", stack, timeout=120)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    [trial] = get(k8s_cluster, "trials", k8s_namespace)["items"]
+    steps = [s for s, _ in trial["status"]["intermediate"]]
+    assert steps == list(range(1, 10)), (steps, stack.logs())
+    assert trial["spec"]["attempt"] == 2 and trial["status"]["podName"] == "gone-0000-r2"
+    assert status.get("retries") == 1
+
+
+def test_a_restarted_suggestion_service_schedules_the_running_trials_before_any_ends(
+        k8s_cluster, k8s_namespace, make_kubelet, stack):
+    """The suggestion service restarts while every trial slot is taken: it holds nothing of the experiment,
+    and its scheduler loop (pruning, PBT, writing reported values to the Trials) runs only once the operator
+    sends the experiment again. That must not wait for a free slot, i.e. for a trial to end."""
+    from tests.cluster.waiting import GiveUp
+
+    make_kubelet(gpus=2)
+    spec = curve_spec(budget={"maxTrials": 2, "parallelTrials": 2})
+    spec["trialTemplate"]["env"] = [{"name": "STEPS", "value": "40"}, {"name": "STEP_SECONDS", "value": "0.3"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("held", k8s_namespace, **spec))
+
+    def reported():
+        items = get(k8s_cluster, "trials", k8s_namespace)["items"]
+        if any((t.get("status") or {}).get("state") in ("Succeeded", "Failed", "Pruned", "Killed") for t in items):
+            raise GiveUp(f"a trial ended first:\n{trial_states(k8s_cluster, k8s_namespace)}\n{stack.logs()}")
+        return {t["metadata"]["name"]: len((t.get("status") or {}).get("intermediate") or []) for t in items}
+
+    wait_until(lambda: len(reported()) == 2 and min(reported().values()) >= 2, timeout=60,
+               what="both trials to report")
+    stack.kill("suggestion")
+    stack.start("suggestion")
+    at_restart = reported()
+    # Reports written to the API again while both trials still run: the new service reads the bus.
+    wait_until(lambda: all(n >= at_restart[name] + 5 for name, n in reported().items()), timeout=30,
+               what="reported values to reach the Trials again after the restart")
+    assert wait_phase(k8s_cluster, k8s_namespace, "held", stack)["phase"] == "Succeeded"
+
+
+def test_a_trial_whose_pod_the_control_plane_marked_failed_as_disrupted_runs_again(
+        k8s_cluster, k8s_namespace, make_kubelet, stack):
+    """A node gone for good (a spot instance reclaimed, its Node object deleted): the pod garbage collector
+    marks its pods Failed with a DisruptionTarget condition, then deletes them (as node-pressure eviction
+    marks them Failed, reason Evicted). The trial did not fail: it runs again, as for a pod evicted while
+    running, instead of counting as a failed trial."""
+    doomed = make_kubelet(gpus=1)
+    spec = curve_spec(budget={"maxTrials": 1, "parallelTrials": 1})
+    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "0.3"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("reclaimed", k8s_namespace, **spec))
+    wait_until(lambda: doomed.running_pods(), timeout=60, what="the trial to run")
+
+    def reported(n):
+        [trial] = get(k8s_cluster, "trials", k8s_namespace)["items"]
+        return len((trial.get("status") or {}).get("intermediate") or []) >= n
+
+    wait_until(lambda: reported(2), timeout=60, what="the trial to report")
+    make_kubelet(gpus=1)
+    doomed.lose()
+    # What the pod garbage collector writes for a pod of a deleted node, in its order.
+    condition = {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC",
+                 "message": "PodGC: node no longer exists", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+    k8s_cluster.kubectl("patch", "pod", "reclaimed-0000", "-n", k8s_namespace, "--subresource=status", "--type=merge",
+                        "-p", json.dumps({"status": {"phase": "Failed", "conditions": [condition]}}))
+    k8s_cluster.kubectl("delete", "pod", "reclaimed-0000", "-n", k8s_namespace, "--grace-period=0", "--force",
+                        "--ignore-not-found")
+    status = wait_phase(k8s_cluster, k8s_namespace, "reclaimed", stack, timeout=120)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    [trial] = get(k8s_cluster, "trials", k8s_namespace)["items"]
+    assert trial["spec"]["attempt"] == 2 and trial["status"]["state"] == "Succeeded"
+    assert [s for s, _ in trial["status"]["intermediate"]] == list(range(1, 10))
+    assert status.get("retries") == 1

@@ -14,7 +14,7 @@ import math
 import secrets
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..api.spec import ExperimentSpec
@@ -34,6 +34,7 @@ SPEC_CACHE_SECONDS = 1.0
 SERVICE_WAIT_S = 60.0  # how long a trial's end waits for a suggestion service that is restarting
 FOREIGN_POD_WAIT_S = 60.0  # how long a trial waits for the pod of an earlier trial of its name to go
 STOP_GRACE = 5  # seconds a trial told to stop through the SDK has to exit by itself
+HOLD_CHECK_S = 2.0  # how often, with no trial to ask for, the service is checked to hold a running experiment
 FINAL = {s.value for s in TrialState if s.finished}
 
 
@@ -133,13 +134,29 @@ class Controller:
         active = sum(1 for t in trials if t.state.active)
         wanted = min(spec.budget.parallel_trials - active, spec.budget.max_trials - len(trials))
         if wanted <= 0 or status.get("exhausted"):
+            if active and self._hold_due(exp, len(trials)):
+                # Nothing to ask for, but the service must still hold the experiment while trials run: one
+                # restarted since has no scheduler loop reading their reports until it is sent it again.
+                try:
+                    self._suggest(exp, spec, trials, versions, 0)
+                except OSError as e:  # (the pass goes on: its status counts need no service)
+                    log.warning("suggestion service unreachable for %s: %s", exp["metadata"]["name"], e)
             return bool(status.get("exhausted"))
         meta = exp["metadata"]
         answer = self._suggest(exp, spec, trials, versions, wanted)
+        self._sent[(meta["namespace"], meta["name"])].suggested = max(
+            [len(trials)] + [s["number"] + 1 for s in answer["suggestions"]])
         for s in answer["suggestions"]:
             if self.kube.create_trial(trial_resource(exp, s["number"], s["params"])):
                 log.info("created trial %s-%04d", meta["name"], s["number"])
         return bool(answer.get("exhausted"))
+
+    def _hold_due(self, exp: dict, total: int) -> bool:
+        """Whether to check, with an empty request, that the service holds the experiment (every HOLD_CHECK_S).
+        Not while the watch cache lacks trials created since (total, below what was suggested): the service
+        would drop them until they were sent, and answer their first reports `stop`."""
+        sent = self._sent.get((exp["metadata"]["namespace"], exp["metadata"]["name"]))
+        return sent is None or (time.monotonic() - sent.at >= HOLD_CHECK_S and total >= sent.suggested)
 
     def _suggest(self, exp: dict, spec: ExperimentSpec, trials: list[Trial], versions: dict[int, str],
                  count: int) -> dict:
@@ -155,6 +172,7 @@ class Controller:
                 "changed": [t.to_dict() for t in changed], "total": len(trials), "count": count})
             if not answer.get("resync"):
                 sent.versions.update((t.number, versions.get(t.number)) for t in changed)
+                sent.at = time.monotonic()
                 return answer
         answer = self.ask_service("/v1/suggest", {**self._context(exp, spec, trials), "count": count})
         self._sent[key] = _Sent(ident, answer["epoch"], dict(versions))
@@ -197,10 +215,37 @@ class Controller:
         exp = self._experiment_of(trial)
         if exp is None:
             return
+        if status.get("state") == "Running" and self._lost_unseen(trial):
+            return
         # No status write here: a trial without a state is Pending, and its pod's name follows from its attempt.
         pod = trial_pod(ExperimentSpec.from_document(exp), trial, self.bus)
         if not self.kube.create_pod(pod):
             self._replace_foreign_pod(trial, pod)
+            return
+        # Ended meanwhile (its experiment's end found no pod to stop, and recorded it): nothing else would
+        # stop this pod, as events of a finished trial's pod are ignored.
+        now = self.kube.get_trial(trial["metadata"]["namespace"], trial["metadata"]["name"])
+        if now is None or now["metadata"]["uid"] != trial["metadata"]["uid"] or (
+                (now.get("status") or {}).get("state") in FINAL):
+            self.kube.delete_pod(pod["metadata"]["namespace"], pod["metadata"]["name"], grace=0)
+
+    def _lost_unseen(self, trial: dict) -> bool:
+        """A trial whose pod ran and is gone, unseen (deleted while this operator was down), runs again as a
+        new attempt: making the same attempt's pod again would run it afresh under the old attempt, its
+        reports going on after the lost pod's in one record."""
+        namespace, name = trial["metadata"]["namespace"], trial["metadata"]["name"]
+        if self.kube.get_pod(namespace, current_pod(trial)) is not None:
+            return False
+        fresh = self.kube.get_trial(namespace, name)  # (the event's copy may be stale, and is read-only)
+        status = (fresh or {}).get("status") or {}
+        if (fresh is None or fresh["metadata"]["uid"] != trial["metadata"]["uid"] or status.get("state") != "Running"
+                or current_pod(fresh) != current_pod(trial)):
+            return True  # gone, over or retried since: its own events see to it
+        if status.get("stop"):  # as its pod's deletion would have: it ends as it was told to
+            self._finish_trial(fresh, None, "")
+        else:
+            self._retry(fresh, f"pod {current_pod(fresh)} was deleted before it finished")
+        return True
 
     def _replace_foreign_pod(self, trial: dict, pod: dict) -> None:
         """The pod's name is taken. By this trial's own pod (created before a restart): nothing to do. By a
@@ -229,8 +274,8 @@ class Controller:
         meta = pod["metadata"]
         trial_name = (meta.get("labels") or {}).get("kubetune.io/trial")
         ending = deleted or meta.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
-        if cached is not None and not ending and owns(cached, pod):
-            trial = dict(cached)
+        if cached is not None and not ending and owns(cached, pod) and current_pod(cached) == meta["name"]:
+            trial = dict(cached)  # (one naming another pod may lag a retry that made this one: read it)
         else:
             trial = self.kube.get_trial(meta["namespace"], trial_name) if trial_name else None
         if trial is None or not owns(trial, pod):
@@ -240,8 +285,12 @@ class Controller:
             return None  # over, or the pod of an earlier attempt
         phase = (pod.get("status") or {}).get("phase")
         experiment = trial["spec"]["experiment"]
-        if meta.get("deletionTimestamp") and phase not in ("Succeeded", "Failed") and not status.get("stop"):
-            # Evicted (its node was lost) or deleted by someone: the trial runs again in a new pod.
+        lost = (meta.get("deletionTimestamp") and phase not in ("Succeeded", "Failed")) or (
+            phase == "Failed" and _disrupted(pod))
+        if lost and not status.get("stop"):
+            # Evicted (its node was lost) or deleted by someone: the trial runs again in a new pod. So too for
+            # a pod the control plane failed for it (the pod garbage collector, for a node gone for good;
+            # node-pressure eviction): it says so in a DisruptionTarget condition.
             self._retry(trial, f"pod {meta['name']} was evicted or deleted before it finished")
             self.kube.delete_pod(meta["namespace"], meta["name"], grace=0)
             return experiment
@@ -308,7 +357,8 @@ class Controller:
     def _reported(self, exp: dict, spec: ExperimentSpec, record: Trial) -> dict:
         """The trial's reported values, once the suggestion service has taken all it sent."""
         meta = exp["metadata"]
-        request = {"experiment": _ref(exp), "trial": record.number, "ended": True}
+        # With its attempt: a service not told of a retry (that request failed) drops the lost attempt's reports.
+        request = {"experiment": _ref(exp), "trial": record.number, "ended": True, "attempt": record.attempt}
         # A service restarting (its pod replaced) is waited for: the reports the trial sent meanwhile are
         # on the bus, and only the service takes them; what the API holds may lack the last ones.
         deadline = time.monotonic() + SERVICE_WAIT_S
@@ -342,18 +392,21 @@ class Controller:
     def _retry(self, trial: dict, why: str) -> None:
         """A pod lost before it finished (its node went away): run the trial again, as a new attempt."""
         meta = trial["metadata"]
-        exp = self.kube.get_experiment(meta["namespace"], trial["spec"]["experiment"])  # fresh: its retry count
-        if exp is None or not owns(exp, trial):
-            return
-        spec = ExperimentSpec.from_document(exp)
-        retries = int((exp.get("status") or {}).get("retries", 0))
-        if retries >= spec.budget.max_failed_trials:
-            self._finish_trial(trial, None, why)
-            return
+        while True:  # trials lost together (one node) are retried at once, in threads: each counts
+            exp = self.kube.get_experiment(meta["namespace"], trial["spec"]["experiment"])  # fresh: its retry count
+            if exp is None or not owns(exp, trial):
+                return
+            spec = ExperimentSpec.from_document(exp)
+            retries = int((exp.get("status") or {}).get("retries", 0))
+            if retries >= spec.budget.max_failed_trials:
+                self._finish_trial(trial, None, why)
+                return
+            if self.kube.patch_experiment_status(meta["namespace"], exp["metadata"]["name"], {"retries": retries + 1},
+                                                 resource_version=exp["metadata"]["resourceVersion"]):
+                break
         record = to_record(trial)
         record.start_over()  # its reports go, and with them the exploits that point into them
         attempt = record.attempt
-        self.kube.patch_experiment_status(meta["namespace"], exp["metadata"]["name"], {"retries": retries + 1})
         # The new pod's name first, so events of the old pod are ignored from now on.
         self.kube.patch_trial_status(meta["namespace"], meta["name"], {
             "state": "Pending", "podName": pod_name(meta["name"], attempt), "startTime": None,
@@ -417,6 +470,8 @@ class _Sent:
     ident: tuple  # the experiment's uid and generation: a changed spec is sent whole
     epoch: str  # the service's name for what it holds
     versions: dict[int, str | None]  # trial number -> resourceVersion sent
+    at: float = field(default_factory=time.monotonic)  # when the service last answered for it
+    suggested: int = 0  # trials up to this number were suggested (and created, or being created)
 
 
 def best_trial(spec: ExperimentSpec, trials: list[Trial]) -> Trial | None:
@@ -438,6 +493,13 @@ def counts(spec: ExperimentSpec, trials: list[Trial]) -> dict:
 def _condition(kind: str, status: str, reason: str, message: str) -> dict:
     return {"type": kind, "status": status, "reason": reason, "message": message[:1000],
             "lastTransitionTime": now_iso()}
+
+
+def _disrupted(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod was failed by the control plane, not by its container's exit."""
+    status = pod.get("status") or {}
+    return status.get("reason") == "Evicted" or any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
 def _exit_of(pod: Mapping[str, Any]) -> tuple[int | None, str]:

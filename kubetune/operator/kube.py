@@ -40,9 +40,19 @@ class Kube:
     def get_experiment(self, namespace: str, name: str) -> dict | None:
         return _or_none(lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "experiments", name))
 
-    def patch_experiment_status(self, namespace: str, name: str, status: dict) -> None:
-        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "experiments", name,
-                                                          {"status": status})
+    def patch_experiment_status(self, namespace: str, name: str, status: dict,
+                                resource_version: str | None = None) -> bool:
+        """resource_version: only if the experiment is still at it; False (a conflict) when it is not."""
+        body: dict = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        try:
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "experiments", name, body)
+        except ApiException as e:
+            if e.status == 409 and resource_version:
+                return False
+            raise
+        return True
 
     # -- trials --------------------------------------------------------------
 

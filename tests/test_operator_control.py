@@ -1,0 +1,143 @@
+"""The operator's Controller against the real test cluster's API server, without the kopf process: for
+interleavings that the whole operator hits only by chance, forced here (the API server is real)."""
+
+from __future__ import annotations
+
+import threading
+
+from kubernetes import config as kube_config
+
+from kubetune.operator.control import Controller
+from kubetune.operator.kube import Kube
+from kubetune.operator.records import trial_resource
+from tests.test_operator import curve_spec, experiment, get
+
+
+class _Interleaved(Kube):
+    """Each thread's first read of an experiment waits for the other thread's: both read the same status."""
+
+    def __init__(self, api_client, parties: int):
+        super().__init__(api_client)
+        self.barrier, self.seen = threading.Barrier(parties, timeout=20), threading.local()
+
+    def get_experiment(self, namespace, name):
+        exp = super().get_experiment(namespace, name)
+        if not getattr(self.seen, "once", False):
+            self.seen.once = True
+            self.barrier.wait()
+        return exp
+
+
+def test_trials_lost_together_count_one_retry_each(k8s_cluster, k8s_namespace, chart):
+    """A node with several trials is lost: their pods' events are handled at once, in threads. Each retry
+    must count against maxFailedTrials: two read-modify-writes of status.retries from the same read
+    counted two retries as one, so a flapping node could retry trials without end."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "flap", k8s_namespace, **curve_spec(budget={"maxTrials": 2, "parallelTrials": 2, "maxFailedTrials": 5})))
+    kube = _Interleaved(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)), parties=2)
+    exp = get(k8s_cluster, "experiment", k8s_namespace, "flap")
+    for n in range(2):
+        kube.create_trial(trial_resource(exp, n, {"x": 0.5}))
+    controller = Controller(kube, "http://127.0.0.1:9")  # no service: a retry goes on without telling it
+    errors = []
+
+    def lose(n):
+        try:
+            controller._retry(kube.get_trial(k8s_namespace, f"flap-{n:04d}"), "its node was lost")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=lose, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    trials = get(k8s_cluster, "trials", k8s_namespace)["items"]
+    assert [t["spec"]["attempt"] for t in trials] == [2, 2]
+    assert get(k8s_cluster, "experiment", k8s_namespace, "flap")["status"].get("retries") == 2
+
+
+def test_a_retried_trial_never_ends_with_the_lost_attempts_reports(k8s_cluster, k8s_namespace, chart):
+    """The retry's word to the suggestion service fails (a blip: the service keeps running), and the new pod
+    ends before it reports anything. The flush at its end must not hand back the lost attempt's reports:
+    they made the trial Succeeded with a value its attempt never reported."""
+    import socket
+
+    from kubetune.bus import MemoryBus, TrialClient
+    from kubetune.service.server import SuggestionService, serve
+
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "blip", k8s_namespace, **curve_spec(budget={"maxTrials": 1, "parallelTrials": 1})))
+    bus = MemoryBus()
+    service = SuggestionService(bus=bus)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = serve(service, "127.0.0.1", port)
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, f"http://127.0.0.1:{port}")
+        controller.reconcile_experiment(k8s_namespace, "blip")  # starts it: trial 0, held by the service
+        uid = get(k8s_cluster, "experiment", k8s_namespace, "blip")["metadata"]["uid"]
+        lost = TrialClient(bus, f"{k8s_namespace}/blip/{uid}", 0, wait=True)
+        for step in (1, 2, 3):
+            assert lost.send_report(step, {"score": 0.9}).action == "continue"
+
+        controller.suggestion_url = "http://127.0.0.1:9"  # the retry's flush fails
+        controller._retry(kube.get_trial(k8s_namespace, "blip-0000"), "its node was lost")
+        controller.suggestion_url = f"http://127.0.0.1:{port}"
+        kube.delete_pod(k8s_namespace, "blip-0000-r2", grace=0)  # (no kubelet here: its pod is gone)
+        controller._finish_trial(kube.get_trial(k8s_namespace, "blip-0000"), 0, "")  # exited, reporting nothing
+
+        trial = kube.get_trial(k8s_namespace, "blip-0000")
+        assert trial["spec"]["attempt"] == 2
+        assert trial["status"]["state"] == "Failed" and "value" not in trial["status"], trial["status"]
+        assert trial["status"]["intermediate"] == []
+    finally:
+        server.shutdown()
+        service.close()
+
+
+def test_a_pod_made_for_a_trial_killed_meanwhile_does_not_run_on(k8s_cluster, k8s_namespace, chart):
+    """The experiment ends (goal reached, timeout) just as a new trial's pod is being made: the pass that
+    ends it finds no pod and records the trial Killed, then the pod is created. Nothing would ever stop
+    that pod (events of a finished trial's pod are ignored): it held its GPU until it ran to its end."""
+    from kubetune.api.trial import TrialState
+
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "late", k8s_namespace, **curve_spec(budget={"maxTrials": 1, "parallelTrials": 1})))
+    exp = get(k8s_cluster, "experiment", k8s_namespace, "late")
+
+    class EndingMeanwhile(Kube):
+        def create_pod(self, body):
+            controller.request_stop(k8s_namespace, "late-0000", TrialState.KILLED, "experiment ended: timeout")
+            return super().create_pod(body)
+
+    kube = EndingMeanwhile(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+    controller = Controller(kube, "http://127.0.0.1:9")
+    kube.create_trial(trial_resource(exp, 0, {"x": 0.5}))
+    controller.ensure_pod(kube.get_trial(k8s_namespace, "late-0000"))
+    assert kube.get_trial(k8s_namespace, "late-0000")["status"]["state"] == "Killed"
+    pod = kube.get_pod(k8s_namespace, "late-0000")
+    assert pod is None or pod.metadata.deletion_timestamp is not None, "the killed trial's pod runs on"
+
+
+def test_a_retried_trials_new_pod_running_is_recorded_though_the_watch_cache_lags(k8s_cluster, k8s_namespace, chart):
+    """The new attempt's pod reports Running before the operator's watch cache has the trial's retry: the
+    cached copy names the lost pod. Its Running was ignored as an earlier attempt's pod's, and the trial
+    stayed Pending for its whole run (no startTime: trialTimeout never applied to it)."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "lag", k8s_namespace, **curve_spec(budget={"maxTrials": 1, "parallelTrials": 1})))
+    exp = get(k8s_cluster, "experiment", k8s_namespace, "lag")
+    kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+    controller = Controller(kube, "http://127.0.0.1:9")
+    kube.create_trial(trial_resource(exp, 0, {"x": 0.5}))
+    kube.patch_trial_status(k8s_namespace, "lag-0000", {"state": "Running", "podName": "lag-0000"})
+    cached = kube.get_trial(k8s_namespace, "lag-0000")  # what the watch cache still holds
+    controller._retry(kube.get_trial(k8s_namespace, "lag-0000"), "its node was lost")
+    pod = kube.core.api_client.sanitize_for_serialization(kube.get_pod(k8s_namespace, "lag-0000-r2"))
+    pod["status"] = {"phase": "Running"}
+    assert controller.on_pod(pod, cached=cached) == "lag"
+    status = kube.get_trial(k8s_namespace, "lag-0000")["status"]
+    assert status["state"] == "Running" and status.get("startTime") and status["podName"] == "lag-0000-r2"
