@@ -181,6 +181,23 @@ def test_a_spec_only_the_operator_can_judge_fails_with_the_field_named(k8s_clust
     assert get(k8s_cluster, "trials", k8s_namespace)["items"] == []
 
 
+@pytest.mark.parametrize("early_stopping", [
+    {"name": "sha", "settings": {"resource": "epoch", "min": 1, "max": 9, "reductionFactor": 3}},
+    {"name": "asha", "settings": {"resource": "epoch", "min": 1, "max": 9, "reductionFactor": 3, "mode": "promotion"}},
+], ids=["sha", "asha-promotion"])
+def test_a_pausing_scheduler_is_refused_on_the_cluster_not_run_wrongly(k8s_cluster, k8s_namespace, stack,
+                                                                        early_stopping):
+    """The operator cannot pause and resume trial pods yet: it recorded paused trials as finished with
+    their first rung's value. Until it can, such an experiment fails at once, naming the setting."""
+    spec = curve_spec(earlyStopping=early_stopping)
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("pausing", k8s_namespace, **spec))
+    status = wait_phase(k8s_cluster, k8s_namespace, "pausing", stack, timeout=30)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert status["phase"] == "Failed" and failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith("spec.earlyStopping.settings.mode: ") and "pauses trials" in failed["message"]
+    assert get(k8s_cluster, "trials", k8s_namespace)["items"] == []
+
+
 def test_two_gpus_run_at_most_two_trial_pods_at_once(k8s_cluster, k8s_namespace, make_kubelet, stack):
     kubelet = make_kubelet(gpus=2)
     spec = curve_spec(budget={"maxTrials": 6, "parallelTrials": 4})

@@ -22,6 +22,7 @@ from ..api.trial import Trial, TrialState, best_of
 from ..api.validation import check_spec, check_structure
 from ..api import schema
 from ..engine import check_end, judge_exit
+from ..schedulers import make_scheduler
 from ..study import prior_from
 from ..engine.metric_lines import parse_metric_line
 from .kube import Kube
@@ -78,6 +79,11 @@ class Controller:
             self.event(exp, "Warning", "InvalidSpec", message)
             return True
         spec = ExperimentSpec.from_document(exp)
+        limit = _not_on_a_cluster_yet(spec)
+        if limit:
+            self._finish(exp, "Failed", "InvalidSpec", limit, {})
+            self.event(exp, "Warning", "InvalidSpec", limit)
+            return True
         if "seed" not in status:
             status = exp["status"] = self._start(exp, spec)
         if resources is None:
@@ -456,6 +462,21 @@ class Controller:
             self.kube.event(obj, kind, reason, message)
         except Exception as e:  # noqa: BLE001 - an event is a courtesy, never a reason to fail
             log.debug("event not posted: %s", e)
+
+
+def _not_on_a_cluster_yet(spec: ExperimentSpec) -> str:
+    """What this operator cannot run (yet), as an InvalidSpec message naming the field; "" if none.
+    Schedulers that pause a trial and resume it later need the trial's pod stopped and a new one made
+    from its checkpoint: the operator has no such path, and recorded paused trials as finished."""
+    es = spec.early_stopping
+    if not es:
+        return ""
+    scheduler = make_scheduler(es, goal=spec.objective.goal, space=spec.space, seed=0)
+    if not scheduler.pauses:
+        return ""
+    how = "mode: asynchronous" if es["name"] in ("sha", "hyperband", "bohb") else "mode: stopping"
+    return (f"spec.earlyStopping.settings.mode: {es['name']} in mode {scheduler.mode!r} pauses trials and resumes them later, "
+            f"which the operator cannot do yet (it runs on one machine: kubetune run); on a cluster use {how}")
 
 
 def _ref(exp: dict) -> dict:

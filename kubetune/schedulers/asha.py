@@ -34,7 +34,7 @@ class ASHA(RungScheduler):
     def __init__(self, **kw):
         super().__init__(**kw)
         self.n_brackets = min(int(self.settings["brackets"]), self.s_max + 1)
-        self.needs_checkpoints = self.mode == "promotion"
+        self.needs_checkpoints = self.pauses = self.mode == "promotion"
         weights = self.bracket_sizes(self.n_brackets)
         self._weights = [w / sum(weights) for w in weights]
 

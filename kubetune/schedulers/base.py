@@ -43,6 +43,8 @@ class Scheduler:
     SETTINGS: ClassVar[dict[str, Setting]] = {}
     # True when trials must save checkpoints (they are paused and resumed, or copied).
     needs_checkpoints: bool = False
+    # True when it answers `pause` and later resumes the trial (the runtime must bring it back).
+    pauses: bool = False
 
     def __init__(self, *, goal: str, space: SearchSpace, seed: int, settings: Mapping[str, Any] | None = None):
         self.goal = goal

@@ -38,7 +38,7 @@ class HyperBand(RungScheduler):
         if self.mode == "asynchronous":
             settings = {**self.settings, "mode": "stopping", "brackets": len(self.kinds)}
             self._async = ASHA(goal=self.goal, space=self.space, seed=self.seed, settings=settings)
-        self.needs_checkpoints = self._async is None
+        self.needs_checkpoints = self.pauses = self._async is None
 
     def bracket_kinds(self) -> list[int]:
         """Which ladder (first rung index) each bracket in turn uses."""
