@@ -6,8 +6,6 @@ Real redis-server (tests/redis_server.py), real trial processes, real files.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -200,55 +198,6 @@ def test_a_redis_restart_mid_run_loses_no_finished_result(tmp_path, redis_server
             got = [s for s, _ in r["intermediate"]]
             assert got == sorted(set(got)) and got[-1] == steps
             assert r["value"] == curve(r["params"]["x"], steps)
-    assert bus_keys(redis_server) == []
-
-
-def test_interrupt_then_resume_over_redis_does_not_rerun_finished_trials(tmp_path, redis_server):
-    from tests.test_local_run import counted_spec
-
-    count_file = tmp_path / "finished.txt"
-    spec = counted_spec(tmp_path, "resumable-bus", 8)
-    gate = tmp_path / "go"
-    env = {"COUNT_FILE": str(count_file), "STEP_SECONDS": "0.3", "HOLD_FROM": "4", "HOLD_FILE": str(gate)}
-    state = tmp_path / "state"
-    args = [sys.executable, "-m", "kubetune.cli", "run", str(spec), "--redis", redis_server.url,
-            "--state-dir", str(state)]
-    proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        def some_done_some_running():
-            records = journal(state, "resumable-bus").values()
-            quiet = count_file.exists() and time.time() - count_file.stat().st_mtime > 0.25
-            return (sum(r["state"] == "Succeeded" for r in records) >= 3 and quiet
-                    and any(r["state"] == "Running" for r in records))
-        wait_for(some_done_some_running, 120, "three finished trials and one mid-run")
-        run_id = json.loads((state / "resumable-bus" / "state.json").read_text())["bus_run"]
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
-    first = journal(state, "resumable-bus")
-    finished_before = {n for n, r in first.items() if r["state"] == "Succeeded"}
-    interrupted = {n for n, r in first.items() if r["state"] == "Killed"}
-    assert interrupted and all(first[n]["reason"] == "interrupted" for n in interrupted)
-    assert bus_keys(redis_server) == []  # an interrupted run deletes its keys too
-
-    gate.touch()
-    second = kubetune("run", str(spec), "--redis", redis_server.url, "--state-dir", str(state), "--json",
-                      cwd=tmp_path, env=env)
-    assert second.returncode == 0, second.stderr
-    assert json.loads(second.stdout)["counts"]["Succeeded"] == 8
-    runs = sorted(int(n) for n in count_file.read_text().split())
-    assert runs == list(range(8)), f"each trial must finish exactly once, got {runs}"
-    final = journal(state, "resumable-bus")
-    assert all(final[n]["attempt"] == 1 for n in finished_before)
-    assert all(final[n]["attempt"] == 2 for n in interrupted)
-    assert all(final[n]["params"] == first[n]["params"] for n in first)
-    for r in final.values():  # every report of the run that finished reached the engine
-        assert [s for s, _ in r["intermediate"]] == [1, 2, 3]
-    # The resumed run read the same stream.
-    assert json.loads((state / "resumable-bus" / "state.json").read_text())["bus_run"] == run_id
     assert bus_keys(redis_server) == []
 
 

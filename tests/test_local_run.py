@@ -77,14 +77,20 @@ def counted_spec(tmp_path, name: str, max_trials: int):
     })
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "kill", "hangup"])
-def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_trials(tmp_path, sig):
+@pytest.mark.parametrize("sig,over_redis", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGHUP, False),
+                                             (signal.SIGINT, True)], ids=["ctrl-c", "kill", "hangup", "ctrl-c-redis"])
+def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_trials(tmp_path, request, sig,
+                                                                                      over_redis):
+    from tests.test_local_bus import bus_keys
+
+    server = request.getfixturevalue("redis_server") if over_redis else None
+    bus = ["--redis", server.url] if over_redis else []
     count_file = tmp_path / "finished.txt"
     spec = counted_spec(tmp_path, "resumable", 10)
     gate = tmp_path / "go"
     env = {"COUNT_FILE": str(count_file), "STEP_SECONDS": "0.4", "HOLD_FROM": "4", "HOLD_FILE": str(gate)}
     state = tmp_path / "state"
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "run", str(spec), "--state-dir", str(state)],
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "run", str(spec), *bus, "--state-dir", str(state)],
                             cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -107,9 +113,12 @@ def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_tr
     interrupted = {n for n, r in first.items() if r["state"] == "Killed"}
     assert interrupted, "the interruption should have caught a trial mid-run"
     assert all(first[n]["reason"] == "interrupted" for n in interrupted)
+    if over_redis:
+        run_id = json.loads((state / "resumable" / "state.json").read_text())["bus_run"]
+        assert bus_keys(server) == []  # an interrupted run deletes its keys too
 
     gate.touch()  # trials 4 and up held the first run open; the second runs them through
-    second = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
+    second = kubetune("run", str(spec), *bus, "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
     assert second.returncode == 0, second.stderr
     summary = json.loads(second.stdout)
     assert summary["counts"]["Succeeded"] == 10 and summary["trials"] == 10
@@ -120,6 +129,11 @@ def test_interrupt_then_resume_finishes_the_budget_without_rerunning_finished_tr
     assert all(final[n]["attempt"] == 2 for n in interrupted)
     # The parameters of a finished trial are the ones recorded before the interruption.
     assert all(final[n]["params"] == first[n]["params"] for n in first)
+    for r in final.values():  # every report of the run that finished reached the engine
+        assert [s for s, _ in r["intermediate"]] == [1, 2, 3]
+    if over_redis:  # the resumed run read the same stream, and deleted it at its end
+        assert json.loads((state / "resumable" / "state.json").read_text())["bus_run"] == run_id
+        assert bus_keys(server) == []
 
     # Running a finished experiment again runs nothing and shows its results.
     third = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
