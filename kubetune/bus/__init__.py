@@ -13,5 +13,5 @@ def redis_bus(**kw):
     return RedisBus(**kw)
 
 
-__all__ = ["GROUP", "Message", "MetricBus", "Report", "address", "experiment_key", "number_of", "TrialClient", "MemoryBus", "SchedulerLoop",
-           "StudyHandler", "redis_bus"]
+__all__ = ["GROUP", "Message", "MetricBus", "Report", "address", "experiment_key", "number_of", "TrialClient",
+           "MemoryBus", "SchedulerLoop", "StudyHandler", "redis_bus"]

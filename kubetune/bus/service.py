@@ -177,6 +177,7 @@ class SchedulerLoop:
                 self.bus.decide(self.experiment, late)
             return 0
         with _collector_paused():
+            # (r.address, its first case inlined: this runs once per report)
             decisions = [(r.trial if r.attempt == 1 else r.address, r.seq, self._handle(m))
                          for m in msgs for r in (m.report,)]
             if self.released is not None:

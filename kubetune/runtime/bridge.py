@@ -27,7 +27,7 @@ import time
 from urllib.parse import urlsplit, urlunsplit
 
 from ..api.trial import CONTINUE, Decision
-from ..bus import Message, MetricBus, SchedulerLoop
+from ..bus import Message, MetricBus, SchedulerLoop, experiment_key
 from ..bus.base import position
 from .events import Reported, Wake
 
@@ -63,8 +63,8 @@ def connect_redis(url: str, password: str | None = None, ca_file: str | None = N
 
         from ..bus.redis_streams import RedisBus, connect
 
-        client = connect(url, password=password, ca_file=ca_file, timeout_s=timeout_s, retries=1)
-        client.ping()
+        with connect(url, password=password, ca_file=ca_file, timeout_s=timeout_s, retries=1) as client:
+            client.ping()
     except ImportError as e:
         raise BusUnreachable(f"--redis needs redis-py: {e}") from None
     except (ValueError, redis.RedisError, OSError) as e:
@@ -78,7 +78,7 @@ def bus_key(spec_name: str, state: dict) -> str:
     resumed run (or a state written before runs had one, given one now) reads the same stream."""
     if not state.get(RUN_ID_KEY):
         state[RUN_ID_KEY] = secrets.token_hex(6)
-    return f"local/{spec_name}/{state[RUN_ID_KEY]}"
+    return experiment_key("local", spec_name, state[RUN_ID_KEY])
 
 
 class _Loop(SchedulerLoop):
