@@ -394,3 +394,26 @@ def test_every_state_change_reaches_the_driver(method):
     e = Saving(make_engine(spec), curve).run()
     assert e.count(TrialState.PRUNED) >= 1
     assert {t.number: (t.state, t.reason) for t in e.trials} == saved
+
+
+def test_trials_all_paused_at_once_with_none_succeeded_yet_are_resumed_not_ended():
+    """Every trial of a SHA bracket pauses at its first rung and their exits arrive together: the trial
+    budget is spent and nothing has succeeded yet (which alone reads "no trial succeeded"), yet the
+    winners must be resumed, not pruned with the experiment ended Failed."""
+    spec = make_spec(budget={"maxTrials": 9, "parallelTrials": 9}, early_stopping={
+        "name": "sha", "settings": {"resource": "step", "min": 1, "max": 9, "reductionFactor": 3}})
+    engine = make_engine(spec)
+    launched = [a.trial for a in engine.step(0.0)]
+    assert len(launched) == 9
+    for t in launched:
+        engine.on_started(t.number, 0.0)
+        level = curve(t.params)[1][0]
+        assert engine.on_report(t.number, {"loss": level}, 1).pause
+    for t in launched:  # one batch of exits, then one step
+        engine.on_exit(t.number, 0, 1.0)
+    assert engine.count(TrialState.PAUSED) == 9
+    resumed = [a.trial.number for a in engine.step(1.0)]
+    assert engine.completion is None
+    best_three = sorted(launched, key=lambda t: curve(t.params)[1][0])[:3]
+    assert sorted(resumed) == sorted(t.number for t in best_three)
+    assert all(engine.trials[n].budget == 3 for n in resumed)

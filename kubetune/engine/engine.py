@@ -50,6 +50,9 @@ class Stop:
 class Completion:
     reason: str
     message: str
+    # Over because no new trial may start (maxTrials, or the search space exhausted), with or without a
+    # result: a paused trial that the scheduler can still promote keeps the experiment going.
+    budget_spent: bool = False
 
     @property
     def succeeded(self) -> bool:
@@ -188,7 +191,7 @@ class Engine:
         if self.completion is None:
             early = self._check_end(now)
             # Out of new trials, a paused one may still be promoted; anything else ends it now.
-            if early is None or (early.reason in (MAX_TRIALS, EXHAUSTED) and self.count(TrialState.PAUSED)):
+            if early is None or (early.budget_spent and self.count(TrialState.PAUSED)):
                 actions += self._fill_slots(now)
             self.completion = self._check_end(now)
             if self.completion is not None:
@@ -307,9 +310,9 @@ def check_end(spec: ExperimentSpec, trials: list[Trial], best: Trial | None, ela
     if budget.timeout is not None and elapsed >= budget.timeout:
         ended = Completion(TIMEOUT, f"timeout of {format_duration(budget.timeout)} reached")
     elif len(trials) >= budget.max_trials and not active:
-        ended = Completion(MAX_TRIALS, f"all {budget.max_trials} trials finished")
+        ended = Completion(MAX_TRIALS, f"all {budget.max_trials} trials finished", budget_spent=True)
     elif exhausted and not active:
-        ended = Completion(EXHAUSTED, "the algorithm has no new configuration to try")
+        ended = Completion(EXHAUSTED, "the algorithm has no new configuration to try", budget_spent=True)
     else:
         return None
     if best is None:
@@ -317,5 +320,6 @@ def check_end(spec: ExperimentSpec, trials: list[Trial], best: Trial | None, ela
         # calls it Succeeded; Ray Tune raises; Optuna's best_trial raises).
         by = {s: sum(1 for t in trials if t.state == s) for s in TrialState if s.finished}
         tally = ", ".join(f"{n} {s.value.lower()}" for s, n in by.items() if n)
-        return Completion(NO_RESULT, f"{ended.message}, and no trial succeeded ({tally or 'none finished'})")
+        return Completion(NO_RESULT, f"{ended.message}, and no trial succeeded ({tally or 'none finished'})",
+                          budget_spent=ended.budget_spent)
     return ended
