@@ -165,3 +165,64 @@ def test_forgetting_a_deleted_experiment_keeps_the_one_created_again_under_its_n
         assert service.brains.get("team/tune") is None and bus.experiments() == set()
     finally:
         service.close()
+
+
+def _promotion_asha_service():
+    import copy
+
+    doc = copy.deepcopy(DOCUMENT)
+    doc["spec"]["algorithm"] = {"name": "random"}
+    doc["spec"]["budget"] = {"maxTrials": 9, "parallelTrials": 3}
+    doc["spec"]["earlyStopping"] = {"name": "asha", "settings": {"resource": "epoch", "min": 1, "max": 9,
+                                                                 "reductionFactor": 3, "mode": "promotion"}}
+    service = SuggestionService()
+    first = service.suggest({**full([], 3), "document": doc})["suggestions"]
+    return service, doc, service.brains.get("team/tune").study, first
+
+
+def as_api_holds(t: Trial, state: TrialState) -> Trial:
+    """The trial's record as the operator reads it from the API, in `state`."""
+    record = Trial.from_dict(t.to_dict())
+    record.state = state
+    return record
+
+
+def test_a_paused_trial_is_resumed_only_once_the_api_shows_its_pod_ended():
+    """Paused by the scheduler, a trial's pod still saves its checkpoint and exits: promoting it then
+    would start its next pod beside the one still writing that checkpoint."""
+    service, doc, study, first = _promotion_asha_service()
+    assert all(s["assignment"] == {"bracket": 0, "budget": 1.0} for s in first)  # the first run's budget
+    for s in first:
+        assert study.report(s["number"], step=1, value=(s["params"]["x"] - 1.0) ** 2).pause
+    best = min(first, key=lambda s: (s["params"]["x"] - 1.0) ** 2)["number"]
+    pods_ended = [as_api_holds(t, TrialState.RUNNING if t.number == best else TrialState.PAUSED) for t in study.trials]
+    answer = service.suggest({**full(pods_ended, 1), "document": doc, "new": 0})
+    assert answer["suggestions"] == [], "the best is promoted, but its pod is still running"
+    assert study.trials[best].state == TrialState.PAUSED, "its later reports are answered `pause`"
+    pods_ended[best].state = TrialState.PAUSED
+    answer = service.suggest({**full(pods_ended, 1), "document": doc, "new": 0})
+    [resumed] = answer["suggestions"]
+    assert resumed["number"] == best and resumed["resume"] is True
+    assert resumed["events"][-1] == {"event": "resume", "budget": 3.0, "from_step": 1.0}
+    assert study.trials[best].state == TrialState.PENDING and study.trials[best].budget == 3.0
+
+
+def test_a_resume_that_a_service_before_a_restart_made_is_taken_from_the_api():
+    """A service restarted after it resumed a trial (and the operator carried it out) rebuilds it as
+    the API holds it: Pending with its resume recorded, its reports applied, not answered `pause`."""
+    service, doc, study, first = _promotion_asha_service()
+    for s in first:
+        study.report(s["number"], step=1, value=(s["params"]["x"] - 1.0) ** 2)
+    paused = [as_api_holds(t, TrialState.PAUSED) for t in study.trials]
+    [resumed] = service.suggest({**full(paused, 1), "document": doc, "new": 0})["suggestions"]
+    api = [as_api_holds(t, TrialState.PAUSED) for t in study.trials]
+    api[resumed["number"]].state, api[resumed["number"]].events = TrialState.PENDING, resumed["events"]
+
+    restarted = SuggestionService()
+    restarted.suggest({**full([as_api_holds(t, TrialState.PAUSED) for t in paused], 0), "document": doc})
+    rebuilt = restarted.brains.get("team/tune").study
+    assert rebuilt.trials[resumed["number"]].state == TrialState.PAUSED
+    restarted.suggest({**full(api, 0), "document": doc})  # the API now holds the old service's resume
+    t = rebuilt.trials[resumed["number"]]
+    assert t.state == TrialState.PENDING and t.budget == 3.0
+    assert not rebuilt.report(t, step=2, value=0.5).pause

@@ -105,6 +105,12 @@ class Trial:
         return cls(**d)
 
 
+def paused_reason(trial: Trial) -> str:
+    """Why a paused trial waits, from its latest pause."""
+    step = next((e.get("step") for e in reversed(trial.events) if e.get("event") == "pause"), None)
+    return "paused, waiting for promotion" if step is None else f"paused at step {step:g}, waiting for promotion"
+
+
 def finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -37,5 +37,17 @@ def make_scheduler(early_stopping: Mapping[str, Any], *, goal: str, space, seed:
     return cls(goal=goal, space=space, seed=seed, settings=early_stopping.get("settings"))
 
 
+def every_report_waits(early_stopping: Mapping[str, Any] | None, *, goal: str, space) -> bool:
+    """Whether a trial's every report must wait for its own decision (KUBETUNE_REPORT_WAIT): with
+    synchronous PBT, whose checks are held until the population catches up; and with a scheduler that
+    pauses trials, so that a trainer never trains (and checkpoints) past the report it was paused at,
+    which its resumed run would then skip. Otherwise frequent reports are batched."""
+    if not early_stopping:
+        return False
+    if (early_stopping.get("settings") or {}).get("synch"):
+        return True
+    return make_scheduler(early_stopping, goal=goal, space=space, seed=0).pauses
+
+
 __all__ = ["SCHEDULERS", "Assignment", "Scheduler", "check_early_stopping", "make_scheduler", "lineage",
-           "format_lineage"]
+           "format_lineage", "every_report_waits"]

@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 
-from ..api.trial import Trial
+from ..api.trial import Trial, TrialState, paused_reason
 from .server import SuggestionService, serve
 
 
@@ -52,8 +52,10 @@ def _bus_and_writer(url: str, password: str | None, ca_file: str | None = None):
             # Reported values, and what the scheduler did (PBT's new parameters and its exploits).
             status = {"intermediate": t.intermediate[-1000:], "metrics": t.metrics,
                       "params": t.params, "events": t.events[-200:]}
-            if t.state.value == "Pruned":
+            if t.state == TrialState.PRUNED:
                 status["stop"] = {"state": "Pruned", "reason": t.reason or "pruned"}
+            elif t.state == TrialState.PAUSED:  # its pod saves a checkpoint and exits; the operator sees to it
+                status["stop"] = {"state": "Paused", "reason": paused_reason(t)}
             try:
                 kube.patch_trial_status(namespace, t.name, status)
             except ApiException as e:

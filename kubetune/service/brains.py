@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -34,6 +35,7 @@ class Brain:
     # Names this Brain to the operator, which then sends only what changed; a new Brain (this service
     # restarted, or the experiment's search spec changed) has a new epoch, and gets the whole list again.
     epoch: str = field(default_factory=lambda: secrets.token_hex(8))
+    api_states: dict[int, TrialState] = field(default_factory=dict)  # each trial's state as the API last showed it
 
     @property
     def bus_key(self) -> str:
@@ -44,6 +46,7 @@ class Brain:
     def sync(self, records: list[Trial]) -> None:
         """The API's records win for state; reported values kept here that the API lacks stay."""
         mine = {t.number: t for t in self.study.trials}
+        self.api_states = {r.number: r.state for r in records}
         merged = [_merge(mine.get(r.number), r) for r in records]
         # A trial asked for but never created is dropped; it will be asked for again, identically.
         contiguous = [t for i, t in enumerate(merged) if t.number == i]
@@ -55,6 +58,7 @@ class Brain:
         False when the changes leave a gap that only the whole list can fill."""
         trials = self.study.trials
         for r in sorted(changed, key=lambda t: t.number):
+            self.api_states[r.number] = r.state
             if r.number < len(trials):
                 trials[r.number] = _merge(trials[r.number], r)
             elif r.number == len(trials):
@@ -65,28 +69,71 @@ class Brain:
         self.dirty &= set(range(len(trials)))
         return True
 
-    def suggest(self, count: int) -> tuple[list[dict], bool]:
-        out = []
-        try:
-            for _ in range(count):
-                t = self.study.ask()
+    def suggest(self, count: int, new: int | None = None) -> tuple[list[dict], bool, list[int]]:
+        """Up to `count` trials for free workers, at most `new` of them new configurations (all by default).
+        With a scheduler that pauses trials, some may be paused trials to resume from their checkpoints:
+        {"number", "params", "resume": True, "events"}, the resume recorded in the events. Also whether
+        the sampler has no new configuration left, and the paused trials it pruned meanwhile (synchronous
+        HyperBand's losers at a rung), for the operator to record."""
+        new = count if new is None else new
+        out, exhausted = [], False
+        paused = [t for t in self.study.trials if t.state == TrialState.PAUSED]
+        with self._pausing_pods_running():
+            while len(out) < count:
+                known = len(self.study.trials)
+                try:
+                    t = self.study.ask(new=new > 0 and not exhausted)
+                except SearchExhausted:
+                    exhausted = True
+                    continue
+                if t is None:
+                    break
+                if t.number < known:  # a paused trial, resumed
+                    out.append({"number": t.number, "params": t.params, "resume": True, "events": t.events})
+                    continue
                 t.name = trial_name(self.key.split("/", 1)[1], t.number)
-                out.append({"number": t.number, "params": t.params})
-        except SearchExhausted:
-            return out, True
-        return out, False
+                new -= 1
+                assignment = next((e for e in t.events if e.get("event") == "assign"), None)
+                out.append({"number": t.number, "params": t.params, **(
+                    {"assignment": {"bracket": assignment["bracket"], "budget": assignment["budget"]}}
+                    if assignment else {})})
+        return out, exhausted, [t.number for t in paused if t.state == TrialState.PRUNED]
+
+    @contextmanager
+    def _pausing_pods_running(self):
+        """Trials paused here whose pod the API still shows running (saving its checkpoint, exiting) are
+        not the scheduler's to resume yet: they count as running while it picks, as in the local engine."""
+        pausing = [t for t in self.study.trials
+                   if t.state == TrialState.PAUSED and self.api_states.get(t.number) != TrialState.PAUSED]
+        for t in pausing:
+            t.state = TrialState.RUNNING
+        try:
+            yield
+        finally:
+            for t in pausing:
+                if t.state == TrialState.RUNNING:
+                    t.state = TrialState.PAUSED
 
 
 def _merge(mine: Trial | None, r: Trial) -> Trial:
     """The API's record r, with what this service holds of the same attempt that is not written back yet."""
-    if mine is not None and mine.attempt == r.attempt and len(mine.intermediate) > len(r.intermediate):
+    if mine is None or mine.attempt != r.attempt:
+        return r
+    if len(mine.intermediate) > len(r.intermediate):
         r.intermediate = mine.intermediate
         r.metrics = {**r.metrics, **mine.metrics}
-    if mine is not None and mine.attempt == r.attempt and len(mine.events) > len(r.events):
-        r.events, r.params = mine.events, mine.params  # a PBT exploit not written back yet
-        if mine.state == TrialState.PRUNED and r.state == TrialState.RUNNING:
-            r.state, r.reason = mine.state, mine.reason  # pruned here, pod not gone yet
+    if len(mine.events) > len(r.events):
+        r.events, r.params = mine.events, mine.params  # a PBT exploit (or a pause) not written back yet
+    if mine.state in (TrialState.PRUNED, TrialState.PAUSED) and r.state.active and _resumes(r) <= _resumes(mine):
+        # Pruned or paused here, its pod not gone yet (or not yet seen running): its later reports are
+        # answered so, never applied. (Unless the API holds a resume this service did not make: one
+        # that a service before a restart made, and the operator carried out.)
+        r.state, r.reason = mine.state, mine.reason
     return r
+
+
+def _resumes(t: Trial) -> int:
+    return sum(1 for e in t.events if e.get("event") == "resume")
 
 
 class Brains:

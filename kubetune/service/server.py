@@ -1,7 +1,10 @@
 """The suggestion service: one Deployment for all experiments, HTTP/JSON.
 
     GET  /healthz, /readyz
-    POST /v1/suggest      {experiment, document, seed, prior, trials, count} -> {suggestions, exhausted, epoch}
+    POST /v1/suggest      {experiment, document, seed, prior, trials, count, new} -> {suggestions, exhausted, epoch}
+                          (new: how many may be new configurations; the others only paused trials
+                          resumed, answered with resume: true and their events; pruned: paused trials
+                          that lost for good while the scheduler picked)
                           or {experiment, epoch, changed, total, count}: only the trials changed since
                           (answered {resync: true} when this service no longer holds that epoch)
     POST /v1/flush        {experiment, document, seed, prior, trials, trial, ended} -> that trial's reported values
@@ -24,7 +27,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from ..api.trial import Trial
+from ..api.trial import Trial, TrialState, paused_reason
 from ..bus.base import experiment_key
 from .brains import Brain, Brains
 
@@ -50,13 +53,13 @@ class SuggestionService:
             with brain.lock:
                 if not brain.update([Trial.from_dict(t) for t in req["changed"]], int(req["total"])):
                     return {"resync": True}
-                suggestions, exhausted = brain.suggest(int(req.get("count", 1)))
+                suggestions, exhausted, pruned = brain.suggest(int(req.get("count", 1)), _new(req))
         else:
             brain = self._brain(req)
             with brain.lock:
                 brain.sync([Trial.from_dict(t) for t in req.get("trials", [])])
-                suggestions, exhausted = brain.suggest(int(req.get("count", 1)))
-        return {"suggestions": suggestions, "exhausted": exhausted, "epoch": brain.epoch}
+                suggestions, exhausted, pruned = brain.suggest(int(req.get("count", 1)), _new(req))
+        return {"suggestions": suggestions, "exhausted": exhausted, "pruned": pruned, "epoch": brain.epoch}
 
     def flush(self, req: dict) -> dict:
         key = _key(req["experiment"])
@@ -83,8 +86,8 @@ class SuggestionService:
             undone = req.get("ended") and brain.study.ended(t)
             if undone:
                 brain.dirty.add(number)
-            reply = {"known": True, "intermediate": t.intermediate, "metrics": t.metrics,
-                     "state": t.state.value, "reason": t.reason}
+            reply = {"known": True, "intermediate": t.intermediate, "metrics": t.metrics, "state": t.state.value,
+                     "reason": paused_reason(t) if t.state == TrialState.PAUSED else t.reason}
         if undone:
             self._persist(brain)  # before the operator records the trial as finished
         return reply
@@ -156,6 +159,11 @@ class SuggestionService:
             stop.set()
         for _, thread, _ in self._loops.values():
             thread.join(timeout=5)
+
+
+def _new(req: dict) -> int | None:
+    """How many of the trials asked for may be new configurations (the rest only paused ones resumed)."""
+    return None if req.get("new") is None else int(req["new"])
 
 
 def _key(exp: dict) -> str:
