@@ -181,21 +181,99 @@ def test_a_spec_only_the_operator_can_judge_fails_with_the_field_named(k8s_clust
     assert get(k8s_cluster, "trials", k8s_namespace)["items"] == []
 
 
-@pytest.mark.parametrize("early_stopping", [
-    {"name": "sha", "settings": {"resource": "epoch", "min": 1, "max": 9, "reductionFactor": 3}},
-    {"name": "asha", "settings": {"resource": "epoch", "min": 1, "max": 9, "reductionFactor": 3, "mode": "promotion"}},
-], ids=["sha", "asha-promotion"])
-def test_a_pausing_scheduler_is_refused_on_the_cluster_not_run_wrongly(k8s_cluster, k8s_namespace, stack,
-                                                                        early_stopping):
-    """The operator cannot pause and resume trial pods yet: it recorded paused trials as finished with
-    their first rung's value. Until it can, such an experiment fails at once, naming the setting."""
-    spec = curve_spec(earlyStopping=early_stopping)
-    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("pausing", k8s_namespace, **spec))
-    status = wait_phase(k8s_cluster, k8s_namespace, "pausing", stack, timeout=30)
-    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
-    assert status["phase"] == "Failed" and failed["reason"] == "InvalidSpec"
-    assert failed["message"].startswith("spec.earlyStopping.settings.mode: ") and "pauses trials" in failed["message"]
-    assert get(k8s_cluster, "trials", k8s_namespace)["items"] == []
+def steps_of(t) -> list[float]:
+    return [p[0] for p in t["status"].get("intermediate", [])]
+
+
+def pods_of(cluster, namespace, trial) -> list[str]:
+    return sorted(p["metadata"]["name"] for p in get(cluster, "pods", namespace)["items"]
+                  if p["metadata"]["labels"].get("kubetune.io/trial") == trial)
+
+
+def sha_spec(tmp_path, step_seconds=0.05):
+    spec = curve_spec(budget={"maxTrials": 9, "parallelTrials": 3},
+                      earlyStopping={"name": "sha", "settings": {"resource": "epoch", "min": 1, "max": 9,
+                                                                 "reductionFactor": 3}})
+    spec["trialTemplate"]["env"] = [{"name": "KUBETUNE_CHECKPOINT_DIR", "value": str(tmp_path / "checkpoints")},
+                                    {"name": "STEP_SECONDS", "value": str(step_seconds)}]
+    return spec
+
+
+def assert_successive_halving_ran_as_in_the_paper(cluster, namespace, status):
+    """Nine trials paused at epoch 1, the best three resumed from their checkpoints to epoch 3, the best
+    of those to 9: each run in a pod of its own, starting after its checkpoint's step."""
+    states = trial_states(cluster, namespace)
+    assert status["phase"] == "Succeeded", states
+    assert (status["succeeded"], status["pruned"], status["paused"], status["trials"]) == (1, 8, 0, 9), states
+    trials = sorted(get(cluster, "trials", namespace)["items"],
+                    key=lambda t: -(1 - (t["spec"]["params"]["x"] - 0.3) ** 2))  # best configuration first
+    assert [steps_of(t) for t in trials] == [[1, 2, 3, 4, 5, 6, 7, 8, 9]] + [[1, 2, 3]] * 2 + [[1]] * 6, states
+    winner = trials[0]
+    assert winner["status"]["state"] == "Succeeded" and status["bestTrial"]["name"] == winner["metadata"]["name"]
+    name = winner["metadata"]["name"]
+    assert pods_of(cluster, namespace, name) == [name, f"{name}-resume1", f"{name}-resume2"]
+    resumes = [e for e in winner["status"]["events"] if e["event"] == "resume"]
+    assert [(e["budget"], e["from_step"]) for e in resumes] == [(3, 1), (9, 3)]
+    assert all(t["status"]["reason"].startswith("not promoted") for t in trials[1:]), states
+    assert all(t["spec"].get("attempt", 1) == 1 for t in trials)
+
+
+def test_synchronous_successive_halving_resumes_the_winners_in_new_pods_from_their_checkpoints(
+        k8s_cluster, k8s_namespace, make_kubelet, stack, tmp_path):
+    make_kubelet(gpus=3)
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("sha", k8s_namespace, **sha_spec(tmp_path)))
+    status = wait_phase(k8s_cluster, k8s_namespace, "sha", stack)
+    assert_successive_halving_ran_as_in_the_paper(k8s_cluster, k8s_namespace, status)
+
+
+def test_paused_trials_survive_restarts_of_the_service_and_the_operator(
+        k8s_cluster, k8s_namespace, make_kubelet, stack, tmp_path):
+    """The suggestion service is killed while trials wait paused, the operator once the first winner
+    has resumed: the rebuilt scheduler promotes the same trials, and nothing runs twice."""
+    make_kubelet(gpus=3)
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("sha", k8s_namespace, **sha_spec(tmp_path, 0.15)))
+
+    def trials_where(check):
+        return [t for t in get(k8s_cluster, "trials", k8s_namespace)["items"] if check(t.get("status") or {})]
+
+    wait_until(lambda: len(trials_where(lambda s: s.get("state") == "Paused")) >= 3, timeout=120,
+               what="three paused trials")
+    stack.kill("suggestion")
+    stack.start("suggestion")
+    wait_until(lambda: trials_where(lambda s: any(e.get("event") == "resume" for e in s.get("events", []))),
+               timeout=120, what="a resumed trial")
+    stack.kill("operator")
+    stack.start("operator")
+    status = wait_phase(k8s_cluster, k8s_namespace, "sha", stack, timeout=180)
+    assert_successive_halving_ran_as_in_the_paper(k8s_cluster, k8s_namespace, status)
+
+
+def test_promotion_asha_resumes_paused_trials_on_the_cluster_and_leaves_none_paused(
+        k8s_cluster, k8s_namespace, make_kubelet, stack, tmp_path):
+    """ASHA's promotion form: a trial pauses at each rung and a free worker resumes the best paused one
+    in the top 1/eta of its rung, from its checkpoint; trials still paused when the budget is spent and
+    none can be promoted end Pruned."""
+    make_kubelet(gpus=3)
+    spec = curve_spec(budget={"maxTrials": 9, "parallelTrials": 3},
+                      earlyStopping={"name": "asha", "settings": {"resource": "epoch", "min": 1, "max": 9,
+                                                                  "reductionFactor": 3, "mode": "promotion"}})
+    spec["trialTemplate"]["env"] = [{"name": "KUBETUNE_CHECKPOINT_DIR", "value": str(tmp_path / "checkpoints")}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("asha", k8s_namespace, **spec))
+    status = wait_phase(k8s_cluster, k8s_namespace, "asha", stack)
+    states = trial_states(k8s_cluster, k8s_namespace)
+    assert status["phase"] == "Succeeded" and status["paused"] == 0, states
+    trials = get(k8s_cluster, "trials", k8s_namespace)["items"]
+    assert {t["status"]["state"] for t in trials} <= {"Succeeded", "Pruned"}, states
+    resumed = [t for t in trials if any(e["event"] == "resume" for e in t["status"]["events"])]
+    assert resumed, states
+    for t in trials:  # each run went on from the one before: every step once, in order
+        steps = steps_of(t)
+        assert steps == list(range(1, len(steps) + 1)), (t["metadata"]["name"], steps)
+        assert (steps[-1] == 9) == (t["status"]["state"] == "Succeeded"), states
+    for t in resumed:
+        name = t["metadata"]["name"]
+        n = sum(e["event"] == "resume" for e in t["status"]["events"])
+        assert pods_of(k8s_cluster, k8s_namespace, name) == sorted([name] + [f"{name}-resume{k}" for k in range(1, n + 1)])
 
 
 def test_two_gpus_run_at_most_two_trial_pods_at_once(k8s_cluster, k8s_namespace, make_kubelet, stack):

@@ -56,7 +56,7 @@ EXPERIMENT_STATUS = {
         "conditions": {"type": "array", "items": CONDITION,
                        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
         "trials": _COUNT, "running": _COUNT, "succeeded": _COUNT, "pruned": _COUNT, "failed": _COUNT,
-        "killed": _COUNT,
+        "killed": _COUNT, "paused": _COUNT,
         "bestObjective": {"type": "number"},
         "bestTrial": {
             "type": "object",
@@ -83,6 +83,9 @@ TRIAL_SPEC = {
         "number": {"type": "integer", "minimum": 0},
         "params": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
         "attempt": {"type": "integer", "minimum": 1},
+        # The scheduler's assignment when the trial was made (HyperBand's bracket, its first run's budget).
+        "assignment": {"type": "object", "properties": {"bracket": {"type": "integer", "nullable": True},
+                                                        "budget": {"type": "number", "nullable": True}}},
     },
 }
 TRIAL_STATUS = {

@@ -22,12 +22,12 @@ from ..api.trial import Trial, TrialState, best_of
 from ..api.validation import check_spec, check_structure
 from ..api import schema
 from ..engine import check_end, judge_exit
-from ..schedulers import make_scheduler
 from ..study import prior_from
 from ..engine.metric_lines import parse_metric_line
 from .kube import Kube
 from .pods import trial_pod
-from .records import current_pod, now_iso, owned_by, owns, parse_time, pod_name, records, trial_resource, to_record
+from .records import (current_pod, now_iso, owned_by, owns, parse_time, pod_name, pod_of_attempt, records,
+                      trial_resource, to_record)
 
 log = logging.getLogger("kubetune.operator")
 
@@ -35,8 +35,12 @@ SPEC_CACHE_SECONDS = 1.0
 SERVICE_WAIT_S = 60.0  # how long a trial's end waits for a suggestion service that is restarting
 FOREIGN_POD_WAIT_S = 60.0  # how long a trial waits for the pod of an earlier trial of its name to go
 STOP_GRACE = 5  # seconds a trial told to stop through the SDK has to exit by itself
+PAUSE_GRACE = 30  # and one told to pause, which saves a checkpoint first (then the pod's own grace period)
 HOLD_CHECK_S = 2.0  # how often, with no trial to ask for, the service is checked to hold a running experiment
 FINAL = {s.value for s in TrialState if s.finished}
+PAUSED = TrialState.PAUSED.value  # neither active nor over: no pod, until the scheduler resumes it
+NOT_PROMOTED = "not promoted: not in the top of its rung"
+PAUSED_AT_END = "experiment ended while it waited for promotion"
 
 
 class Controller:
@@ -79,11 +83,6 @@ class Controller:
             self.event(exp, "Warning", "InvalidSpec", message)
             return True
         spec = ExperimentSpec.from_document(exp)
-        limit = _not_on_a_cluster_yet(spec)
-        if limit:
-            self._finish(exp, "Failed", "InvalidSpec", limit, {})
-            self.event(exp, "Warning", "InvalidSpec", limit)
-            return True
         if "seed" not in status:
             status = exp["status"] = self._start(exp, spec)
         if resources is None:
@@ -94,17 +93,25 @@ class Controller:
         best = best_trial(spec, trials)
         elapsed = now - (parse_time(status.get("startTime")) or now)
         completion = check_end(spec, trials, best, elapsed, bool(status.get("exhausted")))
+        paused = [t for t in trials if t.state == TrialState.PAUSED]
+        if completion is not None and paused and completion.budget_spent:
+            # Out of new trials, a paused one may still be promoted: over only once none is.
+            if self._create_trials(exp, spec, status, trials, versions)[1]:
+                return False
         if completion is not None:
             active = [t for t in trials if t.state.active]
             for t in active:
                 self.request_stop(namespace, t.name, TrialState.KILLED, f"experiment ended: {completion.reason}")
+            for t in paused:
+                self._end_paused(namespace, t.name, TrialState.PRUNED, PAUSED_AT_END)
+                t.state, t.reason = TrialState.PRUNED, PAUSED_AT_END  # (as counted below)
             if not active:
                 phase = "Succeeded" if completion.succeeded else "Failed"
                 self._finish(exp, phase, completion.reason, completion.message, counts(spec, trials))
                 self.event(exp, "Normal" if completion.succeeded else "Warning", completion.reason, completion.message)
                 return True
             return False
-        exhausted = self._create_trials(exp, spec, status, trials, versions)
+        exhausted = self._create_trials(exp, spec, status, trials, versions)[0]
         summary = counts(spec, trials)
         if exhausted:
             summary["exhausted"] = True
@@ -136,10 +143,15 @@ class Controller:
         return sorted((rec for _, rec in fresh.values()), key=lambda t: t.number), versions
 
     def _create_trials(self, exp: dict, spec: ExperimentSpec, status: dict, trials: list[Trial],
-                       versions: dict[int, str]) -> bool:
+                       versions: dict[int, str]) -> tuple[bool, int]:
+        """Fills free slots: new trials, or paused ones resumed (pausing schedulers). Returns whether the
+        sampler is exhausted, and how many paused trials were resumed."""
         active = sum(1 for t in trials if t.state.active)
-        wanted = min(spec.budget.parallel_trials - active, spec.budget.max_trials - len(trials))
-        if wanted <= 0 or status.get("exhausted"):
+        paused = any(t.state == TrialState.PAUSED for t in trials)
+        slots = spec.budget.parallel_trials - active
+        new = 0 if status.get("exhausted") else max(0, spec.budget.max_trials - len(trials))
+        wanted = min(slots, new if not paused else slots)
+        if wanted <= 0:
             if active and self._hold_due(exp, len(trials)):
                 # Nothing to ask for, but the service must still hold the experiment while trials run: one
                 # restarted since has no scheduler loop reading their reports until it is sent it again.
@@ -147,15 +159,46 @@ class Controller:
                     self._suggest(exp, spec, trials, versions, 0)
                 except OSError as e:  # (the pass goes on: its status counts need no service)
                     log.warning("suggestion service unreachable for %s: %s", exp["metadata"]["name"], e)
-            return bool(status.get("exhausted"))
+            return bool(status.get("exhausted")), 0
         meta = exp["metadata"]
-        answer = self._suggest(exp, spec, trials, versions, wanted)
-        self._sent[(meta["namespace"], meta["name"])].suggested = max(
-            [len(trials)] + [s["number"] + 1 for s in answer["suggestions"]])
-        for s in answer["suggestions"]:
-            if self.kube.create_trial(trial_resource(exp, s["number"], s["params"])):
+        key = (meta["namespace"], meta["name"])
+        answer = self._suggest(exp, spec, trials, versions, wanted, new)
+        fresh = [s for s in answer["suggestions"] if not s.get("resume")]
+        self._sent[key].suggested = max([len(trials)] + [s["number"] + 1 for s in fresh])
+        try:
+            for number in answer.get("pruned", ()):  # paused trials that lost for good (synchronous HyperBand)
+                if number < len(trials) and trials[number].state == TrialState.PAUSED:
+                    self._end_paused(meta["namespace"], trials[number].name, TrialState.PRUNED, NOT_PROMOTED)
+            resumed = [s for s in answer["suggestions"] if s.get("resume") and self._resume(meta, trials, s)]
+        except Exception:
+            # The service took these as done: sent the whole list next time, it takes the API's word again.
+            self._sent.pop(key, None)
+            raise
+        for s in fresh:
+            if self.kube.create_trial(trial_resource(exp, s["number"], s["params"], assignment=s.get("assignment"))):
                 log.info("created trial %s-%04d", meta["name"], s["number"])
-        return bool(answer.get("exhausted"))
+        return bool(answer.get("exhausted")), len(resumed)
+
+    def _resume(self, meta: dict, trials: list[Trial], s: dict) -> bool:
+        """A paused trial promoted: it runs on from its checkpoint in a new pod, as the same attempt (its
+        reports go on after the ones before), with the budget of its next rung (in its events)."""
+        number = s["number"]
+        trial = trials[number] if number < len(trials) else None
+        if trial is None or trial.state != TrialState.PAUSED:
+            return False  # changed since it was sent: the service hears of it with the next request
+        resumes = sum(1 for e in s["events"] if e.get("event") == "resume")
+        pod = pod_name(trial.name, trial.attempt, resumes)
+        self.kube.patch_trial_status(meta["namespace"], trial.name, {
+            "state": "Pending", "podName": pod, "reason": "", "startTime": None, "stop": None,
+            "events": s["events"][-200:]})
+        log.info("resumed trial %s in pod %s", trial.name, pod)
+        return True
+
+    def _end_paused(self, namespace: str, name: str, state: TrialState, reason: str) -> None:
+        """A paused trial (no pod) ends where it stopped: not promoted, or the experiment is over."""
+        self.kube.patch_trial_status(namespace, name, {"state": state.value, "reason": reason, "stop": None,
+                                                       "completionTime": now_iso()})
+        log.info("trial %s %s %s", name, state.value, reason)
 
     def _hold_due(self, exp: dict, total: int) -> bool:
         """Whether to check, with an empty request, that the service holds the experiment (every HOLD_CHECK_S).
@@ -165,7 +208,7 @@ class Controller:
         return sent is None or (time.monotonic() - sent.at >= HOLD_CHECK_S and total >= sent.suggested)
 
     def _suggest(self, exp: dict, spec: ExperimentSpec, trials: list[Trial], versions: dict[int, str],
-                 count: int) -> dict:
+                 count: int, new: int | None = None) -> dict:
         """Asks for `count` new trials, sending the service only the trials changed since it was last sent
         them; the whole experiment when it does not hold what was sent (restarted, or spec changed)."""
         meta = exp["metadata"]
@@ -175,12 +218,12 @@ class Controller:
             changed = [t for t in trials if sent.versions.get(t.number) != versions.get(t.number)]
             answer = self.ask_service("/v1/suggest", {
                 "experiment": {"namespace": key[0], "name": key[1]}, "epoch": sent.epoch,
-                "changed": [t.to_dict() for t in changed], "total": len(trials), "count": count})
+                "changed": [t.to_dict() for t in changed], "total": len(trials), "count": count, "new": new})
             if not answer.get("resync"):
                 sent.versions.update((t.number, versions.get(t.number)) for t in changed)
                 sent.at = time.monotonic()
                 return answer
-        answer = self.ask_service("/v1/suggest", {**self._context(exp, spec, trials), "count": count})
+        answer = self.ask_service("/v1/suggest", {**self._context(exp, spec, trials), "count": count, "new": new})
         self._sent[key] = _Sent(ident, answer["epoch"], dict(versions))
         return answer
 
@@ -216,8 +259,8 @@ class Controller:
     def ensure_pod(self, trial: dict) -> None:
         """A trial that is not over has a pod for its current attempt."""
         status = trial.get("status") or {}
-        if status.get("state") in FINAL or status.get("stop"):
-            return
+        if status.get("state") in FINAL or status.get("state") == PAUSED or status.get("stop") or not pod_of_attempt(trial):
+            return  # (a paused trial gets its next pod when it is resumed)
         exp = self._experiment_of(trial)
         if exp is None:
             return
@@ -287,8 +330,8 @@ class Controller:
         if trial is None or not owns(trial, pod):
             return None  # (a pod of an earlier trial of this name: its experiment was deleted and made again)
         status = trial.get("status") or {}
-        if status.get("state") in FINAL or current_pod(trial) != meta["name"]:
-            return None  # over, or the pod of an earlier attempt
+        if status.get("state") in FINAL or status.get("state") == PAUSED or current_pod(trial) != meta["name"]:
+            return None  # over, paused (this pod's end recorded), or the pod of an earlier run
         phase = (pod.get("status") or {}).get("phase")
         experiment = trial["spec"]["experiment"]
         lost = (meta.get("deletionTimestamp") and phase not in ("Succeeded", "Failed")) or (
@@ -324,6 +367,9 @@ class Controller:
         status = trial.get("status") or {}
         if status.get("state") in FINAL:
             return
+        if status.get("state") == PAUSED:  # no pod to stop
+            self._end_paused(namespace, name, state, reason)
+            return
         if not status.get("stop"):
             self.kube.patch_trial_status(namespace, name, {"stop": {"state": state.value, "reason": reason}})
         current = current_pod(trial)
@@ -344,8 +390,18 @@ class Controller:
         if not reported.get("intermediate") and not record.intermediate and spec.collector_kind in ("auto", "stdout"):
             reported = {**reported, **self._from_log(spec, meta["namespace"], current_pod(trial))}
         values = [v for _, v in reported.get("intermediate", record.intermediate)]
-        stop = status.get("stop") or (
-            {"state": "Pruned", "reason": reported.get("reason") or "pruned"} if reported.get("state") == "Pruned" else None)
+        stop = status.get("stop") or _decided_stop(reported)
+        if stop and stop["state"] == PAUSED:
+            if exit_code is None or exit_code <= 0 or exit_code > 128:
+                # Checkpointed and gone, or stopped by a signal once its grace ran out (checkpoints are
+                # written atomically: the last whole one stands): resumed from it when promoted.
+                self.kube.patch_trial_status(meta["namespace"], meta["name"], {
+                    "state": PAUSED, "reason": stop["reason"], "stop": None,
+                    "intermediate": reported.get("intermediate", record.intermediate)[-1000:],
+                    "metrics": reported.get("metrics", record.metrics)})
+                log.info("trial %s Paused %s", meta["name"], stop["reason"])
+                return
+            stop = None  # it failed while saving its checkpoint: judged by its exit, as any failed run
         if stop and not (stop["state"] == "Killed" and exit_code == 0):
             state = TrialState(stop["state"])
             value = spec.objective.pick(values) if values and state != TrialState.FAILED else None
@@ -464,19 +520,15 @@ class Controller:
             log.debug("event not posted: %s", e)
 
 
-def _not_on_a_cluster_yet(spec: ExperimentSpec) -> str:
-    """What this operator cannot run (yet), as an InvalidSpec message naming the field; "" if none.
-    Schedulers that pause a trial and resume it later need the trial's pod stopped and a new one made
-    from its checkpoint: the operator has no such path, and recorded paused trials as finished."""
-    es = spec.early_stopping
-    if not es:
-        return ""
-    scheduler = make_scheduler(es, goal=spec.objective.goal, space=spec.space, seed=0)
-    if not scheduler.pauses:
-        return ""
-    how = "mode: asynchronous" if es["name"] in ("sha", "hyperband", "bohb") else "mode: stopping"
-    return (f"spec.earlyStopping.settings.mode: {es['name']} in mode {scheduler.mode!r} pauses trials and resumes them later, "
-            f"which the operator cannot do yet (it runs on one machine: kubetune run); on a cluster use {how}")
+def _decided_stop(reported: dict) -> dict | None:
+    """How the service's scheduler ended the trial (pruned, or paused at a rung), when its word that the
+    pod should stop did not reach the API before the pod ended."""
+    state = reported.get("state")
+    if state == "Pruned":
+        return {"state": state, "reason": reported.get("reason") or "pruned"}
+    if state == PAUSED:
+        return {"state": state, "reason": reported.get("reason") or "paused, waiting for promotion"}
+    return None
 
 
 def _ref(exp: dict) -> dict:
@@ -503,7 +555,7 @@ def counts(spec: ExperimentSpec, trials: list[Trial]) -> dict:
     by = {s: sum(1 for t in trials if t.state == s) for s in TrialState}
     out = {"trials": len(trials), "running": by[TrialState.RUNNING] + by[TrialState.PENDING],
            "succeeded": by[TrialState.SUCCEEDED], "pruned": by[TrialState.PRUNED], "failed": by[TrialState.FAILED],
-           "killed": by[TrialState.KILLED]}
+           "killed": by[TrialState.KILLED], "paused": by[TrialState.PAUSED]}
     best = best_trial(spec, trials)
     if best is not None:
         out["bestObjective"] = best.value

@@ -14,7 +14,7 @@ import logging
 import kopf
 
 from ..api import schema
-from .control import STOP_GRACE, Controller
+from .control import PAUSE_GRACE, STOP_GRACE, Controller
 from .records import current_pod
 
 G, V = schema.GROUP, schema.VERSION
@@ -77,7 +77,8 @@ async def forget_experiment(namespace, name, meta, logger, **_):
 
 # Trials are handled on raw watch events: kopf keeps no per-trial bookkeeping (no annotations
 # written back on every change), and what this process already did is remembered here.
-_started: set[tuple] = set()   # (trial uid, attempt) whose pod was ensured (a trial made again has a new uid)
+_started: set[tuple] = set()   # (trial uid, attempt, pod name) whose pod was ensured (a trial made again has a
+                               # new uid; a retry, a new attempt and pod name; a paused trial's resume, a new pod)
 _stopping: set[tuple] = set()  # (namespace, trial) whose pod is being stopped
 _states: dict[tuple, str] = {}  # last state seen, to wake the experiment on a change
 FINAL_STATES = ("Succeeded", "Failed", "Pruned", "Killed")
@@ -101,21 +102,24 @@ async def trial_changed(event, body, namespace, name, **_):
         return
     stop = status.get("stop")
     if stop and key not in _stopping:
-        # Pruned (or the experiment ended): the SDK has been told; stop the pod if it lingers.
+        # Pruned or paused (or the experiment ended): the SDK has been told; stop the pod if it lingers.
         _stopping.add(key)
         asyncio.create_task(_stop_pod(namespace, current_pod(body), stop))
-    attempt = (body["metadata"]["uid"], body["spec"].get("attempt", 1))
-    if not stop and attempt not in _started:
-        _started.add(attempt)
+    elif not stop:
+        _stopping.discard(key)  # (a paused trial resumed may be told to pause again)
+    run = (body["metadata"]["uid"], body["spec"].get("attempt", 1), current_pod(body))
+    if not stop and state != "Paused" and run not in _started:
+        _started.add(run)
         try:
             await asyncio.to_thread(controller.ensure_pod, dict(body))
         except Exception:
-            _started.discard(attempt)  # try again on the next event
+            _started.discard(run)  # try again on the next event
             raise
 
 
 async def _stop_pod(namespace: str, pod: str, stop: dict) -> None:
-    await asyncio.sleep(STOP_GRACE if stop.get("state") == "Pruned" else 0)
+    grace = {"Pruned": STOP_GRACE, "Paused": PAUSE_GRACE}.get(stop.get("state"), 0)
+    await asyncio.sleep(grace)
     await asyncio.to_thread(controller.kube.delete_pod, namespace, pod)
 
 

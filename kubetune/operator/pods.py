@@ -16,7 +16,8 @@ from typing import Any, Mapping
 from ..api.spec import ExperimentSpec
 from ..api.template import render_command, trial_env
 from ..bus.base import experiment_key
-from .records import EXPERIMENT_LABEL, TRIAL_LABEL, pod_name
+from ..schedulers import every_report_waits
+from .records import EXPERIMENT_LABEL, TRIAL_LABEL, current_pod, to_record
 
 
 def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, Any]) -> dict:
@@ -50,6 +51,9 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
     env += [{"name": "KUBETUNE_NAMESPACE", "value": meta["namespace"]},
             {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
             {"name": "PYTHONUNBUFFERED", "value": "1"}]
+    budget = to_record(trial).budget
+    if budget is not None:  # how far this run should go (HyperBand's rung, a resumed trial's next one)
+        env.append({"name": "KUBETUNE_BUDGET", "value": f"{budget:g}"})
     env += _bus_env(bus, spec, meta)
     known = {e["name"] for e in env}
     main["env"] = [e for e in main.get("env", []) if e["name"] not in known] + env
@@ -62,7 +66,7 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": pod_name(meta["name"], attempt),
+            "name": current_pod(trial),
             "namespace": meta["namespace"],
             "labels": {EXPERIMENT_LABEL: spec.name, TRIAL_LABEL: meta["name"]},
             "annotations": {"kubetune.io/params": json.dumps(params)},
@@ -82,8 +86,7 @@ def _bus_env(bus: Mapping[str, Any], spec: ExperimentSpec, trial_meta: Mapping[s
     env = [{"name": "KUBETUNE_REDIS_URL", "value": bus["url"]},
            {"name": "KUBETUNE_BUS_KEY", "value": experiment_key(trial_meta["namespace"], spec.name, owner.get("uid", ""))},
            {"name": "KUBETUNE_OBJECTIVE", "value": spec.objective.metric}]
-    if ((spec.early_stopping or {}).get("settings") or {}).get("synch"):
-        # Synchronous PBT holds a check's answer: every report must wait for its own (see kubetune.trial).
+    if every_report_waits(spec.early_stopping, goal=spec.objective.goal, space=spec.space):
         env.append({"name": "KUBETUNE_REPORT_WAIT", "value": "1"})
     secret = bus.get("passwordSecret")
     if secret:

@@ -24,8 +24,11 @@ def trial_name(experiment: str, number: int) -> str:
     return f"{experiment}-{number:04d}"
 
 
-def pod_name(trial: str, attempt: int) -> str:
-    return trial if attempt <= 1 else f"{trial}-r{attempt}"
+def pod_name(trial: str, attempt: int, resumes: int = 0) -> str:
+    """A pod per run of a trial: its attempt (a lost pod's trial runs again from the start) and, for a
+    paused trial resumed from its checkpoint, how many resumes came before (the attempt stays)."""
+    name = trial if attempt <= 1 else f"{trial}-r{attempt}"
+    return name if resumes <= 0 else f"{name}-resume{resumes}"
 
 
 def current_pod(trial: Mapping[str, Any]) -> str:
@@ -33,6 +36,14 @@ def current_pod(trial: Mapping[str, Any]) -> str:
     no write to the trial; status.podName, once written (on start, on a retry), comes first."""
     status = trial.get("status") or {}
     return status.get("podName") or pod_name(trial["metadata"]["name"], int(trial["spec"].get("attempt", 1)))
+
+
+def pod_of_attempt(trial: Mapping[str, Any]) -> bool:
+    """Whether the trial's current pod is one of its current attempt's. Not so between the two writes of
+    a retry (the new pod's name is written before the new attempt): no pod is made from such a copy."""
+    base = pod_name(trial["metadata"]["name"], int(trial["spec"].get("attempt", 1)))
+    pod = current_pod(trial)
+    return pod == base or pod.startswith(base + "-resume")
 
 
 def now_iso() -> str:
@@ -46,7 +57,10 @@ def parse_time(value: str | None) -> float | None:
     return dt.datetime.fromisoformat(value).timestamp()
 
 
-def trial_resource(experiment: Mapping[str, Any], number: int, params: dict, attempt: int = 1) -> dict:
+def trial_resource(experiment: Mapping[str, Any], number: int, params: dict, attempt: int = 1,
+                   assignment: Mapping[str, Any] | None = None) -> dict:
+    """assignment: the scheduler's for a new trial (HyperBand's bracket, the budget of its first run), kept
+    in the spec from the start: its first pod needs the budget, and a rebuilt scheduler the bracket."""
     meta = experiment["metadata"]
     name = trial_name(meta["name"], number)
     return {
@@ -61,7 +75,8 @@ def trial_resource(experiment: Mapping[str, Any], number: int, params: dict, att
                 "controller": True, "blockOwnerDeletion": True,
             }],
         },
-        "spec": {"experiment": meta["name"], "number": number, "params": params, "attempt": attempt},
+        "spec": {"experiment": meta["name"], "number": number, "params": params, "attempt": attempt,
+                 **({"assignment": dict(assignment)} if assignment else {})},
     }
 
 
@@ -80,8 +95,17 @@ def to_record(resource: Mapping[str, Any]) -> Trial:
         started_at=parse_time(status.get("startTime")),
         finished_at=parse_time(status.get("completionTime")),
         name=resource["metadata"]["name"],
-        events=[dict(e) for e in status.get("events") or []],
+        events=_events(spec, status),
     )
+
+
+def _events(spec: Mapping[str, Any], status: Mapping[str, Any]) -> list[dict]:
+    """The scheduler's events for the trial, its assignment first (kept in the spec: see trial_resource)."""
+    events = [dict(e) for e in status.get("events") or []]
+    assignment = spec.get("assignment")
+    if assignment and not any(e.get("event") == "assign" for e in events):
+        events.insert(0, {"event": "assign", **assignment})
+    return events
 
 
 def owns(experiment: Mapping[str, Any], trial: Mapping[str, Any]) -> bool:

@@ -29,6 +29,7 @@ from ..api.spec import ExperimentSpec
 from ..api.template import render_command, trial_env
 from ..api.trial import Decision, Trial
 from ..engine.metric_lines import parse_metric_line
+from ..schedulers import every_report_waits
 from .channel import ReportChannel
 from .events import Event, Exited, Reported, Started, Wake
 
@@ -88,8 +89,7 @@ class LocalRuntime:
             from .bridge import BusBridge
 
             self._bus_env = {**(bus_env or {}), "KUBETUNE_BUS_KEY": bus_key}
-            if ((spec.early_stopping or {}).get("settings") or {}).get("synch"):
-                # Synchronous PBT holds a check's answer: every report waits for its own (see kubetune.trial).
+            if every_report_waits(spec.early_stopping, goal=spec.objective.goal, space=spec.space):
                 self._bus_env["KUBETUNE_REPORT_WAIT"] = "1"
             if sdk:
                 self.bridge = BusBridge(bus, bus_key, self._events)

@@ -78,7 +78,8 @@ class _BusChannel:
     report, after a whole further epoch, and a PBT exploit would be applied an epoch
     late. The wait is one round trip to the scheduler, small next to such a report's
     interval. KUBETUNE_REPORT_WAIT=1 (set by the operator for synchronous PBT, whose checks
-    are held until the population catches up) makes every report wait for its decision.
+    are held until the population catches up, and for schedulers that pause trials, so that
+    none trains past the report it was paused at) makes every report wait for its decision.
     """
 
     SLOW_S = 0.2
