@@ -108,6 +108,37 @@ def test_decisions_reach_only_their_trial_in_order(bus):
     assert bus.take_decisions(EXP, 2) == [(7, exploit)]
 
 
+def test_a_decision_is_taken_once_and_skipping_passes_over_only_those_waiting(bus):
+    """A take hands each decision out once, whether or not the next take finds the trial's queue
+    trimmed yet; skip_decisions (a new run of the trial) passes over what waits, not what comes after."""
+    bus.decide(EXP, [(0, 1, Decision("stop", "old run"))])
+    bus.decide(EXP, [(0, 2, Decision("pause", "old run"))])
+    bus.skip_decisions(EXP, 0)
+    assert bus.take_decisions(EXP, 0) == []
+    bus.decide(EXP, [(0, 1, Decision())])
+    assert bus.publish_and_take(EXP, reports(0, 1), 0) == [(1, Decision())]
+    for seq in (2, 3):
+        exploit = Decision("exploit", "bottom", donor=1, params={"lr": 0.1 * seq})
+        bus.decide(EXP, [(0, seq, exploit)])
+        assert bus.publish_and_wait(EXP, reports(0, 1, start=seq), 0, block_s=5) == [(seq, exploit)]
+        assert bus.take_decisions(EXP, 0) == [] and bus.publish_and_wait(EXP, [], 0, block_s=0.01) == []
+    bus.skip_decisions(EXP, 0)  # nothing waiting: nothing changes
+    bus.decide(EXP, [(0, 4, Decision("stop", "done"))])
+    assert bus.take_decisions(EXP, 0) == [(4, Decision("stop", "done"))]
+    if not isinstance(bus, MemoryBus):  # what was taken is trimmed away with the next round trip
+        assert bus.take_decisions(EXP, 0) == [] and bus.r.xlen(bus.decision_key(EXP, 0)) == 0
+
+
+def test_a_trial_s_decisions_are_bounded(bus):
+    """decisions_kept bounds what waits for a trial that does not take (a lost pod)."""
+    for seq in range(1, 201):
+        bus.decide(EXP, [(0, seq, Decision())])
+    got = bus.take_decisions(EXP, 0)
+    assert [s for s, _ in got] == list(range(201 - bus.decisions_kept, 201))
+    bus.decide(EXP, [(1, seq, Decision()) for seq in range(1, 201)])  # in one write: its latest
+    assert [s for s, _ in bus.take_decisions(EXP, 1)] == list(range(201 - bus.decisions_kept, 201))
+
+
 def answer_when_reported(bus, decision) -> threading.Thread:
     """A scheduler thread: waits for the first reports and answers each with `decision`."""
     def scheduler():
@@ -229,10 +260,13 @@ def test_packed_commands_are_those_of_the_plain_packer():
     expected = []
     for trial, seqs in ((1, (0, 2)), (3, (1,))):
         key = bus.decision_key(EXP, trial)
-        expected += [_pack("RPUSH", key, *[encode_decision(*decisions[i][1:]) for i in seqs]),
-                     _pack("LTRIM", key, -bus.decisions_kept, -1), _pack("EXPIRE", key, bus.decision_ttl_s)]
+        batch = "[%s]" % ",".join(encode_decision(*decisions[i][1:]) for i in seqs)
+        expected += [_pack("XADD", key, "MAXLEN", bus.decisions_kept, "*", "d", batch),
+                     _pack("EXPIRE", key, bus.decision_ttl_s)]
     assert bus._decisions(EXP, decisions) == expected
     assert bus._decisions(EXP, decisions) == expected  # from the per-trial cache
+    assert bus._xread(EXP, 1, b"1700000000000-17") == _pack("XREAD", "COUNT", bus.decisions_kept, "STREAMS",
+                                                             bus.decision_key(EXP, 1), "1700000000000-17")
 
 
 def test_the_stream_is_bounded(bus):
@@ -897,6 +931,40 @@ def test_a_report_whose_read_reply_was_lost_is_still_handled(redis_server):
     finally:
         bus.close()
         trials_side.close()
+        proxy.close()
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["batched", "waiting"])
+def test_a_decision_whose_reply_was_lost_still_reaches_the_trial_once(redis_server, wait):
+    """The connection drops after Redis ran the trial's round trip (its reports and the read of its
+    decisions), before the reply arrived: redis-py sends the round trip again. A pop sent again finds
+    nothing, and a PBT exploit is never repeated: the store would name parameters the trainer never
+    loaded. The trial must still get the exploit, once. batched: the exploit was already waiting;
+    waiting: it is written while the trial's blocking read waits for it."""
+    from kubetune.bus.redis_streams import RedisBus
+
+    proxy = CuttingProxy(redis_server.port, [b"cut-exploit"])
+    scheduler = RedisBus(url=redis_server.url)
+    trial_side = RedisBus(url=proxy.url)
+    exploit = Decision("exploit", "cut-exploit", donor=1, params={"lr": 0.1}, donor_step=1)
+    client = TrialClient(trial_side, EXP, 0, batch=1, wait=wait, wait_s=30)
+    try:
+        if wait:
+            th = answer_when_reported(scheduler, exploit)
+            got = client.send_report(1, {"acc": 0.1})
+            th.join()
+        else:
+            assert client.send_report(1, {"acc": 0.1}).action == "continue"
+            scheduler.decide(EXP, [(0, 1, exploit)])
+            got = client.send_report(2, {"acc": 0.2})
+        assert proxy.cuts == [b"cut-exploit"]  # the reply holding the exploit was lost
+        assert got == exploit and client.errors == 0
+        scheduler.decide(EXP, [(0, 3, Decision())])
+        assert client.send_report(3, {"acc": 0.3}).action == "continue"  # handed out once
+        assert trial_side.take_decisions(EXP, 0) == []  # and not read again by the bus either
+    finally:
+        trial_side.close()
+        scheduler.close()
         proxy.close()
 
 

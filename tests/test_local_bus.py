@@ -79,9 +79,10 @@ def test_asha_over_redis_prunes_through_the_bus_and_cleans_up(tmp_path, redis_se
     assert all("exited with code" not in r["reason"] for r in pruned)
     assert all(len(r["intermediate"]) < 9 for r in pruned)
     check_curves(records, 9)
-    # Reports went in as stream entries, read by the consumer group; decisions came back as list pushes.
+    # Reports went in as stream entries, read by the consumer group; decisions came back through each
+    # trial's decision stream, read from where the trial left off.
     assert command_calls(redis_server, "xadd") >= sum(len(r["intermediate"]) for r in records.values())
-    assert command_calls(redis_server, "xreadgroup") > 0 and command_calls(redis_server, "rpush") > 0
+    assert command_calls(redis_server, "xreadgroup") > 0 and command_calls(redis_server, "xread") > 0
     # The run deleted its keys; the stream's name is kept in the experiment's state for a resume.
     assert bus_keys(redis_server) == []
     run_id = json.loads((state / "asha-bus" / "state.json").read_text())["bus_run"]
@@ -245,7 +246,8 @@ def test_synchronous_pbt_over_redis_holds_each_check_until_the_population_catche
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 60  # no trial waited out a hold for the member that died
     check_synch_pbt(journal(tmp_path / "state", "synch-bus"))
-    assert command_calls(redis_server, "blpop") > 0  # each report waited for its own answer on the bus
+    # Each report waited for its own answer on the bus (XREAD BLOCK on its decision stream).
+    assert command_calls(redis_server, "xread") > 0
     assert bus_keys(redis_server) == []
 
 

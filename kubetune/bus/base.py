@@ -114,6 +114,15 @@ def decode_decision(raw) -> tuple[int, Decision]:
     return seq, Decision.from_dict(d)
 
 
+def decode_decisions(raw) -> list[tuple[int, Decision]]:
+    """Decisions encoded together: a JSON array of encode_decision()'s objects."""
+    out = []
+    for d in json.loads(raw):
+        seq = d.pop("seq")
+        out.append((seq, Decision.from_dict(d)))
+    return out
+
+
 class MetricBus:
     """What both implementations provide. `experiment` is the experiment's key (experiment_key())."""
 
@@ -123,8 +132,15 @@ class MetricBus:
 
     # `trial` below is a decision queue's address (see address()): the trial number for a first attempt.
     def take_decisions(self, experiment: str, trial: int | str, block_s: float = 0.0) -> list[tuple[int, Decision]]:
-        """Pops the decisions waiting for a trial, oldest first; waits up to block_s for one."""
+        """Takes the decisions waiting for a trial, oldest first; waits up to block_s for one. A decision
+        is handed out once, even when a round trip's reply is lost on the way and sent again: this bus
+        object remembers what it took (another one, in a new process, starts with skip_decisions)."""
         raise NotImplementedError
+
+    def skip_decisions(self, experiment: str, trial: int | str) -> None:
+        """Passes over the decisions waiting for a trial: a later take returns only those written after.
+        (A new run of a trial starts so: what is waiting answers an earlier run's reports.)"""
+        self.take_decisions(experiment, trial)
 
     def publish_and_take(self, experiment: str, reports: Sequence[Report], trial: int | str) -> list[tuple[int, Decision]]:
         """publish() then take_decisions() without blocking; one round trip where the bus can."""

@@ -49,14 +49,14 @@ class TrialClient:
         self._drop_stale()
 
     def _drop_stale(self) -> bool:
-        """Empties the trial's decision queue before this run sends its first report. What it holds
+        """Passes over the trial's waiting decisions before this run sends its first report. What it holds
         answers an earlier run's reports (a paused trial resumed, a failed pod run again: the answers
         to its last reports arrive after it exits), and a run numbers its reports from 1 again, so
         they would pass for answers to this run's. Nothing is lost: the trial's state answers this
         run's reports again. False while the bus is unreachable (then nothing is sent either)."""
         if self._stale:
             try:
-                self.bus.take_decisions(self.experiment, self.address)
+                self.bus.skip_decisions(self.experiment, self.address)
             except Exception:
                 self.errors += 1
                 return False

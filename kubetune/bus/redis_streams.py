@@ -4,9 +4,17 @@ Keys of experiment E (the braces keep them in one Redis Cluster slot):
   kubetune:{E}:reports       stream of reports, capped with MAXLEN ~ (approximate: cheap trims),
                              expiring a week after the last report (deleting an experiment removes
                              its keys; this bounds what its pods, still terminating, write after)
-  kubetune:{E}:d:<address>   list of a trial's decisions (capped, expiring); the address is the
+  kubetune:{E}:ds:<address>  stream of a trial's decisions (capped, expiring); the address is the
                              trial's number, "<number>.<attempt>" from its second attempt on
 The scheduler loop reads the stream through the consumer group "scheduler".
+
+A trial reads its decisions from the last entry id it has seen (XREAD) and trims what it has seen
+(XTRIM MINID) in its next round trip: both are harmless twice, so a round trip whose reply was lost
+(the connection dropped after Redis ran it) is sent again and returns the same decisions. A list
+popped with LPOP lost them: the pop sent again found nothing, and an exploit is never repeated.
+(The key is not the "d:" list that clients before streams pop: a trial image built with such an
+SDK, which outlives scheduler versions, then finds no decisions rather than a WRONGTYPE error at
+every report, which made it keep and resend all its reports.)
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from redis.retry import Retry
 from redis.utils import SENTINEL as _SENTINEL
 
 from ..api.trial import Decision
-from .base import GROUP, Message, MetricBus, Report, _scan, decode_decision, encode_decision, report_from_row
+from .base import GROUP, Message, MetricBus, Report, _scan, decode_decisions, encode_decision, report_from_row
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +65,11 @@ class RedisBus(MetricBus):
         self._groups: set[str] = set()
         self._prefixes: dict[str, bytes] = {}
         self._expires: dict[str, bytes] = {}
-        self._per_trial: dict[tuple[str, int | str], tuple[bytes, bytes, bytes]] = {}
-        self._popped: dict[tuple[str, int | str], list[tuple[int, Decision]]] = {}  # see _taken
+        self._per_trial: dict[tuple[str, int | str], tuple[bytes, bytes]] = {}
+        # A trial's decision stream as this client has read it: (the id of the last entry read, whether
+        # the entries up to it are trimmed away); see publish_and_wait.
+        self._cursors: dict[tuple[str, int | str], tuple[bytes, bool]] = {}
+        self._reads: dict[tuple[str, int | str], bytes] = {}  # see _xread
 
     @staticmethod
     def stream_key(experiment: str) -> str:
@@ -66,7 +77,7 @@ class RedisBus(MetricBus):
 
     @staticmethod
     def decision_key(experiment: str, trial: int | str) -> str:
-        return f"kubetune:{{{experiment}}}:d:{trial}"
+        return f"kubetune:{{{experiment}}}:ds:{trial}"
 
     # -- the wire ----------------------------------------------------------------
     # The hot paths (publishing, reading, answering) pack their commands themselves and send
@@ -143,40 +154,69 @@ class RedisBus(MetricBus):
         return self.publish_and_wait(experiment, reports, trial, 0.0)
 
     def publish_and_wait(self, experiment, reports, trial, block_s):
-        """XADDs, then the trial's waiting decisions, in one round trip; with block_s > 0 the
-        server holds the reply (BLPOP) until a decision is pushed, so waiting costs no polling."""
-        key = self.decision_key(experiment, trial)
-        parts = self._adds(experiment, reports)
-        if block_s <= 0 or (experiment, trial) in self._popped:
-            replies = self._exchange(b"".join(parts + [_pack("LPOP", key, self.decisions_kept)]), len(parts) + 1)
-            _raise_first(replies[-1:])
-            return self._taken(experiment, trial, replies[:-1], replies[-1] or [])
+        """XADDs, then the trial's decisions after the last one read, in one round trip; with
+        block_s > 0 the server holds the reply (XREAD BLOCK) until a decision is written, so waiting
+        costs no polling. Nothing in it changes what a second send returns: the XADDs are applied
+        once by the scheduler, the trim removes only entries already read, and the read starts where
+        the last reply that arrived left off. A round trip whose reply was lost is sent again by the
+        client's retry (see _exchange) and returns the same decisions."""
+        at = (experiment, trial)
+        adds = self._adds(experiment, reports)
+        if block_s <= 0:
+            last, trim = self._trim(experiment, trial)
+            replies = self._exchange(b"".join(adds + trim) + self._xread(experiment, trial, last), len(adds) + len(trim) + 1)
+            return self._taken(at, last, replies, len(adds))
         deadline = time.monotonic() + block_s
+        key = self.decision_key(experiment, trial)
         while True:
+            last, trim = self._trim(experiment, trial)
             left = max(0.001, deadline - time.monotonic())
-            # BLPOP waits for the first decision, the LPOP right behind it takes any others.
-            tail = [_pack("BLPOP", key, f"{left:.3f}"), _pack("LPOP", key, self.decisions_kept - 1)]
-            replies = self._exchange(b"".join(parts + tail), len(parts) + 2, left)
-            first, rest = _raise_first(replies[-2:])
-            if first or rest:  # (rest alone: pushed just as BLPOP gave up; popped all the same)
-                return self._taken(experiment, trial, replies[:-2], [*(first[1:] if first else ()), *(rest or [])])
-            _raise_first(replies[:-2])
-            if time.monotonic() >= deadline:
-                return []
-            parts = []
+            read = _pack("XREAD", "COUNT", self.decisions_kept, "BLOCK", max(1, int(left * 1000)), "STREAMS", key, last)
+            replies = self._exchange(b"".join(adds + trim) + read, len(adds) + len(trim) + 1, left)
+            got = self._taken(at, last, replies, len(adds))
+            if got or time.monotonic() >= deadline:
+                return got
+            adds = []
 
-    def _taken(self, experiment, trial, adds: list, raw: list) -> list[tuple[int, Decision]]:
-        """The decisions popped in a round trip with XADDs. If an XADD failed (Redis out of memory
-        refuses writes, yet pops), the caller keeps its reports and gets an error, so the decisions,
-        already gone from Redis, are kept here and handed out by the trial's next take."""
-        got = self._popped.pop((experiment, trial), []) + [decode_decision(r) for r in raw]
-        try:
-            _raise_first(adds)
-        except redis.ResponseError:
-            if got:
-                self._popped[(experiment, trial)] = got
-            raise
+    def _trim(self, experiment: str, trial: int | str) -> tuple[bytes, list[bytes]]:
+        """Where the trial's next read starts, and the XTRIM removing the entries before it if they
+        may still be there (those handed out by the last reply that arrived)."""
+        last, trimmed = self._cursors.get((experiment, trial), _START)
+        if trimmed:
+            return last, []
+        return last, [_pack("XTRIM", self.decision_key(experiment, trial), "MINID", _after(last))]
+
+    def _xread(self, experiment: str, trial: int | str, last: bytes) -> bytes:
+        """XREAD COUNT <decisions_kept> STREAMS <key> <last>, its head packed once per trial."""
+        head = self._reads.get((experiment, trial))
+        if head is None:
+            head = _pack("XREAD", "COUNT", self.decisions_kept, "STREAMS", self.decision_key(experiment, trial))
+            head = self._reads[(experiment, trial)] = b"*6" + head[head.index(b"\r\n"):]  # 5 args + the id
+        return b"%s$%d\r\n%s\r\n" % (head, len(last), last)
+
+    def _taken(self, at, last: bytes, replies: list, n_adds: int) -> list[tuple[int, Decision]]:
+        """The decisions in a round trip's last reply (an XREAD from `last`), after its n_adds XADD
+        replies and a trim's, if one was sent. The cursor moves past them only when every XADD
+        succeeded: if one failed (Redis out of memory refuses writes, yet reads), the caller keeps its
+        reports and gets an error, and its next take, reading from the same place, returns these
+        decisions again. A trim that failed is sent again with the next read."""
+        read = replies[-1]
+        if isinstance(read, redis.ResponseError):
+            raise read
+        entries = _stream_entries(read)
+        got = _decoded(entries, at)
+        _raise_first(replies[:n_adds])
+        if entries:
+            self._cursors[at] = (entries[-1][0], False)
+        elif len(replies) > n_adds + 1 and not isinstance(replies[n_adds], redis.ResponseError):
+            self._cursors[at] = (last, True)
         return got
+
+    def skip_decisions(self, experiment, trial):
+        """Reads on from the newest decision written so far: those before it are never returned."""
+        newest = self.r.xrevrange(self.decision_key(experiment, trial), count=1)
+        if newest:
+            self._cursors[(experiment, trial)] = (newest[0][0], False)
 
     # -- scheduler side ----------------------------------------------------------
 
@@ -271,25 +311,29 @@ class RedisBus(MetricBus):
         return b"*%d%s%s" % (len(ids) + 3, head[head.index(b"\r\n"):], body)
 
     def _decisions(self, experiment, decisions) -> list[bytes]:
+        """Per trial, one XADD of the batch's decisions to it (one entry: a JSON array of at most
+        decisions_kept, the latest) and the key's EXPIRE."""
         per_trial: dict[int | str, list[str]] = {}
         for trial, seq, d in decisions:
             per_trial.setdefault(trial, []).append(encode_decision(seq, d))
         out = []
         for trial, items in per_trial.items():
-            rpush, trim, expire = self._decision_commands(experiment, trial)
-            values = b"".join([b"$%d\r\n%s\r\n" % (len(v), v) for v in (x.encode() for x in items)])
-            out += [b"*%d\r\n%s%s" % (len(items) + 2, rpush, values), trim, expire]
+            xadd, expire = self._decision_commands(experiment, trial)
+            if len(items) > self.decisions_kept:
+                items = items[-self.decisions_kept:]
+            value = ("[%s]" % ",".join(items)).encode()
+            out += [b"%s$%d\r\n%s\r\n" % (xadd, len(value), value), expire]
         return out
 
-    def _decision_commands(self, experiment: str, trial: int | str) -> tuple[bytes, bytes, bytes]:
-        """RPUSH's name and key, packed, and the whole LTRIM and EXPIRE after it: the same every batch."""
+    def _decision_commands(self, experiment: str, trial: int | str) -> tuple[bytes, bytes]:
+        """XADD <key> MAXLEN <decisions_kept> * d, packed (the value follows), and the key's EXPIRE:
+        the same every batch."""
         got = self._per_trial.get((experiment, trial))
         if got is None:
             key = self.decision_key(experiment, trial)
-            rpush = _pack("RPUSH", key)
+            xadd = _pack("XADD", key, "MAXLEN", self.decisions_kept, "*", "d")
             got = self._per_trial[(experiment, trial)] = (
-                rpush[rpush.index(b"\r\n") + 2:], _pack("LTRIM", key, -self.decisions_kept, -1),
-                _pack("EXPIRE", key, self.decision_ttl_s))
+                b"*7" + xadd[xadd.index(b"\r\n"):], _pack("EXPIRE", key, self.decision_ttl_s))
         return got
 
     def decide(self, experiment, decisions: Sequence[tuple[int, int, Decision]]):
@@ -338,8 +382,9 @@ class RedisBus(MetricBus):
         for i in range(0, len(keys), 500):
             self.r.delete(*keys[i:i + 500])
         self._groups.discard(experiment)
-        for k in [k for k in self._per_trial if k[0] == experiment]:
-            del self._per_trial[k]
+        for cache in (self._per_trial, self._cursors, self._reads):
+            for k in [k for k in cache if k[0] == experiment]:
+                del cache[k]
         self._prefixes.pop(experiment, None)
         self._expires.pop(experiment, None)
 
@@ -364,6 +409,36 @@ def _entries(got) -> bool:
     if isinstance(got, redis.ResponseError) or not got:
         return False
     return any(entries for _, entries in (got.items() if isinstance(got, dict) else got))
+
+
+_START = (b"0-0", True)  # a trial's stream not read yet: from its start, nothing to trim
+
+
+def _after(entry_id: bytes) -> bytes:
+    """The smallest stream id after `entry_id` (XTRIM MINID keeps ids from it on)."""
+    ms, _, seq = entry_id.partition(b"-")
+    return b"%s-%d" % (ms, int(seq or 0) + 1)
+
+
+def _stream_entries(got) -> list:
+    """The entries of an XREAD reply on one stream (RESP3: a map of key -> entries, RESP2: a list of
+    [key, entries] pairs; None: nothing new)."""
+    if not got:
+        return []
+    return next(iter(got.values())) if isinstance(got, dict) else got[0][1]
+
+
+def _decoded(entries: list, at) -> list[tuple[int, Decision]]:
+    """The decisions in a trial's decision-stream entries, oldest first. An entry that holds none (not
+    written by this bus) is logged and passed over: the trial's reads go on after it."""
+    out = []
+    for mid, fields in entries:
+        try:
+            out += decode_decisions(fields[fields.index(b"d") + 1])
+        except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:
+            log.warning("metric bus %s: decision entry %s of trial %s is not decisions (%s); passed over",
+                        at[0], mid.decode(), at[1], e)
+    return out
 
 
 def _check(r: Report) -> None:
