@@ -133,3 +133,18 @@ def test_pytorch_exploit_takes_the_donors_model_and_optimizer_at_the_judged_step
     again, again_opt = net(3)
     assert ckpt.restore(again, again_opt, map_location=device) == 2
     assert all(torch.equal(v, weights[k]) for k, v in again.state_dict().items())
+
+
+def test_a_new_attempt_runs_from_the_start_not_from_the_lost_attempts_checkpoint(in_experiment, monkeypatch):
+    """A trial whose pod was lost runs again as attempt 2 with a fresh record: resuming the lost run's
+    model would report only the steps after its checkpoint. A resumed pause (same attempt) still resumes."""
+    in_experiment(0)
+    checkpoint.save({"epoch": 3}, step=3)
+    assert checkpoint.load() == {"epoch": 3}  # the same attempt: a paused trial resumed takes it
+    monkeypatch.setenv("KUBETUNE_ATTEMPT", "2")
+    assert checkpoint.load() is None
+    checkpoint.save({"epoch": 1}, step=1)
+    assert checkpoint.load() == {"epoch": 1}
+    assert [m["step"] for m in checkpoint._read_latest(checkpoint.trial_folder())["recent"]] == [1]
+    in_experiment(1)  # another trial, exploiting trial 0, takes its current checkpoint whatever its attempt
+    assert checkpoint.copy_from(checkpoint.donor_name(0))["step"] == 1

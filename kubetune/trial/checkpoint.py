@@ -57,12 +57,19 @@ def save_bytes(data: bytes, step: float | None = None) -> Path:
     # A new file each time, so a donor being read by another trial is never overwritten under it.
     path = folder / f"checkpoint-{time.time_ns()}.bin"
     _atomic_write(path, data)
-    meta = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "step": step}
-    recent = _read_latest(folder).get("recent", [])[-(KEEP - 1):]
+    meta = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "step": step,
+            "attempt": _attempt()}
+    recent = [m for m in _read_latest(folder).get("recent", []) if m.get("attempt", 1) == meta["attempt"]]
+    recent = recent[-(KEEP - 1):]
     _atomic_write(folder / LATEST, json.dumps({**meta, "recent": recent + [meta]}).encode())
     for old in sorted(folder.glob("checkpoint-*.bin"))[:-KEEP]:
         old.unlink(missing_ok=True)
     return path
+
+
+def _attempt() -> int:
+    """This run's attempt: a trial whose pod (or process) was lost runs again from the start as the next."""
+    return int(os.environ.get("KUBETUNE_ATTEMPT") or 1)
 
 
 def _read_latest(folder: Path) -> dict:
@@ -84,11 +91,15 @@ def _at_step(latest: dict, step: float | None) -> dict:
 
 def load_bytes(name: str | None = None, step: float | None = None) -> tuple[bytes, dict] | None:
     """The latest checkpoint of this trial (or of trial `name`), verified; None if it has none.
-    With `step`: the newest one saved at or before that step, if it is still kept."""
+    With `step`: the newest one saved at or before that step, if it is still kept.
+
+    This trial's own checkpoint from an earlier attempt is not one: that attempt's reports were dropped
+    and the trial runs again from the start, so resuming the lost run's model would leave its record
+    without the steps before. (A paused trial resumed is the same attempt, and takes its checkpoint.)"""
     folder = trial_folder(name)
-    for attempt in range(READ_ATTEMPTS):
+    for tries in range(READ_ATTEMPTS):
         latest = _read_latest(folder)
-        if not latest:
+        if not latest or (name is None and latest.get("attempt", 1) < _attempt()):
             return None
         meta = {k: v for k, v in _at_step(latest, step).items() if k != "recent"}
         try:
@@ -97,7 +108,7 @@ def load_bytes(name: str | None = None, step: float | None = None) -> tuple[byte
             continue  # its owner moved on to a newer checkpoint between our two reads
         if hashlib.sha256(data).hexdigest() == meta["sha256"]:
             return data, meta
-        time.sleep(0.01 * (attempt + 1))
+        time.sleep(0.01 * (tries + 1))
     raise CheckpointError(f"checkpoint of {folder.name} does not match its digest")
 
 
