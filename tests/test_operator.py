@@ -591,7 +591,7 @@ def example_for_test_cluster(name: str, namespace: str, tmp_path: Path, **budget
     if "KUBETUNE_CHECKPOINT_DIR" in env:
         env["KUBETUNE_CHECKPOINT_DIR"] = str(tmp_path / "checkpoints")
     template["env"] = [{"name": k, "value": v} for k, v in env.items()]
-    if spec.get("earlyStopping", {}).get("name") == "asha":
+    if spec.get("earlyStopping", {}).get("name") in ("asha", "hyperband"):
         spec["earlyStopping"]["settings"]["max"] = 9
     if spec.get("earlyStopping", {}).get("name") == "pbt":
         # Asynchronous PBT exploits only if some member reaches a check while another has
@@ -604,6 +604,7 @@ def example_for_test_cluster(name: str, namespace: str, tmp_path: Path, **budget
 
 @pytest.mark.parametrize("name,budget", [("tpe.yaml", {"maxTrials": 6, "parallelTrials": 2}),
                                          ("asha.yaml", {"maxTrials": 9, "parallelTrials": 3}),
+                                         ("hyperband.yaml", {"maxTrials": 9, "parallelTrials": 3}),
                                          ("pbt.yaml", {"maxTrials": 4, "parallelTrials": 4})])
 def test_the_k8s_examples_run_the_pytorch_trainer(k8s_cluster, k8s_namespace, make_kubelet, stack, tmp_path,
                                                    name, budget):
@@ -621,6 +622,11 @@ def test_the_k8s_examples_run_the_pytorch_trainer(k8s_cluster, k8s_namespace, ma
         assert any(e["event"] == "exploit" for t in trials for e in t["status"].get("events", []))
     if name == "tpe.yaml":
         assert status["succeeded"] == 6
+    if name == "hyperband.yaml":  # one bracket of 9 (max 9): 3 resumed to epoch 3, 1 to epoch 9
+        assert (status["succeeded"], status["pruned"], status["paused"]) == (1, 8, 0)
+        [winner] = [t for t in trials if t["status"]["state"] == "Succeeded"]
+        assert [s for s, _ in winner["status"]["intermediate"]] == list(range(1, 10))
+        assert [e["budget"] for e in winner["status"]["events"] if e["event"] == "resume"] == [3, 9]
 
 
 def test_a_pod_deleted_while_the_operator_is_down_runs_the_trial_again_as_a_new_attempt(
