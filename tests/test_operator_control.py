@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from kubernetes import config as kube_config
 
 from kubetune.operator.control import Controller
@@ -141,3 +143,66 @@ def test_a_retried_trials_new_pod_running_is_recorded_though_the_watch_cache_lag
     assert controller.on_pod(pod, cached=cached) == "lag"
     status = kube.get_trial(k8s_namespace, "lag-0000")["status"]
     assert status["state"] == "Running" and status.get("startTime") and status["podName"] == "lag-0000-r2"
+
+
+def _service():
+    import socket
+
+    from kubetune.service.server import SuggestionService, serve
+
+    service = SuggestionService()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return service, serve(service, "127.0.0.1", port), f"http://127.0.0.1:{port}"
+
+
+PROMOTION_ASHA = {"name": "asha", "settings": {"resource": "epoch", "min": 1, "max": 9, "reductionFactor": 3,
+                                               "mode": "promotion"}}
+
+
+def test_a_resume_whose_answer_was_lost_is_made_again(k8s_cluster, k8s_namespace, chart):
+    """The service resumes a paused trial, and its answer is lost (a timeout, a dropped connection): the
+    API still shows the trial Paused, unchanged, so it was never sent again, and the service held it as
+    resumed for good. It never ran again (a synchronous rung waited on it until the budget ran out)."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("lost", k8s_namespace, **curve_spec(
+        budget={"maxTrials": 3, "parallelTrials": 3}, earlyStopping=PROMOTION_ASHA)))
+    service, server, url = _service()
+
+    class LosingAResume(Controller):
+        lose = True
+
+        def ask_service(self, path, body):
+            answer = super().ask_service(path, body)
+            if self.lose and any(s.get("resume") for s in answer.get("suggestions", ())):
+                self.lose = False
+                raise TimeoutError("timed out")  # the service acted on it all the same
+            return answer
+
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = LosingAResume(kube, url)
+        controller.reconcile_experiment(k8s_namespace, "lost")  # its three trials
+        study = service.brains.get(f"{k8s_namespace}/lost").study
+        trials = sorted(study.trials, key=lambda t: t.params["x"])
+        last, best = trials[0], trials[-1]
+        for t in trials:  # each paused at rung 0 (the best is promoted once all three are in)
+            if t is not last:
+                assert study.report(t.number, step=1, value=t.params["x"]).pause
+                kube.patch_trial_status(k8s_namespace, t.name, {
+                    "state": "Paused", "intermediate": [[1, t.params["x"]]]})
+            else:
+                kube.patch_trial_status(k8s_namespace, t.name, {"state": "Running", "podName": t.name})
+        controller.reconcile_experiment(k8s_namespace, "lost")  # sends both paused: none is promoted yet
+        assert kube.get_trial(k8s_namespace, best.name)["status"]["state"] == "Paused"
+
+        assert study.report(last.number, step=1, value=last.params["x"]).pause
+        kube.patch_trial_status(k8s_namespace, last.name, {"state": "Paused", "intermediate": [[1, last.params["x"]]]})
+        with pytest.raises(OSError):
+            controller.reconcile_experiment(k8s_namespace, "lost")  # the best resumed: the answer lost
+        controller.reconcile_experiment(k8s_namespace, "lost")
+        status = kube.get_trial(k8s_namespace, best.name)["status"]
+        assert status["state"] == "Pending" and status["podName"].startswith(f"{best.name}-resume"), status
+    finally:
+        server.shutdown()
+        service.close()

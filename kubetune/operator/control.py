@@ -162,7 +162,13 @@ class Controller:
             return bool(status.get("exhausted")), 0
         meta = exp["metadata"]
         key = (meta["namespace"], meta["name"])
-        answer = self._suggest(exp, spec, trials, versions, wanted, new)
+        try:
+            answer = self._suggest(exp, spec, trials, versions, wanted, new)
+        except OSError:
+            # Its answer may be lost after the service acted on it: a paused trial it resumed stays Paused
+            # in the API, unchanged, so only the whole list (the API's word wins) makes it resumable again.
+            self._sent.pop(key, None)
+            raise
         fresh = [s for s in answer["suggestions"] if not s.get("resume")]
         self._sent[key].suggested = max([len(trials)] + [s["number"] + 1 for s in fresh])
         try:
