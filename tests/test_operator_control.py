@@ -206,3 +206,35 @@ def test_a_resume_whose_answer_was_lost_is_made_again(k8s_cluster, k8s_namespace
     finally:
         server.shutdown()
         service.close()
+
+
+def test_a_watch_cache_that_lags_a_resume_never_resumes_the_trial_twice(k8s_cluster, k8s_namespace, chart):
+    """A paused trial is resumed (its pod made), then the service is sent the whole list again (a request
+    failed meanwhile) from a watch cache that still shows the trial Paused: the service resumed it again,
+    and the operator renamed its pod: a second pod ran the same trial beside the first."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("twice", k8s_namespace, **curve_spec(
+        budget={"maxTrials": 3, "parallelTrials": 3}, earlyStopping=PROMOTION_ASHA)))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, url)
+        controller.reconcile_experiment(k8s_namespace, "twice")  # its three trials
+        study = service.brains.get(f"{k8s_namespace}/twice").study
+        for t in study.trials:
+            assert study.report(t.number, step=1, value=t.params["x"]).pause
+            kube.patch_trial_status(k8s_namespace, t.name, {"state": "Paused", "intermediate": [[1, t.params["x"]]]})
+        stale = kube.list_trials(k8s_namespace, "twice")  # what the watch cache holds for a while yet
+        controller.reconcile_experiment(k8s_namespace, "twice", stale)  # the best is resumed
+        best = max(study.trials, key=lambda t: t.params["x"])
+        first = kube.get_trial(k8s_namespace, best.name)["status"]
+        assert first["state"] == "Pending" and first["podName"] == f"{best.name}-resume1", first
+
+        controller.suggestion_url = "http://127.0.0.1:9"  # a request fails: the next sends the whole list
+        with pytest.raises(OSError):
+            controller.reconcile_experiment(k8s_namespace, "twice", stale)
+        controller.suggestion_url = url
+        controller.reconcile_experiment(k8s_namespace, "twice", stale)  # the cache still lags the resume
+        assert kube.get_trial(k8s_namespace, best.name)["status"]["podName"] == f"{best.name}-resume1"
+    finally:
+        server.shutdown()
+        service.close()

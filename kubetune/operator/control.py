@@ -175,7 +175,7 @@ class Controller:
             for number in answer.get("pruned", ()):  # paused trials that lost for good (synchronous HyperBand)
                 if number < len(trials) and trials[number].state == TrialState.PAUSED:
                     self._end_paused(meta["namespace"], trials[number].name, TrialState.PRUNED, NOT_PROMOTED)
-            resumed = [s for s in answer["suggestions"] if s.get("resume") and self._resume(meta, trials, s)]
+            resumed = [s for s in answer["suggestions"] if s.get("resume") and self._resume(meta, trials, versions, s)]
         except Exception:
             # The service took these as done: sent the whole list next time, it takes the API's word again.
             self._sent.pop(key, None)
@@ -185,7 +185,7 @@ class Controller:
                 log.info("created trial %s-%04d", meta["name"], s["number"])
         return bool(answer.get("exhausted")), len(resumed)
 
-    def _resume(self, meta: dict, trials: list[Trial], s: dict) -> bool:
+    def _resume(self, meta: dict, trials: list[Trial], versions: dict[int, str], s: dict) -> bool:
         """A paused trial promoted: it runs on from its checkpoint in a new pod, as the same attempt (its
         reports go on after the ones before), with the budget of its next rung (in its events)."""
         number = s["number"]
@@ -194,9 +194,12 @@ class Controller:
             return False  # changed since it was sent: the service hears of it with the next request
         resumes = sum(1 for e in s["events"] if e.get("event") == "resume")
         pod = pod_name(trial.name, trial.attempt, resumes)
-        self.kube.patch_trial_status(meta["namespace"], trial.name, {
-            "state": "Pending", "podName": pod, "reason": "", "startTime": None, "stop": None,
-            "events": s["events"][-200:]})
+        # Only if the trial is still as this pass saw it: a watch cache that lags a resume shows it Paused, and
+        # a service sent that copy resumes it again (a second pod, named for a second resume, beside the first).
+        if not self.kube.patch_trial_status(meta["namespace"], trial.name, {
+                "state": "Pending", "podName": pod, "reason": "", "startTime": None, "stop": None,
+                "events": s["events"][-200:]}, resource_version=versions.get(number)):
+            return False  # changed since: the service is sent its new version with the next request
         log.info("resumed trial %s in pod %s", trial.name, pod)
         return True
 
