@@ -238,3 +238,31 @@ def test_a_watch_cache_that_lags_a_resume_never_resumes_the_trial_twice(k8s_clus
     finally:
         server.shutdown()
         service.close()
+
+
+def test_a_watch_cache_that_lags_a_resume_never_ends_the_resumed_trial(k8s_cluster, k8s_namespace, chart):
+    """The budget is spent and the last promotion is made: the trial is resumed. The next pass, from a watch
+    cache that still shows it Paused, found every trial paused and none to resume, recorded them all Pruned
+    and ended the experiment, while the resumed trial's pod ran on (a finished trial's pod is never stopped)."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("ended", k8s_namespace, **curve_spec(
+        budget={"maxTrials": 3, "parallelTrials": 3}, earlyStopping=PROMOTION_ASHA)))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, url)
+        controller.reconcile_experiment(k8s_namespace, "ended")  # its three trials
+        study = service.brains.get(f"{k8s_namespace}/ended").study
+        for t in study.trials:
+            assert study.report(t.number, step=1, value=t.params["x"]).pause
+            kube.patch_trial_status(k8s_namespace, t.name, {"state": "Paused", "intermediate": [[1, t.params["x"]]]})
+        stale = kube.list_trials(k8s_namespace, "ended")  # what the watch cache holds for a while yet
+        assert not controller.reconcile_experiment(k8s_namespace, "ended", stale)  # the best is resumed
+        best = max(study.trials, key=lambda t: t.params["x"])
+        assert kube.get_trial(k8s_namespace, best.name)["status"]["state"] == "Pending"
+
+        assert not controller.reconcile_experiment(k8s_namespace, "ended", stale)  # the cache still lags it
+        assert kube.get_trial(k8s_namespace, best.name)["status"]["state"] == "Pending"
+        assert not get(k8s_cluster, "experiment", k8s_namespace, "ended")["status"].get("completionTime")
+    finally:
+        server.shutdown()
+        service.close()

@@ -103,7 +103,9 @@ class Controller:
             for t in active:
                 self.request_stop(namespace, t.name, TrialState.KILLED, f"experiment ended: {completion.reason}")
             for t in paused:
-                self._end_paused(namespace, t.name, TrialState.PRUNED, PAUSED_AT_END)
+                # Only if still as this pass saw it: a watch cache that lags a resume shows the trial Paused.
+                if not self._end_paused(namespace, t.name, TrialState.PRUNED, PAUSED_AT_END, versions.get(t.number)):
+                    return False  # changed since: the next pass judges it afresh
                 t.state, t.reason = TrialState.PRUNED, PAUSED_AT_END  # (as counted below)
             if not active:
                 phase = "Succeeded" if completion.succeeded else "Failed"
@@ -174,7 +176,8 @@ class Controller:
         try:
             for number in answer.get("pruned", ()):  # paused trials that lost for good (synchronous HyperBand)
                 if number < len(trials) and trials[number].state == TrialState.PAUSED:
-                    self._end_paused(meta["namespace"], trials[number].name, TrialState.PRUNED, NOT_PROMOTED)
+                    self._end_paused(meta["namespace"], trials[number].name, TrialState.PRUNED, NOT_PROMOTED,
+                                     versions.get(number))
             resumed = [s for s in answer["suggestions"] if s.get("resume") and self._resume(meta, trials, versions, s)]
         except Exception:
             # The service took these as done: sent the whole list next time, it takes the API's word again.
@@ -203,11 +206,15 @@ class Controller:
         log.info("resumed trial %s in pod %s", trial.name, pod)
         return True
 
-    def _end_paused(self, namespace: str, name: str, state: TrialState, reason: str) -> None:
-        """A paused trial (no pod) ends where it stopped: not promoted, or the experiment is over."""
-        self.kube.patch_trial_status(namespace, name, {"state": state.value, "reason": reason, "stop": None,
-                                                       "completionTime": now_iso()})
+    def _end_paused(self, namespace: str, name: str, state: TrialState, reason: str,
+                    resource_version: str | None = None) -> bool:
+        """A paused trial (no pod) ends where it stopped: not promoted, or the experiment is over.
+        resource_version: only if it is still at it (False when not)."""
+        if not self.kube.patch_trial_status(namespace, name, {"state": state.value, "reason": reason, "stop": None,
+                                                              "completionTime": now_iso()}, resource_version):
+            return False
         log.info("trial %s %s %s", name, state.value, reason)
+        return True
 
     def _hold_due(self, exp: dict, total: int) -> bool:
         """Whether to check, with an empty request, that the service holds the experiment (every HOLD_CHECK_S).
