@@ -266,3 +266,38 @@ def test_a_watch_cache_that_lags_a_resume_never_ends_the_resumed_trial(k8s_clust
     finally:
         server.shutdown()
         service.close()
+
+
+def test_a_trial_just_created_is_not_dropped_for_a_resume_while_the_watch_cache_lacks_it(
+        k8s_cluster, k8s_namespace, chart):
+    """A pass runs before the watch cache has the trial the last one created: its slot looks free, and the
+    service, sent a list without it, drops it to ask for it again, identically. With a paused trial to
+    resume, the resume took that slot instead: the new trial was gone from the service (its pod's reports
+    answered `stop`: no such trial), and the resumed one's pod ran beyond parallelTrials."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("drop", k8s_namespace, **curve_spec(
+        budget={"maxTrials": 4, "parallelTrials": 2}, earlyStopping=PROMOTION_ASHA)))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, url)
+        controller.reconcile_experiment(k8s_namespace, "drop")  # trials 0 and 1
+        study = service.brains.get(f"{k8s_namespace}/drop").study
+
+        def pause(number, value):
+            assert study.report(number, step=1, value=value).pause
+            kube.patch_trial_status(k8s_namespace, f"drop-{number:04d}", {"state": "Paused", "intermediate": [[1, value]]})
+
+        kube.patch_trial_status(k8s_namespace, "drop-0001", {"state": "Running", "podName": "drop-0001"})
+        pause(0, 0.9)  # the best of rung 0, once three are in
+        controller.reconcile_experiment(k8s_namespace, "drop")  # trial 2
+        pause(2, 0.5)
+        controller.reconcile_experiment(k8s_namespace, "drop")  # trial 3, the last
+        assert len(kube.list_trials(k8s_namespace, "drop")) == 4
+        assert study.report(1, step=1, value=0.1).pause  # the third at rung 0; its pod still saving
+        cache = [t for t in kube.list_trials(k8s_namespace, "drop") if t["spec"]["number"] != 3]  # lags trial 3
+        controller.reconcile_experiment(k8s_namespace, "drop", cache)
+        assert len(study.trials) == 4, "the trial just created was dropped from the service"
+        assert kube.get_trial(k8s_namespace, "drop-0000")["status"]["state"] == "Paused", "a third pod for two slots"
+    finally:
+        server.shutdown()
+        service.close()

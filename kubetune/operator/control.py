@@ -36,6 +36,7 @@ SERVICE_WAIT_S = 60.0  # how long a trial's end waits for a suggestion service t
 FOREIGN_POD_WAIT_S = 60.0  # how long a trial waits for the pod of an earlier trial of its name to go
 STOP_GRACE = 5  # seconds a trial told to stop through the SDK has to exit by itself
 PAUSE_GRACE = 30  # and one told to pause, which saves a checkpoint first (then the pod's own grace period)
+CREATED_WAIT_S = 10.0  # how long a pass waits for the watch cache to show the trials the last one created
 HOLD_CHECK_S = 2.0  # how often, with no trial to ask for, the service is checked to hold a running experiment
 FINAL = {s.value for s in TrialState if s.finished}
 PAUSED = TrialState.PAUSED.value  # neither active nor over: no pod, until the scheduler resumes it
@@ -164,6 +165,11 @@ class Controller:
             return bool(status.get("exhausted")), 0
         meta = exp["metadata"]
         key = (meta["namespace"], meta["name"])
+        sent = self._sent.get(key)
+        if sent is not None and len(trials) < sent.suggested and time.monotonic() - sent.at < CREATED_WAIT_S:
+            # The watch cache lacks trials created moments ago: their slots are not free, and the service,
+            # sent a list without them, would drop them (a paused trial resumed in their place).
+            return bool(status.get("exhausted")), 0
         try:
             answer = self._suggest(exp, spec, trials, versions, wanted, new)
         except OSError:
@@ -172,20 +178,21 @@ class Controller:
             self._sent.pop(key, None)
             raise
         fresh = [s for s in answer["suggestions"] if not s.get("resume")]
-        self._sent[key].suggested = max([len(trials)] + [s["number"] + 1 for s in fresh])
+        self._sent[key].suggested = len(trials)
         try:
             for number in answer.get("pruned", ()):  # paused trials that lost for good (synchronous HyperBand)
                 if number < len(trials) and trials[number].state == TrialState.PAUSED:
                     self._end_paused(meta["namespace"], trials[number].name, TrialState.PRUNED, NOT_PROMOTED,
                                      versions.get(number))
             resumed = [s for s in answer["suggestions"] if s.get("resume") and self._resume(meta, trials, versions, s)]
+            for s in fresh:
+                if self.kube.create_trial(trial_resource(exp, s["number"], s["params"], assignment=s.get("assignment"))):
+                    self._sent[key].suggested = max(self._sent[key].suggested, s["number"] + 1)
+                    log.info("created trial %s-%04d", meta["name"], s["number"])
         except Exception:
             # The service took these as done: sent the whole list next time, it takes the API's word again.
             self._sent.pop(key, None)
             raise
-        for s in fresh:
-            if self.kube.create_trial(trial_resource(exp, s["number"], s["params"], assignment=s.get("assignment"))):
-                log.info("created trial %s-%04d", meta["name"], s["number"])
         return bool(answer.get("exhausted")), len(resumed)
 
     def _resume(self, meta: dict, trials: list[Trial], versions: dict[int, str], s: dict) -> bool:
@@ -560,7 +567,7 @@ class _Sent:
     epoch: str  # the service's name for what it holds
     versions: dict[int, str | None]  # trial number -> resourceVersion sent
     at: float = field(default_factory=time.monotonic)  # when the service last answered for it
-    suggested: int = 0  # trials up to this number were suggested (and created, or being created)
+    suggested: int = 0  # trials up to this number were created (or were there)
 
 
 def best_trial(spec: ExperimentSpec, trials: list[Trial]) -> Trial | None:
