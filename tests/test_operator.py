@@ -156,7 +156,8 @@ def test_an_experiment_runs_its_trials_as_pods_and_succeeds(k8s_cluster, k8s_nam
         assert t["status"]["value"] == pytest.approx((1 - (x - 0.3) ** 2) * (1 - 0.5 ** 9))
         assert len(t["status"]["intermediate"]) == 9
     table = k8s_cluster.kubectl("get", "experiments", "-n", k8s_namespace).stdout
-    assert table.split()[:9] == ["NAME", "ALGORITHM", "STATUS", "RUNNING", "SUCCEEDED", "PRUNED", "FAILED", "BEST", "AGE"]
+    assert table.split()[:10] == ["NAME", "ALGORITHM", "STATUS", "RUNNING", "PAUSED", "SUCCEEDED", "PRUNED", "FAILED", "BEST",
+                                  "AGE"]
     assert "plain" in table and "random" in table and "Succeeded" in table
 
 

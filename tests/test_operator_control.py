@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from kubernetes import config as kube_config
 
 from kubetune.operator.control import Controller
@@ -141,3 +143,161 @@ def test_a_retried_trials_new_pod_running_is_recorded_though_the_watch_cache_lag
     assert controller.on_pod(pod, cached=cached) == "lag"
     status = kube.get_trial(k8s_namespace, "lag-0000")["status"]
     assert status["state"] == "Running" and status.get("startTime") and status["podName"] == "lag-0000-r2"
+
+
+def _service():
+    import socket
+
+    from kubetune.service.server import SuggestionService, serve
+
+    service = SuggestionService()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return service, serve(service, "127.0.0.1", port), f"http://127.0.0.1:{port}"
+
+
+PROMOTION_ASHA = {"name": "asha", "settings": {"resource": "epoch", "min": 1, "max": 9, "reductionFactor": 3,
+                                               "mode": "promotion"}}
+
+
+def test_a_resume_whose_answer_was_lost_is_made_again(k8s_cluster, k8s_namespace, chart):
+    """The service resumes a paused trial, and its answer is lost (a timeout, a dropped connection): the
+    API still shows the trial Paused, unchanged, so it was never sent again, and the service held it as
+    resumed for good. It never ran again (a synchronous rung waited on it until the budget ran out)."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("lost", k8s_namespace, **curve_spec(
+        budget={"maxTrials": 3, "parallelTrials": 3}, earlyStopping=PROMOTION_ASHA)))
+    service, server, url = _service()
+
+    class LosingAResume(Controller):
+        lose = True
+
+        def ask_service(self, path, body):
+            answer = super().ask_service(path, body)
+            if self.lose and any(s.get("resume") for s in answer.get("suggestions", ())):
+                self.lose = False
+                raise TimeoutError("timed out")  # the service acted on it all the same
+            return answer
+
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = LosingAResume(kube, url)
+        controller.reconcile_experiment(k8s_namespace, "lost")  # its three trials
+        study = service.brains.get(f"{k8s_namespace}/lost").study
+        trials = sorted(study.trials, key=lambda t: t.params["x"])
+        last, best = trials[0], trials[-1]
+        for t in trials:  # each paused at rung 0 (the best is promoted once all three are in)
+            if t is not last:
+                assert study.report(t.number, step=1, value=t.params["x"]).pause
+                kube.patch_trial_status(k8s_namespace, t.name, {
+                    "state": "Paused", "intermediate": [[1, t.params["x"]]]})
+            else:
+                kube.patch_trial_status(k8s_namespace, t.name, {"state": "Running", "podName": t.name})
+        controller.reconcile_experiment(k8s_namespace, "lost")  # sends both paused: none is promoted yet
+        assert kube.get_trial(k8s_namespace, best.name)["status"]["state"] == "Paused"
+
+        assert study.report(last.number, step=1, value=last.params["x"]).pause
+        kube.patch_trial_status(k8s_namespace, last.name, {"state": "Paused", "intermediate": [[1, last.params["x"]]]})
+        with pytest.raises(OSError):
+            controller.reconcile_experiment(k8s_namespace, "lost")  # the best resumed: the answer lost
+        controller.reconcile_experiment(k8s_namespace, "lost")
+        status = kube.get_trial(k8s_namespace, best.name)["status"]
+        assert status["state"] == "Pending" and status["podName"].startswith(f"{best.name}-resume"), status
+    finally:
+        server.shutdown()
+        service.close()
+
+
+def test_a_watch_cache_that_lags_a_resume_never_resumes_the_trial_twice(k8s_cluster, k8s_namespace, chart):
+    """A paused trial is resumed (its pod made), then the service is sent the whole list again (a request
+    failed meanwhile) from a watch cache that still shows the trial Paused: the service resumed it again,
+    and the operator renamed its pod: a second pod ran the same trial beside the first."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("twice", k8s_namespace, **curve_spec(
+        budget={"maxTrials": 3, "parallelTrials": 3}, earlyStopping=PROMOTION_ASHA)))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, url)
+        controller.reconcile_experiment(k8s_namespace, "twice")  # its three trials
+        study = service.brains.get(f"{k8s_namespace}/twice").study
+        for t in study.trials:
+            assert study.report(t.number, step=1, value=t.params["x"]).pause
+            kube.patch_trial_status(k8s_namespace, t.name, {"state": "Paused", "intermediate": [[1, t.params["x"]]]})
+        stale = kube.list_trials(k8s_namespace, "twice")  # what the watch cache holds for a while yet
+        controller.reconcile_experiment(k8s_namespace, "twice", stale)  # the best is resumed
+        best = max(study.trials, key=lambda t: t.params["x"])
+        first = kube.get_trial(k8s_namespace, best.name)["status"]
+        assert first["state"] == "Pending" and first["podName"] == f"{best.name}-resume1", first
+
+        controller.suggestion_url = "http://127.0.0.1:9"  # a request fails: the next sends the whole list
+        with pytest.raises(OSError):
+            controller.reconcile_experiment(k8s_namespace, "twice", stale)
+        controller.suggestion_url = url
+        controller.reconcile_experiment(k8s_namespace, "twice", stale)  # the cache still lags the resume
+        assert kube.get_trial(k8s_namespace, best.name)["status"]["podName"] == f"{best.name}-resume1"
+    finally:
+        server.shutdown()
+        service.close()
+
+
+def test_a_watch_cache_that_lags_a_resume_never_ends_the_resumed_trial(k8s_cluster, k8s_namespace, chart):
+    """The budget is spent and the last promotion is made: the trial is resumed. The next pass, from a watch
+    cache that still shows it Paused, found every trial paused and none to resume, recorded them all Pruned
+    and ended the experiment, while the resumed trial's pod ran on (a finished trial's pod is never stopped)."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("ended", k8s_namespace, **curve_spec(
+        budget={"maxTrials": 3, "parallelTrials": 3}, earlyStopping=PROMOTION_ASHA)))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, url)
+        controller.reconcile_experiment(k8s_namespace, "ended")  # its three trials
+        study = service.brains.get(f"{k8s_namespace}/ended").study
+        for t in study.trials:
+            assert study.report(t.number, step=1, value=t.params["x"]).pause
+            kube.patch_trial_status(k8s_namespace, t.name, {"state": "Paused", "intermediate": [[1, t.params["x"]]]})
+        stale = kube.list_trials(k8s_namespace, "ended")  # what the watch cache holds for a while yet
+        assert not controller.reconcile_experiment(k8s_namespace, "ended", stale)  # the best is resumed
+        best = max(study.trials, key=lambda t: t.params["x"])
+        assert kube.get_trial(k8s_namespace, best.name)["status"]["state"] == "Pending"
+
+        assert not controller.reconcile_experiment(k8s_namespace, "ended", stale)  # the cache still lags it
+        assert kube.get_trial(k8s_namespace, best.name)["status"]["state"] == "Pending"
+        assert not get(k8s_cluster, "experiment", k8s_namespace, "ended")["status"].get("completionTime")
+    finally:
+        server.shutdown()
+        service.close()
+
+
+def test_a_trial_just_created_is_not_dropped_for_a_resume_while_the_watch_cache_lacks_it(
+        k8s_cluster, k8s_namespace, chart):
+    """A pass runs before the watch cache has the trial the last one created: its slot looks free, and the
+    service, sent a list without it, drops it to ask for it again, identically. With a paused trial to
+    resume, the resume took that slot instead: the new trial was gone from the service (its pod's reports
+    answered `stop`: no such trial), and the resumed one's pod ran beyond parallelTrials."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("drop", k8s_namespace, **curve_spec(
+        budget={"maxTrials": 4, "parallelTrials": 2}, earlyStopping=PROMOTION_ASHA)))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, url)
+        controller.reconcile_experiment(k8s_namespace, "drop")  # trials 0 and 1
+        study = service.brains.get(f"{k8s_namespace}/drop").study
+
+        def pause(number, value):
+            assert study.report(number, step=1, value=value).pause
+            kube.patch_trial_status(k8s_namespace, f"drop-{number:04d}", {"state": "Paused", "intermediate": [[1, value]]})
+
+        kube.patch_trial_status(k8s_namespace, "drop-0001", {"state": "Running", "podName": "drop-0001"})
+        pause(0, 0.9)  # the best of rung 0, once three are in
+        controller.reconcile_experiment(k8s_namespace, "drop")  # trial 2
+        pause(2, 0.5)
+        controller.reconcile_experiment(k8s_namespace, "drop")  # trial 3, the last
+        assert len(kube.list_trials(k8s_namespace, "drop")) == 4
+        assert study.report(1, step=1, value=0.1).pause  # the third at rung 0; its pod still saving
+        cache = [t for t in kube.list_trials(k8s_namespace, "drop") if t["spec"]["number"] != 3]  # lags trial 3
+        controller.reconcile_experiment(k8s_namespace, "drop", cache)
+        assert len(study.trials) == 4, "the trial just created was dropped from the service"
+        assert kube.get_trial(k8s_namespace, "drop-0000")["status"]["state"] == "Paused", "a third pod for two slots"
+    finally:
+        server.shutdown()
+        service.close()

@@ -226,3 +226,26 @@ def test_a_resume_that_a_service_before_a_restart_made_is_taken_from_the_api():
     t = rebuilt.trials[resumed["number"]]
     assert t.state == TrialState.PENDING and t.budget == 3.0
     assert not rebuilt.report(t, step=2, value=0.5).pause
+
+
+def test_a_trial_resumed_but_not_yet_seen_so_by_the_operator_holds_its_slot():
+    """The operator asks again before its watch cache shows the trial it just resumed: seeing it Paused,
+    it counts its slot as free. Answered another resume (or a new trial), it ran one more pod than
+    parallelTrials allows."""
+    service, doc, study, first = _promotion_asha_service()
+    second = service.suggest({**full(study.trials, 3), "document": doc})["suggestions"]
+    for s in first + second:  # six at rung 0: the top two may go on
+        assert study.report(s["number"], step=1, value=(s["params"]["x"] - 1.0) ** 2).pause
+    paused = [as_api_holds(t, TrialState.PAUSED) for t in study.trials]
+    answer = service.suggest({**full(paused, 1), "document": doc, "new": 0})
+    [resumed] = answer["suggestions"]
+    assert resumed["resume"] is True
+    # The operator's next request: its cache still shows every trial Paused, so one slot seems free.
+    again = service.suggest({**delta(answer["epoch"], [], len(paused), 1), "document": doc, "new": 0})
+    assert again["suggestions"] == [], "the slot is the resumed trial's"
+    # Once the operator shows it Pending, the slot is its (the operator counts it) and is not asked for.
+    api = [as_api_holds(t, TrialState.PENDING if t.number == resumed["number"] else TrialState.PAUSED)
+           for t in study.trials]
+    later = service.suggest({**delta(answer["epoch"], [api[resumed["number"]]], len(api), 1), "new": 0})
+    [other] = later["suggestions"]
+    assert other["resume"] is True and other["number"] != resumed["number"]

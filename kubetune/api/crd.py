@@ -143,6 +143,7 @@ def experiment_crd() -> dict:
         col("Algorithm", ".spec.algorithm.name", "string"),
         col("Status", ".status.phase", "string"),
         col("Running", ".status.running"),
+        col("Paused", ".status.paused"),  # (pausing schedulers: waiting for promotion, holding no pod)
         col("Succeeded", ".status.succeeded"),
         col("Pruned", ".status.pruned"),
         col("Failed", ".status.failed"),

@@ -36,6 +36,7 @@ SERVICE_WAIT_S = 60.0  # how long a trial's end waits for a suggestion service t
 FOREIGN_POD_WAIT_S = 60.0  # how long a trial waits for the pod of an earlier trial of its name to go
 STOP_GRACE = 5  # seconds a trial told to stop through the SDK has to exit by itself
 PAUSE_GRACE = 30  # and one told to pause, which saves a checkpoint first (then the pod's own grace period)
+CREATED_WAIT_S = 10.0  # how long a pass waits for the watch cache to show the trials the last one created
 HOLD_CHECK_S = 2.0  # how often, with no trial to ask for, the service is checked to hold a running experiment
 FINAL = {s.value for s in TrialState if s.finished}
 PAUSED = TrialState.PAUSED.value  # neither active nor over: no pod, until the scheduler resumes it
@@ -103,7 +104,9 @@ class Controller:
             for t in active:
                 self.request_stop(namespace, t.name, TrialState.KILLED, f"experiment ended: {completion.reason}")
             for t in paused:
-                self._end_paused(namespace, t.name, TrialState.PRUNED, PAUSED_AT_END)
+                # Only if still as this pass saw it: a watch cache that lags a resume shows the trial Paused.
+                if not self._end_paused(namespace, t.name, TrialState.PRUNED, PAUSED_AT_END, versions.get(t.number)):
+                    return False  # changed since: the next pass judges it afresh
                 t.state, t.reason = TrialState.PRUNED, PAUSED_AT_END  # (as counted below)
             if not active:
                 phase = "Succeeded" if completion.succeeded else "Failed"
@@ -162,24 +165,37 @@ class Controller:
             return bool(status.get("exhausted")), 0
         meta = exp["metadata"]
         key = (meta["namespace"], meta["name"])
-        answer = self._suggest(exp, spec, trials, versions, wanted, new)
+        sent = self._sent.get(key)
+        if sent is not None and len(trials) < sent.suggested and time.monotonic() - sent.at < CREATED_WAIT_S:
+            # The watch cache lacks trials created moments ago: their slots are not free, and the service,
+            # sent a list without them, would drop them (a paused trial resumed in their place).
+            return bool(status.get("exhausted")), 0
+        try:
+            answer = self._suggest(exp, spec, trials, versions, wanted, new)
+        except OSError:
+            # Its answer may be lost after the service acted on it: a paused trial it resumed stays Paused
+            # in the API, unchanged, so only the whole list (the API's word wins) makes it resumable again.
+            self._sent.pop(key, None)
+            raise
         fresh = [s for s in answer["suggestions"] if not s.get("resume")]
-        self._sent[key].suggested = max([len(trials)] + [s["number"] + 1 for s in fresh])
+        self._sent[key].suggested = len(trials)
         try:
             for number in answer.get("pruned", ()):  # paused trials that lost for good (synchronous HyperBand)
                 if number < len(trials) and trials[number].state == TrialState.PAUSED:
-                    self._end_paused(meta["namespace"], trials[number].name, TrialState.PRUNED, NOT_PROMOTED)
-            resumed = [s for s in answer["suggestions"] if s.get("resume") and self._resume(meta, trials, s)]
+                    self._end_paused(meta["namespace"], trials[number].name, TrialState.PRUNED, NOT_PROMOTED,
+                                     versions.get(number))
+            resumed = [s for s in answer["suggestions"] if s.get("resume") and self._resume(meta, trials, versions, s)]
+            for s in fresh:
+                if self.kube.create_trial(trial_resource(exp, s["number"], s["params"], assignment=s.get("assignment"))):
+                    self._sent[key].suggested = max(self._sent[key].suggested, s["number"] + 1)
+                    log.info("created trial %s-%04d", meta["name"], s["number"])
         except Exception:
             # The service took these as done: sent the whole list next time, it takes the API's word again.
             self._sent.pop(key, None)
             raise
-        for s in fresh:
-            if self.kube.create_trial(trial_resource(exp, s["number"], s["params"], assignment=s.get("assignment"))):
-                log.info("created trial %s-%04d", meta["name"], s["number"])
         return bool(answer.get("exhausted")), len(resumed)
 
-    def _resume(self, meta: dict, trials: list[Trial], s: dict) -> bool:
+    def _resume(self, meta: dict, trials: list[Trial], versions: dict[int, str], s: dict) -> bool:
         """A paused trial promoted: it runs on from its checkpoint in a new pod, as the same attempt (its
         reports go on after the ones before), with the budget of its next rung (in its events)."""
         number = s["number"]
@@ -188,17 +204,24 @@ class Controller:
             return False  # changed since it was sent: the service hears of it with the next request
         resumes = sum(1 for e in s["events"] if e.get("event") == "resume")
         pod = pod_name(trial.name, trial.attempt, resumes)
-        self.kube.patch_trial_status(meta["namespace"], trial.name, {
-            "state": "Pending", "podName": pod, "reason": "", "startTime": None, "stop": None,
-            "events": s["events"][-200:]})
+        # Only if the trial is still as this pass saw it: a watch cache that lags a resume shows it Paused, and
+        # a service sent that copy resumes it again (a second pod, named for a second resume, beside the first).
+        if not self.kube.patch_trial_status(meta["namespace"], trial.name, {
+                "state": "Pending", "podName": pod, "reason": "", "startTime": None, "stop": None,
+                "events": s["events"][-200:]}, resource_version=versions.get(number)):
+            return False  # changed since: the service is sent its new version with the next request
         log.info("resumed trial %s in pod %s", trial.name, pod)
         return True
 
-    def _end_paused(self, namespace: str, name: str, state: TrialState, reason: str) -> None:
-        """A paused trial (no pod) ends where it stopped: not promoted, or the experiment is over."""
-        self.kube.patch_trial_status(namespace, name, {"state": state.value, "reason": reason, "stop": None,
-                                                       "completionTime": now_iso()})
+    def _end_paused(self, namespace: str, name: str, state: TrialState, reason: str,
+                    resource_version: str | None = None) -> bool:
+        """A paused trial (no pod) ends where it stopped: not promoted, or the experiment is over.
+        resource_version: only if it is still at it (False when not)."""
+        if not self.kube.patch_trial_status(namespace, name, {"state": state.value, "reason": reason, "stop": None,
+                                                              "completionTime": now_iso()}, resource_version):
+            return False
         log.info("trial %s %s %s", name, state.value, reason)
+        return True
 
     def _hold_due(self, exp: dict, total: int) -> bool:
         """Whether to check, with an empty request, that the service holds the experiment (every HOLD_CHECK_S).
@@ -544,7 +567,7 @@ class _Sent:
     epoch: str  # the service's name for what it holds
     versions: dict[int, str | None]  # trial number -> resourceVersion sent
     at: float = field(default_factory=time.monotonic)  # when the service last answered for it
-    suggested: int = 0  # trials up to this number were suggested (and created, or being created)
+    suggested: int = 0  # trials up to this number were created (or were there)
 
 
 def best_trial(spec: ExperimentSpec, trials: list[Trial]) -> Trial | None:

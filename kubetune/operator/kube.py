@@ -77,9 +77,18 @@ class Kube:
     def patch_trial(self, namespace: str, name: str, body: dict) -> None:
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "trials", name, body)
 
-    def patch_trial_status(self, namespace: str, name: str, status: dict) -> None:
-        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "trials", name,
-                                                          {"status": status})
+    def patch_trial_status(self, namespace: str, name: str, status: dict, resource_version: str | None = None) -> bool:
+        """resource_version: only if the trial is still at it; False (a conflict) when it is not."""
+        body: dict = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        try:
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "trials", name, body)
+        except ApiException as e:
+            if e.status == 409 and resource_version:
+                return False
+            raise
+        return True
 
     # -- pods ----------------------------------------------------------------
 

@@ -78,6 +78,10 @@ class Brain:
         new = count if new is None else new
         out, exhausted = [], False
         paused = [t for t in self.study.trials if t.state == TrialState.PAUSED]
+        # Resumed here, still Paused as the operator last showed it (its watch cache lags the resume): it
+        # counted that slot free, but the trial's new pod holds it.
+        count -= sum(1 for t in self.study.trials if t.state in (TrialState.PENDING, TrialState.RUNNING)
+                     and self.api_states.get(t.number) == TrialState.PAUSED)
         with self._pausing_pods_running():
             while len(out) < count:
                 known = len(self.study.trials)
