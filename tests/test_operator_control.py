@@ -208,22 +208,29 @@ def test_a_resume_whose_answer_was_lost_is_made_again(k8s_cluster, k8s_namespace
         service.close()
 
 
+def _three_trials_paused(k8s_cluster, k8s_namespace, name, service, url):
+    """A promotion-ASHA experiment of three trials, each paused at rung 0 in the service and in the API;
+    the Kube, a Controller on the service, the service's Study and the trials as the API lists them now
+    (what a watch cache holds for a while after they change again)."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(name, k8s_namespace, **curve_spec(
+        budget={"maxTrials": 3, "parallelTrials": 3}, earlyStopping=PROMOTION_ASHA)))
+    kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+    controller = Controller(kube, url)
+    controller.reconcile_experiment(k8s_namespace, name)  # its three trials
+    study = service.brains.get(f"{k8s_namespace}/{name}").study
+    for t in study.trials:
+        assert study.report(t.number, step=1, value=t.params["x"]).pause
+        kube.patch_trial_status(k8s_namespace, t.name, {"state": "Paused", "intermediate": [[1, t.params["x"]]]})
+    return kube, controller, study, kube.list_trials(k8s_namespace, name)
+
+
 def test_a_watch_cache_that_lags_a_resume_never_resumes_the_trial_twice(k8s_cluster, k8s_namespace, chart):
     """A paused trial is resumed (its pod made), then the service is sent the whole list again (a request
     failed meanwhile) from a watch cache that still shows the trial Paused: the service resumed it again,
     and the operator renamed its pod: a second pod ran the same trial beside the first."""
-    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("twice", k8s_namespace, **curve_spec(
-        budget={"maxTrials": 3, "parallelTrials": 3}, earlyStopping=PROMOTION_ASHA)))
     service, server, url = _service()
     try:
-        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
-        controller = Controller(kube, url)
-        controller.reconcile_experiment(k8s_namespace, "twice")  # its three trials
-        study = service.brains.get(f"{k8s_namespace}/twice").study
-        for t in study.trials:
-            assert study.report(t.number, step=1, value=t.params["x"]).pause
-            kube.patch_trial_status(k8s_namespace, t.name, {"state": "Paused", "intermediate": [[1, t.params["x"]]]})
-        stale = kube.list_trials(k8s_namespace, "twice")  # what the watch cache holds for a while yet
+        kube, controller, study, stale = _three_trials_paused(k8s_cluster, k8s_namespace, "twice", service, url)
         controller.reconcile_experiment(k8s_namespace, "twice", stale)  # the best is resumed
         best = max(study.trials, key=lambda t: t.params["x"])
         first = kube.get_trial(k8s_namespace, best.name)["status"]
@@ -244,18 +251,9 @@ def test_a_watch_cache_that_lags_a_resume_never_ends_the_resumed_trial(k8s_clust
     """The budget is spent and the last promotion is made: the trial is resumed. The next pass, from a watch
     cache that still shows it Paused, found every trial paused and none to resume, recorded them all Pruned
     and ended the experiment, while the resumed trial's pod ran on (a finished trial's pod is never stopped)."""
-    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("ended", k8s_namespace, **curve_spec(
-        budget={"maxTrials": 3, "parallelTrials": 3}, earlyStopping=PROMOTION_ASHA)))
     service, server, url = _service()
     try:
-        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
-        controller = Controller(kube, url)
-        controller.reconcile_experiment(k8s_namespace, "ended")  # its three trials
-        study = service.brains.get(f"{k8s_namespace}/ended").study
-        for t in study.trials:
-            assert study.report(t.number, step=1, value=t.params["x"]).pause
-            kube.patch_trial_status(k8s_namespace, t.name, {"state": "Paused", "intermediate": [[1, t.params["x"]]]})
-        stale = kube.list_trials(k8s_namespace, "ended")  # what the watch cache holds for a while yet
+        kube, controller, study, stale = _three_trials_paused(k8s_cluster, k8s_namespace, "ended", service, url)
         assert not controller.reconcile_experiment(k8s_namespace, "ended", stale)  # the best is resumed
         best = max(study.trials, key=lambda t: t.params["x"])
         assert kube.get_trial(k8s_namespace, best.name)["status"]["state"] == "Pending"

@@ -43,11 +43,15 @@ class Kube:
     def patch_experiment_status(self, namespace: str, name: str, status: dict,
                                 resource_version: str | None = None) -> bool:
         """resource_version: only if the experiment is still at it; False (a conflict) when it is not."""
+        return self._patch_status("experiments", namespace, name, status, resource_version)
+
+    def _patch_status(self, plural: str, namespace: str, name: str, status: dict,
+                      resource_version: str | None) -> bool:
         body: dict = {"status": status}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         try:
-            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "experiments", name, body)
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, body)
         except ApiException as e:
             if e.status == 409 and resource_version:
                 return False
@@ -79,16 +83,7 @@ class Kube:
 
     def patch_trial_status(self, namespace: str, name: str, status: dict, resource_version: str | None = None) -> bool:
         """resource_version: only if the trial is still at it; False (a conflict) when it is not."""
-        body: dict = {"status": status}
-        if resource_version:
-            body["metadata"] = {"resourceVersion": resource_version}
-        try:
-            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "trials", name, body)
-        except ApiException as e:
-            if e.status == 409 and resource_version:
-                return False
-            raise
-        return True
+        return self._patch_status("trials", namespace, name, status, resource_version)
 
     # -- pods ----------------------------------------------------------------
 
