@@ -299,3 +299,25 @@ def test_a_trial_just_created_is_not_dropped_for_a_resume_while_the_watch_cache_
     finally:
         server.shutdown()
         service.close()
+
+
+def test_the_schedulers_stop_never_overwrites_the_operators(k8s_cluster, k8s_namespace, chart):
+    """trialTimeout marks a trial Failed while the service pauses it at a rung: the service's write of its
+    pause replaced the operator's stop, so the timed-out trial ended Paused and was resumed later."""
+    from kubetune.service.__main__ import _write_with_stop
+
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("late", k8s_namespace, **curve_spec(
+        budget={"maxTrials": 2, "parallelTrials": 2})))
+    kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+    exp = get(k8s_cluster, "experiment", k8s_namespace, "late")
+    for n in range(2):
+        kube.create_trial(trial_resource(exp, n, {"x": 0.5}))
+        kube.patch_trial_status(k8s_namespace, f"late-{n:04d}", {"state": "Running"})
+    timed_out = {"state": "Failed", "reason": "exceeded trialTimeout (3s)"}
+    kube.patch_trial_status(k8s_namespace, "late-0000", {"stop": timed_out})
+    paused = {"intermediate": [[1, 0.5]], "stop": {"state": "Paused", "reason": "paused at step 1"}}
+    for n in range(2):
+        _write_with_stop(kube, k8s_namespace, f"late-{n:04d}", paused)
+    first, second = (kube.get_trial(k8s_namespace, f"late-{n:04d}")["status"] for n in range(2))
+    assert first["stop"] == timed_out and first["intermediate"] == [[1, 0.5]]  # the values all the same
+    assert second["stop"] == paused["stop"]

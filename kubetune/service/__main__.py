@@ -57,12 +57,32 @@ def _bus_and_writer(url: str, password: str | None, ca_file: str | None = None):
             elif t.state == TrialState.PAUSED:  # its pod saves a checkpoint and exits; the operator sees to it
                 status["stop"] = {"state": "Paused", "reason": paused_reason(t)}
             try:
-                kube.patch_trial_status(namespace, t.name, status)
+                if "stop" in status:
+                    _write_with_stop(kube, namespace, t.name, status)
+                else:
+                    kube.patch_trial_status(namespace, t.name, status)
             except ApiException as e:
                 if e.status != 404:  # a trial deleted with its experiment has nothing to keep
                     raise
 
     return redis_bus(url=url, password=password, ca_file=ca_file), write
+
+
+def _write_with_stop(kube, namespace: str, name: str, status: dict) -> None:
+    """Writes the scheduler's stop (pruned, paused) only where the trial has none yet and runs: a stop the
+    operator wrote first (trialTimeout: Failed; the experiment's end: Killed) stands, as the local engine
+    keeps the first, or a timed-out trial would end Paused and be resumed."""
+    for _ in range(10):
+        trial = kube.get_trial(namespace, name)
+        if trial is None:
+            return
+        now = trial.get("status") or {}
+        if now.get("stop") or now.get("state") not in (None, "Pending", "Running"):
+            kube.patch_trial_status(namespace, name, {k: v for k, v in status.items() if k != "stop"})
+            return
+        if kube.patch_trial_status(namespace, name, status, resource_version=trial["metadata"]["resourceVersion"]):
+            return
+    raise RuntimeError(f"trial {name} kept changing while its stop was written")  # (the loop writes it again)
 
 
 if __name__ == "__main__":
