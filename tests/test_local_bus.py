@@ -340,3 +340,28 @@ def test_a_process_of_an_earlier_run_still_reporting_is_stopped_and_not_applied(
     ((_, old),) = bus.take_decisions("k", 0)
     assert old.stop and old.reason == "superseded: the trial runs again as attempt 2"
     assert [d.action for _, d in bus.take_decisions("k", "0.2")] == ["continue"]
+
+
+def test_successive_halving_over_redis_pauses_and_resumes_each_step_once(tmp_path, redis_server):
+    """Synchronous SHA over the bus: every report waits for its decision (KUBETUNE_REPORT_WAIT), so a
+    trainer reporting every 20 ms that knows no budget stops at the report it is paused at, and its
+    resumed run goes on right after it; batched, it trained (and checkpointed) a step or more further,
+    reports the record never took (answered `pause`), and its resumed run skipped them."""
+    spec_path = curve_spec(tmp_path, "sha-bus", step_seconds=0.02, early_stopping=False)
+    doc = yaml.safe_load(spec_path.read_text())
+    doc["spec"]["earlyStopping"] = {"name": "sha", "settings": {"resource": "step", "min": 1, "max": 9,
+                                                                "reductionFactor": 3}}
+    doc["spec"]["trialTemplate"]["env"].append({"name": "IGNORE_BUDGET", "value": "1"})  # stops only on pause
+    spec_path.write_text(yaml.safe_dump(doc))
+    state = tmp_path / "state"
+    result = kubetune("run", str(spec_path), "--redis", redis_server.url, "--json", "--state-dir", str(state),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    counts = {k: v for k, v in summary["counts"].items() if v}
+    assert summary["status"] == "Succeeded" and counts == {"Succeeded": 1, "Pruned": 8}, summary
+    records = journal(state, "sha-bus")
+    for r in records.values():  # every step once, in order, across its runs
+        seen = r["intermediate"]
+        assert seen == [[s, curve(r["params"]["x"], s)] for s in range(1, len(seen) + 1)], r["name"]
+    assert sorted(len(r["intermediate"]) for r in records.values()) == [1] * 6 + [3, 3, 9]

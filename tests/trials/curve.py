@@ -22,7 +22,8 @@ if os.environ.get("KUBETUNE_ATTEMPT", "1") == "1":  # FIRST_ATTEMPT_STEP_SECONDS
 # paused trial resumed in a new pod), and runs only as far as its budget (the scheduler's next rung).
 saving = bool(os.environ.get("KUBETUNE_CHECKPOINT_DIR"))
 start = int((checkpoint.load() or {}).get("step", 0)) if saving else 0
-end = min(steps, int(float(os.environ.get("KUBETUNE_BUDGET") or steps)))
+# IGNORE_BUDGET: a trainer that knows no budget and trains until the scheduler says stop or pause.
+end = steps if os.environ.get("IGNORE_BUDGET") else min(steps, int(float(os.environ.get("KUBETUNE_BUDGET") or steps)))
 print(f"starting after step {start}, running to step {end}", flush=True)
 for step in range(start + 1, end + 1):
     time.sleep(step_seconds)
