@@ -719,3 +719,12 @@ def test_a_trial_whose_pod_the_control_plane_marked_failed_as_disrupted_runs_aga
     assert trial["spec"]["attempt"] == 2 and trial["status"]["state"] == "Succeeded"
     assert [s for s, _ in trial["status"]["intermediate"]] == list(range(1, 10))
     assert status.get("retries") == 1
+
+
+def test_an_experiment_name_too_long_for_its_trials_is_refused_naming_the_field(k8s_cluster, k8s_namespace, crds):
+    """Its trials are named <name>-<number> and carry that name as a label value (at most 63 characters):
+    with a longer experiment name every trial's creation failed, and the experiment never ran."""
+    long = "a" * 58
+    result = k8s_cluster.kubectl("apply", "-f", "-", input=experiment(long, k8s_namespace, **curve_spec()), check=False)
+    assert result.returncode != 0 and "metadata.name" in result.stderr and "at most 57 characters" in result.stderr
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("a" * 57, k8s_namespace, **curve_spec()))

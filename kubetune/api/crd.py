@@ -38,6 +38,7 @@ def _bounded(spec: dict) -> dict:
 
 
 _COUNT = {"type": "integer"}
+MAX_NAME = 57  # an experiment's name: 63 (a label value) less "-" and a trial number of up to 5 digits
 CONDITION = {
     "type": "object",
     "required": ["type", "status"],
@@ -111,7 +112,11 @@ TRIAL_STATUS = {
 }
 
 
-def _crd(kind: str, plural: str, short: list[str], spec: dict, status: dict, columns: list[dict]) -> dict:
+def _crd(kind: str, plural: str, short: list[str], spec: dict, status: dict, columns: list[dict],
+         rules: list[dict] | None = None) -> dict:
+    root = {"type": "object", "required": ["spec"], "properties": {"spec": spec, "status": status}}
+    if rules:
+        root["x-kubernetes-validations"] = rules
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -127,11 +132,7 @@ def _crd(kind: str, plural: str, short: list[str], spec: dict, status: dict, col
                 "storage": True,
                 "subresources": {"status": {}},
                 "additionalPrinterColumns": columns,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "required": ["spec"],
-                    "properties": {"spec": spec, "status": status},
-                }},
+                "schema": {"openAPIV3Schema": root},
             }],
         },
     }
@@ -149,7 +150,9 @@ def experiment_crd() -> dict:
         col("Failed", ".status.failed"),
         col("Best", ".status.bestObjective", "number"),
         col("Age", ".metadata.creationTimestamp", "date"),
-    ])
+    ], rules=[{"rule": f"self.metadata.name.size() <= {MAX_NAME}",
+               "message": f"metadata.name: at most {MAX_NAME} characters: its trials are named <name>-<number> "
+                          "(up to 5 digits), and a trial's name is a label value (at most 63 characters)"}])
 
 
 def trial_crd() -> dict:
