@@ -321,3 +321,28 @@ def test_the_schedulers_stop_never_overwrites_the_operators(k8s_cluster, k8s_nam
     first, second = (kube.get_trial(k8s_namespace, f"late-{n:04d}")["status"] for n in range(2))
     assert first["stop"] == timed_out and first["intermediate"] == [[1, 0.5]]  # the values all the same
     assert second["stop"] == paused["stop"]
+
+
+def test_an_experiment_never_ends_without_the_trials_it_created_moments_ago(k8s_cluster, k8s_namespace, chart):
+    """The experiment times out in the pass after the one that created trials, and the watch cache does
+    not show them yet: it ended without them, so nothing stopped them and their pods ran to the end."""
+    import time
+
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("brief", k8s_namespace, **curve_spec(
+        budget={"maxTrials": 4, "parallelTrials": 2, "timeout": "1h"})))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, url)
+        assert not controller.reconcile_experiment(k8s_namespace, "brief")  # creates two trials
+        controller.clock = lambda: time.time() + 7200  # the timeout has passed
+        assert not controller.reconcile_experiment(k8s_namespace, "brief", [])  # a cache without them
+        assert not get(k8s_cluster, "experiment", k8s_namespace, "brief")["status"].get("completionTime")
+        over = [controller.reconcile_experiment(k8s_namespace, "brief") for _ in range(2)]  # from the API
+        assert over == [False, True], "the first pass stops the two trials, the second ends the experiment"
+        trials = get(k8s_cluster, "trials", k8s_namespace)["items"]
+        assert [t["status"]["state"] for t in trials] == ["Killed", "Killed"]
+        assert get(k8s_cluster, "experiment", k8s_namespace, "brief")["status"]["phase"] == "Failed"
+    finally:
+        server.shutdown()
+        service.close()

@@ -94,6 +94,8 @@ class Controller:
         best = best_trial(spec, trials)
         elapsed = now - (parse_time(status.get("startTime")) or now)
         completion = check_end(spec, trials, best, elapsed, bool(status.get("exhausted")))
+        if completion is not None and self._cache_lags(exp, len(trials)):
+            return False  # trials created moments ago are not in the list yet: not over without them
         paused = [t for t in trials if t.state == TrialState.PAUSED]
         if completion is not None and paused and completion.budget_spent:
             # Out of new trials, a paused one may still be promoted: over only once none is.
@@ -165,10 +167,9 @@ class Controller:
             return bool(status.get("exhausted")), 0
         meta = exp["metadata"]
         key = (meta["namespace"], meta["name"])
-        sent = self._sent.get(key)
-        if sent is not None and len(trials) < sent.suggested and time.monotonic() - sent.at < CREATED_WAIT_S:
-            # The watch cache lacks trials created moments ago: their slots are not free, and the service,
-            # sent a list without them, would drop them (a paused trial resumed in their place).
+        if self._cache_lags(exp, len(trials)):
+            # Their slots are not free, and the service, sent a list without them, would drop them (a paused
+            # trial resumed in their place).
             return bool(status.get("exhausted")), 0
         try:
             answer = self._suggest(exp, spec, trials, versions, wanted, new)
@@ -222,6 +223,11 @@ class Controller:
             return False
         log.info("trial %s %s %s", name, state.value, reason)
         return True
+
+    def _cache_lags(self, exp: dict, total: int) -> bool:
+        """Whether the watch cache lacks trials created moments ago (total, below what was created)."""
+        sent = self._sent.get((exp["metadata"]["namespace"], exp["metadata"]["name"]))
+        return sent is not None and total < sent.suggested and time.monotonic() - sent.at < CREATED_WAIT_S
 
     def _hold_due(self, exp: dict, total: int) -> bool:
         """Whether to check, with an empty request, that the service holds the experiment (every HOLD_CHECK_S).
