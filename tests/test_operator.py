@@ -182,6 +182,18 @@ def test_a_spec_only_the_operator_can_judge_fails_with_the_field_named(k8s_clust
     assert get(k8s_cluster, "trials", k8s_namespace)["items"] == []
 
 
+def test_a_warm_start_from_an_experiment_that_does_not_exist_fails_naming_the_field(k8s_cluster, k8s_namespace,
+                                                                                      stack):
+    """As `kubetune run` does: a misspelt name in warmStart is a mistake, not a cold start."""
+    spec = curve_spec(warmStart={"fromExperiments": ["nope"]})
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("warm", k8s_namespace, **spec))
+    status = wait_phase(k8s_cluster, k8s_namespace, "warm", stack, timeout=30)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert status["phase"] == "Failed" and failed["reason"] == "InvalidSpec"
+    assert failed["message"] == f"spec.warmStart.fromExperiments[0]: no experiment 'nope' in namespace {k8s_namespace}"
+    assert get(k8s_cluster, "trials", k8s_namespace)["items"] == []
+
+
 def steps_of(t) -> list[float]:
     return [p[0] for p in t["status"].get("intermediate", [])]
 

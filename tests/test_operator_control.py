@@ -9,6 +9,7 @@ import pytest
 
 from kubernetes import config as kube_config
 
+from kubetune.api.spec import ExperimentSpec
 from kubetune.operator.control import Controller
 from kubetune.operator.kube import Kube
 from kubetune.operator.records import trial_resource
@@ -346,3 +347,27 @@ def test_an_experiment_never_ends_without_the_trials_it_created_moments_ago(k8s_
     finally:
         server.shutdown()
         service.close()
+
+
+def test_warm_start_takes_the_named_experiments_own_finished_trials(k8s_cluster, k8s_namespace, chart):
+    """The prior sent to the service: the succeeded trials of the experiment named in warmStart, not those
+    of one deleted earlier under its name that the garbage collector has not removed yet."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("first", k8s_namespace, **curve_spec()))
+    kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+    first = get(k8s_cluster, "experiment", k8s_namespace, "first")
+    for n, (x, state) in enumerate([(0.1, "Succeeded"), (0.2, "Failed"), (0.3, "Succeeded")]):
+        kube.create_trial(trial_resource(first, n, {"x": x}))
+        kube.patch_trial_status(k8s_namespace, f"first-{n:04d}", {"state": state, "value": x})
+    # Left by an earlier "first", not collected yet. (Made without its owner, which the garbage collector
+    # would see is gone and remove at once: only the uid in its ownerReferences tells it from the others.)
+    gone = trial_resource(first, 3, {"x": 0.9})
+    del gone["metadata"]["ownerReferences"]
+    kube.create_trial(gone)
+    kube.patch_trial_status(k8s_namespace, "first-0003", {"state": "Succeeded", "value": 0.9})
+
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "second", k8s_namespace, **curve_spec(warmStart={"fromExperiments": ["first"]})))
+    second = get(k8s_cluster, "experiment", k8s_namespace, "second")
+    controller = Controller(kube, "http://127.0.0.1:9")
+    prior = controller._prior(second, ExperimentSpec.from_document(second))
+    assert sorted((t.params["x"], t.value) for t in prior) == [(0.1, 0.1), (0.3, 0.3)]

@@ -85,6 +85,11 @@ class Controller:
             return True
         spec = ExperimentSpec.from_document(exp)
         if "seed" not in status:
+            missing = self._missing_warm_start(exp, spec)
+            if missing:  # as kubetune run: a name that names nothing is a mistake, not a cold start
+                self._finish(exp, "Failed", "InvalidSpec", missing, {})
+                self.event(exp, "Warning", "InvalidSpec", missing)
+                return True
             status = exp["status"] = self._start(exp, spec)
         if resources is None:
             resources = self.kube.list_trials(namespace, name)
@@ -262,10 +267,22 @@ class Controller:
                 "trials": [t.to_dict() for t in trials], "prior": [t.to_dict() for t in self._prior(exp, spec)]}
 
     def _prior(self, exp: dict, spec: ExperimentSpec) -> list[Trial]:
-        """Warm start: finished trials of the named earlier experiments in this namespace."""
+        """Warm start: finished trials of the named earlier experiments in this namespace (their own: not
+        those of one deleted earlier under the same name, which the garbage collector has not removed)."""
         namespace = exp["metadata"]["namespace"]
-        earlier = [t for name in spec.warm_start_from for t in records(self.kube.list_trials(namespace, name))]
+        earlier = []
+        for name in spec.warm_start_from:
+            other = self.kube.get_experiment(namespace, name)
+            if other is not None:  # (deleted since this one started: its trials go with it)
+                earlier += records(owned_by(self.kube.list_trials(namespace, name), other))
         return prior_from(spec.space, earlier)
+
+    def _missing_warm_start(self, exp: dict, spec: ExperimentSpec) -> str:
+        """The warmStart names that name no experiment in the namespace, as an InvalidSpec message."""
+        namespace = exp["metadata"]["namespace"]
+        return "; ".join(f"spec.warmStart.fromExperiments[{i}]: no experiment {name!r} in namespace {namespace}"
+                         for i, name in enumerate(spec.warm_start_from)
+                         if self.kube.get_experiment(namespace, name) is None)
 
     def _trial_timeouts(self, exp: dict, spec: ExperimentSpec, trials: list[Trial], now: float) -> None:
         limit = spec.budget.trial_timeout
