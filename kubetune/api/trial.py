@@ -105,6 +105,11 @@ class Trial:
         return cls(**d)
 
 
+def resumes(events: list[dict]) -> int:
+    """How many times a trial was resumed after a pause (its runs after the first of its attempt)."""
+    return sum(1 for e in events if e.get("event") == "resume")
+
+
 def paused_reason(trial: Trial) -> str:
     """Why a paused trial waits, from its latest pause."""
     step = next((e.get("step") for e in reversed(trial.events) if e.get("event") == "pause"), None)

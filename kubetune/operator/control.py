@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..api.spec import ExperimentSpec
-from ..api.trial import Trial, TrialState, best_of
+from ..api.trial import Trial, TrialState, best_of, resumes
 from ..api.validation import check_spec, check_structure
 from ..api import schema
 from ..engine import check_end, judge_exit
@@ -208,8 +208,7 @@ class Controller:
         trial = trials[number] if number < len(trials) else None
         if trial is None or trial.state != TrialState.PAUSED:
             return False  # changed since it was sent: the service hears of it with the next request
-        resumes = sum(1 for e in s["events"] if e.get("event") == "resume")
-        pod = pod_name(trial.name, trial.attempt, resumes)
+        pod = pod_name(trial.name, trial.attempt, resumes(s["events"]))
         # Only if the trial is still as this pass saw it: a watch cache that lags a resume shows it Paused, and
         # a service sent that copy resumes it again (a second pod, named for a second resume, beside the first).
         if not self.kube.patch_trial_status(meta["namespace"], trial.name, {
@@ -570,10 +569,8 @@ def _decided_stop(reported: dict) -> dict | None:
     """How the service's scheduler ended the trial (pruned, or paused at a rung), when its word that the
     pod should stop did not reach the API before the pod ended."""
     state = reported.get("state")
-    if state == "Pruned":
-        return {"state": state, "reason": reported.get("reason") or "pruned"}
-    if state == PAUSED:
-        return {"state": state, "reason": reported.get("reason") or "paused, waiting for promotion"}
+    if state in ("Pruned", PAUSED):
+        return {"state": state, "reason": reported.get("reason") or state.lower()}
     return None
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..api.spec import ExperimentSpec
-from ..api.trial import Trial, TrialState
+from ..api.trial import Trial, TrialState, resumes
 from ..bus.base import experiment_key
 from ..operator.records import trial_name
 from ..study import SearchExhausted, Study
@@ -128,16 +128,13 @@ def _merge(mine: Trial | None, r: Trial) -> Trial:
         r.metrics = {**r.metrics, **mine.metrics}
     if len(mine.events) > len(r.events):
         r.events, r.params = mine.events, mine.params  # a PBT exploit (or a pause) not written back yet
-    if mine.state in (TrialState.PRUNED, TrialState.PAUSED) and r.state.active and _resumes(r) <= _resumes(mine):
+    if (mine.state in (TrialState.PRUNED, TrialState.PAUSED) and r.state.active
+            and resumes(r.events) <= resumes(mine.events)):
         # Pruned or paused here, its pod not gone yet (or not yet seen running): its later reports are
         # answered so, never applied. (Unless the API holds a resume this service did not make: one
         # that a service before a restart made, and the operator carried out.)
         r.state, r.reason = mine.state, mine.reason
     return r
-
-
-def _resumes(t: Trial) -> int:
-    return sum(1 for e in t.events if e.get("event") == "resume")
 
 
 class Brains:
