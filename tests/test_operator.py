@@ -740,3 +740,35 @@ def test_an_experiment_name_too_long_for_its_trials_is_refused_naming_the_field(
     result = k8s_cluster.kubectl("apply", "-f", "-", input=experiment(long, k8s_namespace, **curve_spec()), check=False)
     assert result.returncode != 0 and "metadata.name" in result.stderr and "at most 57 characters" in result.stderr
     k8s_cluster.kubectl("apply", "-f", "-", input=experiment("a" * 57, k8s_namespace, **curve_spec()))
+
+
+
+def test_trials_deleted_by_hand_count_as_killed_and_their_numbers_are_never_used_again(
+        k8s_cluster, k8s_namespace, make_kubelet, stack):
+    """`kubectl delete trial` on a finished trial and on a running one: the experiment goes on and ends (it
+    hung before: the operator's list of trials had a gap, and the service dropped every trial after it), the
+    other trials run undisturbed, and no trial is created again under a deleted one's number (its metric
+    stream and checkpoints are still there)."""
+    make_kubelet(gpus=2)
+    spec = curve_spec(budget={"maxTrials": 5, "parallelTrials": 2})
+    spec["trialTemplate"]["env"] = [{"name": "STEP_SECONDS", "value": "0.3"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("gap", k8s_namespace, **spec))
+
+    def trials():
+        return {t["metadata"]["name"]: t for t in get(k8s_cluster, "trials", k8s_namespace)["items"]}
+
+    def first_done_third_running():
+        items = trials()
+        return ((items.get("gap-0000", {}).get("status") or {}).get("state") == "Succeeded"
+                and len((items.get("gap-0002", {}).get("status") or {}).get("intermediate") or []) >= 2)
+
+    wait_until(first_done_third_running, timeout=90, what="trial 0 to succeed and trial 2 to report twice")
+    k8s_cluster.kubectl("delete", "trial", "gap-0000", "gap-0002", "-n", k8s_namespace, "--wait=true")
+    status = wait_phase(k8s_cluster, k8s_namespace, "gap", stack, timeout=120)
+    assert status["phase"] == "Succeeded", trial_states(k8s_cluster, k8s_namespace)
+    left = trials()
+    assert sorted(left) == ["gap-0001", "gap-0003", "gap-0004"], (trial_states(k8s_cluster, k8s_namespace), stack.logs())
+    for t in left.values():
+        assert t["status"]["state"] == "Succeeded"
+        assert [s for s, _ in t["status"]["intermediate"]] == list(range(1, 10))
+    assert (status["trials"], status["succeeded"], status["killed"], status["created"]) == (5, 3, 2, 5)

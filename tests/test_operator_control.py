@@ -371,3 +371,27 @@ def test_warm_start_takes_the_named_experiments_own_finished_trials(k8s_cluster,
     controller = Controller(kube, "http://127.0.0.1:9")
     prior = controller._prior(second, ExperimentSpec.from_document(second))
     assert sorted((t.params["x"], t.value) for t in prior) == [(0.1, 0.1), (0.3, 0.3)]
+
+
+def test_the_newest_trial_deleted_by_hand_is_not_created_again_by_a_restarted_operator(
+        k8s_cluster, k8s_namespace, chart):
+    """Nothing in the list of trials shows that the newest one existed once it is deleted: the experiment's
+    status keeps how many were created, or a restarted operator would make that number again, and the new
+    trial would share the deleted one's metric stream and checkpoints."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("newest", k8s_namespace, **curve_spec(
+        budget={"maxTrials": 4, "parallelTrials": 2})))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        assert not Controller(kube, url).reconcile_experiment(k8s_namespace, "newest")  # trials 0 and 1
+        k8s_cluster.kubectl("delete", "trial", "newest-0001", "-n", k8s_namespace, "--wait=true")
+        assert not Controller(kube, url).reconcile_experiment(k8s_namespace, "newest")  # restarted: trial 2
+        names = sorted(t["metadata"]["name"] for t in get(k8s_cluster, "trials", k8s_namespace)["items"])
+        assert names == ["newest-0000", "newest-0002"]
+        controller = Controller(kube, url)
+        assert not controller.reconcile_experiment(k8s_namespace, "newest")  # (counts what the last one made)
+        status = get(k8s_cluster, "experiment", k8s_namespace, "newest")["status"]
+        assert (status["created"], status["trials"], status["killed"]) == (3, 3, 1)
+    finally:
+        server.shutdown()
+        service.close()

@@ -70,6 +70,9 @@ EXPERIMENT_STATUS = {
         "seed": _COUNT,
         "exhausted": {"type": "boolean"},
         "retries": _COUNT,
+        # Trials created so far (the next trial's number): a Trial deleted by hand is still counted, as
+        # Killed, and its number never used again.
+        "created": _COUNT,
         "startTime": {"type": "string", "format": "date-time"},
         "completionTime": {"type": "string", "format": "date-time"},
         "observedGeneration": _COUNT,

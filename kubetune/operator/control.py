@@ -27,7 +27,7 @@ from ..engine.metric_lines import parse_metric_line
 from .kube import Kube
 from .pods import trial_pod
 from .records import (current_pod, now_iso, owned_by, owns, parse_time, pod_name, pod_of_attempt, records,
-                      trial_resource, to_record)
+                      trial_name, trial_resource, to_record)
 
 log = logging.getLogger("kubetune.operator")
 
@@ -42,6 +42,7 @@ FINAL = {s.value for s in TrialState if s.finished}
 PAUSED = TrialState.PAUSED.value  # neither active nor over: no pod, until the scheduler resumes it
 NOT_PROMOTED = "not promoted: not in the top of its rung"
 PAUSED_AT_END = "experiment ended while it waited for promotion"
+DELETED = "the Trial was deleted"
 
 
 class Controller:
@@ -56,6 +57,7 @@ class Controller:
         # Lost on a restart, which only means the first pass sends and parses everything.
         self._sent: dict[tuple[str, str], _Sent] = {}
         self._records: dict[tuple[str, str], dict[str, tuple[str, Trial]]] = {}
+        self._deleted: dict[tuple[str, str], set[int]] = {}  # numbers of trials deleted by hand, once seen gone
 
     # -- experiments ---------------------------------------------------------
 
@@ -68,6 +70,7 @@ class Controller:
         if over:
             self._sent.pop((namespace, name), None)
             self._records.pop((namespace, name), None)
+            self._deleted.pop((namespace, name), None)
         return over
 
     def _reconcile(self, namespace: str, name: str, resources: list[dict] | None) -> bool:
@@ -94,6 +97,9 @@ class Controller:
         if resources is None:
             resources = self.kube.list_trials(namespace, name)
         trials, versions = self._records_of((namespace, name), owned_by(resources, exp))
+        trials = self._with_deleted(exp, status, trials)
+        if trials is None:
+            return False  # trials created moments ago are not in the watch cache yet: the next pass has them
         now = self.clock()
         self._trial_timeouts(exp, spec, trials, now)
         best = best_trial(spec, trials)
@@ -123,6 +129,8 @@ class Controller:
             return False
         exhausted = self._create_trials(exp, spec, status, trials, versions)[0]
         summary = counts(spec, trials)
+        sent = self._sent.get((namespace, name))
+        summary["created"] = max(len(trials), sent.suggested if sent is not None else 0)
         if exhausted:
             summary["exhausted"] = True
         if any(status.get(k) != v for k, v in summary.items()):
@@ -138,6 +146,26 @@ class Controller:
         self.event(exp, "Normal", "Started", f"algorithm {spec.algorithm['name']}, seed {seed}, "
                                              f"up to {spec.budget.max_trials} trials, {spec.budget.parallel_trials} at a time")
         return status
+
+    def _with_deleted(self, exp: dict, status: dict, trials: list[Trial]) -> list[Trial] | None:
+        """Every trial number created so far, in order: a Trial deleted by hand (kubectl delete trial) stands
+        in as Killed, so that its number is never used again (its checkpoints and metric stream are still
+        there) and the list stays indexed by number. None while a missing trial still exists: the watch
+        cache lags its creation."""
+        created = max(int(status.get("created") or 0), trials[-1].number + 1 if trials else 0)
+        if len(trials) == created:
+            return trials
+        meta = exp["metadata"]
+        deleted = self._deleted.setdefault((meta["namespace"], meta["name"]), set())
+        present = {t.number: t for t in trials}
+        for number in range(created):
+            if number not in present and number not in deleted:
+                body = self.kube.get_trial(meta["namespace"], trial_name(meta["name"], number))
+                if body is not None and owns(exp, body):
+                    return None
+                deleted.add(number)  # (for good: the operator never creates a number twice)
+        return [present.get(n) or Trial(n, {}, TrialState.KILLED, reason=DELETED, name=trial_name(meta["name"], n))
+                for n in range(created)]
 
     def _records_of(self, key: tuple[str, str], resources: list[dict]) -> tuple[list[Trial], dict[int, str]]:
         """The trials' records in number order, and each one's resourceVersion; parsed again only when changed."""

@@ -121,6 +121,8 @@ class Brain:
 
 def _merge(mine: Trial | None, r: Trial) -> Trial:
     """The API's record r, with what this service holds of the same attempt that is not written back yet."""
+    if mine is not None and not r.params:
+        r.params = mine.params  # a Trial deleted by hand: the operator sends its number alone, as Killed
     if mine is None or mine.attempt != r.attempt:
         return r
     if len(mine.intermediate) > len(r.intermediate):
