@@ -351,7 +351,7 @@ def clean_up(path: Path, grace: float, say) -> None:
     left = live_leftovers(record)
     if left:
         shown = " ".join(map(str, left[:10])) + (" ..." if len(left) > 10 else "")
-        say(f"kubetune: the run before of this experiment (pid {record.get('runner')}) ended without "
+        say(f"kubetune: an earlier run of this experiment (pid {record.get('runner')}) ended without "
             f"stopping its trials; terminating {len(left)} of their processes that are still running "
             f"(pid {shown}): SIGTERM, SIGKILL after {grace:g}s")
         still = terminate(record, grace)

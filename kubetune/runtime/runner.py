@@ -222,8 +222,10 @@ def _handle(engine: Engine, runtime: LocalRuntime, event, now: float) -> None:
             return
         attempt = engine.trials[event.number].attempt
         if event.attempt is not None and event.attempt != attempt:
-            # A process of a run before this one (killed with `kill -9`, its trials ran on): the trial
-            # runs again from the start now, and that run's reports are not the trial's.
+            # A process of a run before this one (killed with `kill -9`, its trials ran on: stopped with
+            # it since, see orphans.py, but one that escaped its group or a bus shared with another
+            # machine still can): the trial runs again from the start now, and that run's reports are
+            # not the trial's.
             event.reply(Decision("stop", f"superseded: the trial runs again as attempt {attempt}"))
             return
         if event.resent_ok and _applied_before(engine, event):
