@@ -193,3 +193,16 @@ def test_a_trial_started_from_a_thread_that_has_ended_lives_on(tmp_path):
         assert exits[0].exit_code == 0, exits[0]
     finally:
         runtime.close()
+
+
+def test_a_trial_whose_runner_died_before_the_signal_was_set_does_not_start():
+    """The runner may die between fork and prctl: the signal would then never come. The child sees
+    that its parent is not the one that forked it any more and ends before it execs the trial."""
+    from kubetune.runtime import orphans
+
+    forked_by = os.getpid() + 1_000_000  # (not this process: as if it had died and the child were adopted)
+    child = subprocess.Popen(["sleep", "30"], preexec_fn=orphans._parent_death(signal.SIGTERM, forked_by))
+    try:
+        assert child.wait(timeout=10) == 1
+    finally:
+        child.kill()
