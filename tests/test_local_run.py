@@ -343,7 +343,7 @@ def test_a_resumed_run_killed_with_sigkill_is_resumed_again(tmp_path):
     finally:
         proc.kill()  # kill -9: no chance to record anything
         proc.wait()
-    gate.touch()  # (the orphaned trials go on, find the runner gone at their first report, and fail)
+    gate.touch()  # (the killed run's trials are stopped with it: see test_local_orphans.py)
     second = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
     assert second.returncode == 0, second.stderr
     summary = json.loads(second.stdout)
@@ -508,7 +508,7 @@ def test_the_time_a_run_killed_with_sigkill_spent_counts_toward_the_timeout(tmp_
     finally:
         proc.kill()
         proc.wait()
-        gate.touch()  # (the orphaned trial goes on, finds the runner gone at its first report, and fails)
+        gate.touch()  # (the killed run's trial is stopped with it: see test_local_orphans.py)
     before = elapsed()
     again = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr

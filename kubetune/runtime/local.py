@@ -32,6 +32,7 @@ from ..engine.metric_lines import parse_metric_line
 from ..schedulers import every_report_waits
 from .channel import ReportChannel
 from .events import Event, Exited, Reported, Started, Wake
+from .orphans import TOKEN_ENV, ProcessBook, popen_dying_with_us
 
 KILL_AFTER = 10.0  # seconds between SIGTERM and SIGKILL
 # Longest a bus trial's exit waits for the loop to reach its last reports (the bus down, say):
@@ -59,11 +60,13 @@ class _Proc:
 class LocalRuntime:
     def __init__(self, spec: ExperimentSpec, trial_dir, base_dir: Path, kill_after: float = KILL_AFTER,
                  checkpoints: Path | None = None, bus=None, bus_key: str | None = None,
-                 bus_env: dict[str, str] | None = None, exit_wait: float = EXIT_WAIT):
+                 bus_env: dict[str, str] | None = None, exit_wait: float = EXIT_WAIT,
+                 processes: Path | None = None):
         """trial_dir: a function giving each trial its own folder; base_dir: default working directory;
         checkpoints: the folder every trial's checkpoints go under (PBT copies between them);
         bus: a MetricBus the trials report over instead of the local socket (under `bus_key`), with
-        `bus_env` (its URL, password) in their environment."""
+        `bus_env` (its URL, password) in their environment; processes: the file the live trials' process
+        groups are kept in, for them to be terminated if the run dies before them (see orphans.py)."""
         self.spec = spec
         self.checkpoints = checkpoints
         self._trial_dir = trial_dir
@@ -71,6 +74,7 @@ class LocalRuntime:
         self.kill_after = kill_after
         self._events: queue.Queue[Event] = queue.Queue()
         self._procs: dict[int, _Proc] = {}
+        self.book = ProcessBook(processes, kill_after) if processes is not None else None
         # Trials blocked in report() on a held (synchronous PBT) decision: number -> its reply.
         self.waiting: dict[int, Callable[[Decision], None]] = {}
         kind = spec.collector_kind
@@ -117,6 +121,10 @@ class LocalRuntime:
         if trial.budget is not None:
             env["KUBETUNE_BUDGET"] = f"{trial.budget:g}"  # how far this run should go (HyperBand)
         env["KUBETUNE_ATTEMPT"] = str(trial.attempt)
+        if self.book is not None:
+            env[TOKEN_ENV] = self.book.token  # (inherited by its children: how they are known as the run's)
+        else:
+            env.pop(TOKEN_ENV, None)
         if self.channel is not None:
             env["KUBETUNE_CHANNEL"] = self.channel.path
         elif self.bridge is not None:
@@ -125,7 +133,8 @@ class LocalRuntime:
         cwd = self.base_dir / (self.spec.trial_template.working_dir or ".")
         log_path = folder / "output.log"
         try:
-            popen = subprocess.Popen(
+            # Its own process group, and SIGTERM when this process dies (kill -9 too), on Linux.
+            popen = popen_dying_with_us(
                 argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )
@@ -136,6 +145,8 @@ class LocalRuntime:
             return
         proc = _Proc(trial, popen, log_path)
         self._procs[trial.number] = proc
+        if self.book is not None:
+            self.book.add(trial.number, popen.pid)
         self._events.put(Started(trial.number))
         reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
         reader.start()
@@ -180,7 +191,7 @@ class LocalRuntime:
                 continue  # held until the loop has handled the trial's last reports
             out.append(ev)
             if isinstance(ev, Exited):
-                self._procs.pop(ev.number, None)
+                self._forget(self._procs.pop(ev.number, None))
         # After the reports taken above: a trial's last reports come before its exit.
         out += self._release_exits()
         return out
@@ -200,9 +211,13 @@ class LocalRuntime:
                 proc.target = last
             if proc.target is not None and self.bridge.handled(proc.target) or now >= proc.give_up_at:
                 out.append(proc.exited)
-                del self._procs[proc.trial.number]
+                self._forget(self._procs.pop(proc.trial.number))
         self.bridge.wake_wanted = any(p.exited is not None for p in self._procs.values())
         return out
+
+    def _forget(self, proc: _Proc | None) -> None:
+        if proc is not None and self.book is not None:
+            self.book.remove(proc.popen.pid)
 
     @property
     def running(self) -> int:
@@ -220,6 +235,8 @@ class LocalRuntime:
             self.channel.close()
         if self.bridge is not None:
             self.bridge.close()
+        if self.book is not None:
+            self.book.close()
 
     # -- threads -------------------------------------------------------------
 

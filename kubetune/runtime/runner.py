@@ -7,6 +7,7 @@ from the store and never run again; trials cut short are run again.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from ..engine import Completion, Engine, Launch, Stop
 from ..study import Study, prior_from
 from .bridge import RUN_ID_KEY, bus_key, connect_redis
 from .events import Exited, Reported, Started
-from .local import LocalRuntime
+from .local import KILL_AFTER, LocalRuntime
+from .orphans import clean_up
 from .store import StateStore
 
 POLL = 0.2  # seconds the loop waits for an event before checking timeouts
@@ -101,6 +103,9 @@ def run_experiment(
     store = StateStore(state_root, spec.name)
     try:
         store.lock()
+        # The run before has ended (it held the lock): what it left of its trials (killed with -9, and
+        # what the parent-death signal and its guard did not reach) goes before anything starts.
+        clean_up(store.processes_file, KILL_AFTER, lambda line: print(line, file=sys.stderr, flush=True))
         study, state = open_study(spec, store, state_root)
     except BaseException:
         store.close()
@@ -134,7 +139,8 @@ def run_experiment(
         if redis_ca:
             env["KUBETUNE_REDIS_CA_FILE"] = str(Path(redis_ca).resolve())  # trials run in their own folders
         bus_kw = {"bus": bus, "bus_key": key, "bus_env": env}
-    runtime = LocalRuntime(spec, store.trial_dir, Path(base_dir), checkpoints=store.dir / "checkpoints", **bus_kw)
+    runtime = LocalRuntime(spec, store.trial_dir, Path(base_dir), checkpoints=store.dir / "checkpoints",
+                           processes=store.processes_file, **bus_kw)
     try:
         _loop(engine, runtime, store, clock, on_progress, stop, state)
     except KeyboardInterrupt:
@@ -216,8 +222,10 @@ def _handle(engine: Engine, runtime: LocalRuntime, event, now: float) -> None:
             return
         attempt = engine.trials[event.number].attempt
         if event.attempt is not None and event.attempt != attempt:
-            # A process of a run before this one (killed with `kill -9`, its trials ran on): the trial
-            # runs again from the start now, and that run's reports are not the trial's.
+            # A process of a run before this one (killed with `kill -9`, its trials ran on: stopped with
+            # it since, see orphans.py, but one that escaped its group or a bus shared with another
+            # machine still can): the trial runs again from the start now, and that run's reports are
+            # not the trial's.
             event.reply(Decision("stop", f"superseded: the trial runs again as attempt {attempt}"))
             return
         if event.resent_ok and _applied_before(engine, event):

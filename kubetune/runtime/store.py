@@ -5,6 +5,7 @@
         state.json        seed, search fingerprint, elapsed time, how it ended
         trials.jsonl      a journal: one full trial record per change, the last one wins
         trials/<name>/    each trial's own folder: output.log, checkpoints
+        processes.json    while trials run: their process groups (see orphans.py)
 
 The journal is append-only and flushed to disk after each write, so a crash
 (even kill -9) loses at most the record being written, never a finished trial.
@@ -34,6 +35,7 @@ class StateStore:
         self.dir = Path(root) / name
         self.journal = self.dir / "trials.jsonl"
         self.state_file = self.dir / "state.json"
+        self.processes_file = self.dir / "processes.json"
         self._handle = None
         self._lock = None
 
