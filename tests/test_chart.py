@@ -22,8 +22,12 @@ def test_values_schema_refuses_bad_values():
     assert "rbac" in err.value.stderr and "scope" in err.value.stderr
 
 
-@pytest.mark.parametrize("values", [[], ["rbac.scope=namespace"], ["redis.enabled=false", "redis.url=redis://r:6379/0"]],
-                         ids=["cluster", "namespaced", "external-redis"])
+EXTERNAL_TLS = ["redis.enabled=false", "redis.url=rediss://redis.example:6380/0", "redis.tls.caSecret=in-house-ca"]
+
+
+@pytest.mark.parametrize("values", [[], ["rbac.scope=namespace"], ["redis.enabled=false", "redis.url=redis://r:6379/0"],
+                                    EXTERNAL_TLS],
+                         ids=["cluster", "namespaced", "external-redis", "external-redis-private-ca"])
 def test_rendered_chart_passes_a_server_side_dry_run(k8s_cluster, chart, values):
     docs = render(*values)
     kinds = {d["kind"] for d in docs}
@@ -32,6 +36,56 @@ def test_rendered_chart_passes_a_server_side_dry_run(k8s_cluster, chart, values)
     assert deployments == {"kt-kubetune-operator", "kt-kubetune-suggestion"}  # one suggestion service, not one per experiment
     result = k8s_cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(docs), check=False)
     assert result.returncode == 0, result.stderr
+
+
+def deployment(docs: list[dict], component: str) -> tuple[dict, dict]:
+    """The component's pod spec and its one container."""
+    [d] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == f"kt-kubetune-{component}"]
+    pod = d["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    return pod, container
+
+
+def env_of(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env") or []}
+
+
+@pytest.mark.parametrize("key", [None, "tls.crt"])
+def test_a_private_ca_of_an_external_redis_reaches_the_service_and_through_the_operator_the_trials(key):
+    docs = render(*EXTERNAL_TLS, *([f"redis.tls.caKey={key}"] if key else []))
+    key = key or "ca.crt"
+    pod, container = deployment(docs, "suggestion")
+    assert pod["volumes"] == [{"name": "redis-ca",
+                               "secret": {"secretName": "in-house-ca", "items": [{"key": key, "path": key}]}}]
+    assert container["volumeMounts"] == [{"name": "redis-ca", "mountPath": "/var/run/kubetune/redis-ca",
+                                          "readOnly": True}]
+    env = env_of(container)
+    assert env["KUBETUNE_REDIS_CA_FILE"] == f"/var/run/kubetune/redis-ca/{key}"
+    assert env["KUBETUNE_REDIS_URL"] == "rediss://redis.example:6380/0"
+    # The operator never connects to Redis: it is told the Secret, to mount in every trial pod.
+    pod, container = deployment(docs, "operator")
+    assert env_of(container)["KUBETUNE_REDIS_CA_SECRET"] == f"in-house-ca:{key}"
+    assert "volumes" not in pod and "volumeMounts" not in container
+
+
+@pytest.mark.parametrize("values", [[], ["redis.enabled=false", "redis.url=rediss://redis.example:6380/0"]],
+                         ids=["in-release-redis", "external-redis-public-ca"])
+def test_without_a_ca_secret_nothing_of_it_is_rendered(values):
+    docs = render(*values)
+    for component in ("suggestion", "operator"):
+        pod, container = deployment(docs, component)
+        assert "volumes" not in pod and "volumeMounts" not in container
+        assert not {"KUBETUNE_REDIS_CA_FILE", "KUBETUNE_REDIS_CA_SECRET"} & set(env_of(container))
+
+
+@pytest.mark.parametrize("values,message", [
+    (["redis.tls.caSecret=ca"], "redis.tls.caSecret is for an external Redis"),
+    (["redis.enabled=false", "redis.url=redis://r:6379/0", "redis.tls.caSecret=ca"], "needs a TLS redis.url (rediss://"),
+    ([*EXTERNAL_TLS, "redis.tls.caKey=../ca"], "caKey")], ids=["in-release-redis", "plain-url", "bad-key"])
+def test_a_ca_secret_that_cannot_work_is_refused(values, message):
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        render(*values)
+    assert message in err.value.stderr
 
 
 def can_i(cluster, account, verb, resource, namespace):

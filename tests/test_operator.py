@@ -35,10 +35,13 @@ def free_port() -> int:
 class Stack:
     """The operator and the suggestion service as processes that tests may kill and restart."""
 
-    def __init__(self, cluster, redis, workdir: Path, kubeconfigs: dict[str, Path]):
+    def __init__(self, cluster, redis, workdir: Path, kubeconfigs: dict[str, Path],
+                 env: dict[str, dict[str, str]] | None = None):
+        """env: more environment for "operator" or "suggestion" (as the chart sets it)."""
         self.cluster, self.redis, self.workdir = cluster, redis, workdir
         self.port = free_port()
         self.kubeconfigs = kubeconfigs
+        self.env = env or {}
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, which: str) -> None:
@@ -48,7 +51,8 @@ class Stack:
         else:
             argv = [sys.executable, "-m", "kubetune.operator", "--suggestion-url", f"http://127.0.0.1:{self.port}",
                     "--redis-url", self.redis.url]
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfigs[which]), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfigs[which]), "PYTHONUNBUFFERED": "1",
+               **self.env.get(which, {})}
         log = open(self.workdir / f"{which}.log", "a")
         self.procs[which] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                              start_new_session=True)
@@ -159,6 +163,61 @@ def test_an_experiment_runs_its_trials_as_pods_and_succeeds(k8s_cluster, k8s_nam
     assert table.split()[:10] == ["NAME", "ALGORITHM", "STATUS", "RUNNING", "PAUSED", "SUCCEEDED", "PRUNED", "FAILED", "BEST",
                                   "AGE"]
     assert "plain" in table and "random" in table and "Succeeded" in table
+
+
+@pytest.fixture
+def tls_stack(k8s_cluster, k8s_namespace, chart, redis_server_factory, tmp_path):
+    """An external Redis serving TLS only, its certificate signed by a CA no system trusts: the CA is a Secret
+    in the experiment's namespace, the operator is told its name as the chart tells it
+    (KUBETUNE_REDIS_CA_SECRET), the suggestion service reads the CA file as the chart mounts it."""
+    redis = redis_server_factory(tls=True)
+    assert redis.url.startswith("rediss://")
+    k8s_cluster.kubectl("create", "secret", "generic", "in-house-ca", "-n", k8s_namespace,
+                        f"--from-file=ca.crt={redis.ca_file}")
+    s = Stack(k8s_cluster, redis, tmp_path, {"operator": chart(OPERATOR_SA), "suggestion": chart(SUGGESTION_SA)},
+              env={"operator": {"KUBETUNE_REDIS_CA_SECRET": "in-house-ca"},
+                   "suggestion": {"KUBETUNE_REDIS_CA_FILE": str(redis.ca_file)}})
+    s.start("suggestion")
+    s.start("operator")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_trials_report_over_tls_to_a_redis_whose_private_ca_is_a_secret(k8s_cluster, k8s_namespace, make_kubelet,
+                                                                          tls_stack):
+    """Each trial pod gets the CA Secret as a volume and KUBETUNE_REDIS_CA_FILE, and its SDK reports over the bus."""
+    make_kubelet(gpus=2)
+    spec = curve_spec(budget={"maxTrials": 4, "parallelTrials": 2})
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("tls", k8s_namespace, **spec))
+    status = wait_phase(k8s_cluster, k8s_namespace, "tls", tls_stack)
+    states = trial_states(k8s_cluster, k8s_namespace)
+    assert status["phase"] == "Succeeded" and status["succeeded"] == 4, (states, tls_stack.logs())
+    for t in get(k8s_cluster, "trials", k8s_namespace)["items"]:  # every report came over the bus
+        x = t["spec"]["params"]["x"]
+        assert [step for step, _ in t["status"]["intermediate"]] == list(range(1, 10)), states
+        assert t["status"]["value"] == pytest.approx((1 - (x - 0.3) ** 2) * (1 - 0.5 ** 9))
+    for pod in get(k8s_cluster, "pods", k8s_namespace)["items"]:  # the CA reached them through the Secret only
+        [container] = pod["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["KUBETUNE_REDIS_URL"] == tls_stack.redis.url
+        assert env["KUBETUNE_REDIS_CA_FILE"] == "/var/run/kubetune/redis-ca/ca.crt"
+        [volume] = [v for v in pod["spec"]["volumes"] if v["name"] == "kubetune-redis-ca"]
+        assert volume["secret"]["secretName"] == "in-house-ca"
+
+
+def test_a_template_using_the_names_reserved_for_the_redis_ca_fails_naming_the_field(k8s_cluster, k8s_namespace,
+                                                                                      tls_stack):
+    spec = curve_spec()
+    spec["trialTemplate"]["podSpec"] = {"containers": [{"name": "trial"}],
+                                        "volumes": [{"name": "kubetune-redis-ca", "emptyDir": {}}]}
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("clash", k8s_namespace, **spec))
+    status = wait_phase(k8s_cluster, k8s_namespace, "clash", tls_stack, timeout=30)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert status["phase"] == "Failed" and failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith("spec.trialTemplate.podSpec.volumes[0].name: 'kubetune-redis-ca' is reserved")
+    assert get(k8s_cluster, "trials", k8s_namespace)["items"] == []
 
 
 def test_the_api_server_refuses_an_invalid_experiment_naming_the_field(k8s_cluster, k8s_namespace, crds):

@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="the metric bus handed to trial pods")
     p.add_argument("--redis-password-secret", default=os.environ.get("KUBETUNE_REDIS_PASSWORD_SECRET", ""),
                    help="NAME:KEY of a Secret in each experiment's namespace holding the Redis password")
+    p.add_argument("--redis-ca-secret", default=os.environ.get("KUBETUNE_REDIS_CA_SECRET", ""),
+                   help="NAME[:KEY] (KEY defaults to ca.crt) of a Secret in each experiment's namespace holding the "
+                        "CA certificate that signed the Redis server's (rediss://): mounted read-only in every "
+                        "trial pod, which gets KUBETUNE_REDIS_CA_FILE")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -36,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.redis_password_secret:
         name, _, key = args.redis_password_secret.partition(":")
         bus["passwordSecret"] = {"name": name, "key": key or "password"}
+    if args.redis_ca_secret:
+        name, _, key = args.redis_ca_secret.partition(":")
+        bus["caSecret"] = {"name": name, "key": key or "ca.crt"}
     handlers.controller = Controller(Kube(), args.suggestion_url, bus)
     scope = {"namespaces": args.namespace} if args.namespace else {"clusterwide": True}
     # Standalone: one replica; restarts are safe because all state is in the API.

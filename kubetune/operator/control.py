@@ -25,7 +25,7 @@ from ..engine import check_end, judge_exit
 from ..study import prior_from
 from ..engine.metric_lines import parse_metric_line
 from .kube import Kube
-from .pods import trial_pod
+from .pods import template_clashes, trial_pod
 from .records import (current_pod, now_iso, owned_by, owns, parse_time, pod_name, pod_of_attempt, records,
                       trial_name, trial_resource, to_record)
 
@@ -80,7 +80,8 @@ class Controller:
         status = exp.get("status") or {}
         if status.get("completionTime"):
             return True
-        problems = check_structure(exp["spec"], schema.SPEC, "spec") or check_spec(exp["spec"])
+        problems = (check_structure(exp["spec"], schema.SPEC, "spec") or check_spec(exp["spec"])
+                    or template_clashes(exp["spec"], self.bus))
         if problems:
             message = "; ".join(str(p) for p in problems)
             self._finish(exp, "Failed", "InvalidSpec", message, {})

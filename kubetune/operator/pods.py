@@ -5,6 +5,12 @@ command gets `${param}` values, the environment gets KUBETUNE_PARAMS and one
 variable per parameter, plus where to report (the Redis bus) and the trial's
 identity. A template's `podSpec` is taken as the base; its first container
 runs the trial.
+
+A bus over TLS with a private CA (the operator's --redis-ca-secret) adds to each
+pod a read-only Secret volume CA_VOLUME, mounted in the trial container at
+CA_DIR, and KUBETUNE_REDIS_CA_FILE naming the certificate there. Those names
+are reserved: a template that uses them is refused (template_clashes), never
+silently overridden.
 """
 
 from __future__ import annotations
@@ -15,13 +21,19 @@ from typing import Any, Mapping
 
 from ..api.spec import ExperimentSpec
 from ..api.template import render_command, trial_env
+from ..api.validation import Problem
 from ..bus.base import experiment_key
 from ..schedulers import every_report_waits
 from .records import EXPERIMENT_LABEL, TRIAL_LABEL, current_pod, to_record
 
+CA_VOLUME = "kubetune-redis-ca"
+CA_DIR = "/var/run/kubetune/redis-ca"
+CA_ENV = "KUBETUNE_REDIS_CA_FILE"
+
 
 def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, Any]) -> dict:
-    """bus: {"url": ..., "passwordSecret": {"name": ..., "key": ...}} or {} for none."""
+    """bus: {"url": ..., "passwordSecret": {"name": ..., "key": ...}, "caSecret": {"name": ..., "key": ...}}
+    (each Secret optional) or {} for none."""
     meta = trial["metadata"]
     number, attempt = trial["spec"]["number"], trial["spec"].get("attempt", 1)
     params = (trial.get("status") or {}).get("params") or trial["spec"]["params"]
@@ -57,6 +69,11 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
     env += _bus_env(bus, spec, meta)
     known = {e["name"] for e in env}
     main["env"] = [e for e in main.get("env", []) if e["name"] not in known] + env
+    ca = _ca_secret(bus)
+    if ca:  # (template_clashes has refused a template that uses these names)
+        pod_spec.setdefault("volumes", []).append(
+            {"name": CA_VOLUME, "secret": {"secretName": ca["name"], "items": [{"key": ca["key"], "path": ca["key"]}]}})
+        main.setdefault("volumeMounts", []).append({"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": True})
     if raw.get("nodeSelector"):
         pod_spec["nodeSelector"] = raw["nodeSelector"]
     if raw.get("tolerations"):
@@ -92,4 +109,33 @@ def _bus_env(bus: Mapping[str, Any], spec: ExperimentSpec, trial_meta: Mapping[s
     if secret:
         env.append({"name": "KUBETUNE_REDIS_PASSWORD",
                     "valueFrom": {"secretKeyRef": {"name": secret["name"], "key": secret["key"]}}})
+    ca = _ca_secret(bus)
+    if ca:
+        env.append({"name": CA_ENV, "value": f"{CA_DIR}/{ca['key']}"})
     return env
+
+
+def _ca_secret(bus: Mapping[str, Any]) -> Mapping[str, str] | None:
+    return bus.get("caSecret") if bus.get("url") else None
+
+
+def template_clashes(spec: Mapping[str, Any], bus: Mapping[str, Any]) -> list[Problem]:
+    """What in an experiment's trial template would collide with what trial_pod adds for the bus's CA: a
+    volume of its name, a mount at its path in the trial container, or its variable. The API server would
+    refuse a pod with two volumes of a name, and an override would leave the trial with the wrong CA."""
+    if not _ca_secret(bus):
+        return []
+    template = spec.get("trialTemplate") or {}
+    pod_spec = template.get("podSpec") or {}
+    container = (pod_spec.get("containers") or [{}])[0]
+    base = "spec.trialTemplate.podSpec"
+    reserved = "is reserved for the Redis CA the operator mounts in every trial pod (--redis-ca-secret)"
+    problems = [Problem(f"{base}.volumes[{i}].name", f"{CA_VOLUME!r} {reserved}")
+                for i, v in enumerate(pod_spec.get("volumes") or []) if v.get("name") == CA_VOLUME]
+    problems += [Problem(f"{base}.containers[0].volumeMounts[{i}].mountPath", f"{CA_DIR} {reserved}")
+                 for i, m in enumerate(container.get("volumeMounts") or [])
+                 if (m.get("mountPath") or "").rstrip("/") == CA_DIR]
+    for path, env in (("spec.trialTemplate.env", template.get("env")), (f"{base}.containers[0].env", container.get("env"))):
+        problems += [Problem(f"{path}[{i}].name", f"{CA_ENV} {reserved}")
+                     for i, e in enumerate(env or []) if e.get("name") == CA_ENV]
+    return problems

@@ -11,6 +11,16 @@ scheduler) does, knowing its pods from a watch:
 - runs the first container's command/args as a local process in a scratch
   directory with the pod's environment (ConfigMaps and Secrets resolved), its
   output in a log file that `kubectl logs` reads through the API server;
+- sets up the Secret volumes the container mounts (all other volumes are
+  ignored): the Secret's keys (or its `items`) are written as read-only files
+  in a folder of the pod's scratch directory. A local process cannot see them at
+  the mountPath (/var/run/...; there is no mount namespace), so the kubelet maps
+  instead: an env value or an argument that names a path at or under a mountPath
+  (the whole value, or what follows an `=`) is rewritten to the same path under
+  that folder. A path the process builds itself, or reads from a file, is not
+  mapped: test-only, enough for "KUBETUNE_REDIS_CA_FILE=/var/run/.../ca.crt".
+  A missing Secret or key leaves the pod ContainerCreating with the reason in
+  its message, as a real kubelet does;
 - reports phase, container state, restart count and exit code in pod status,
   restarting per restartPolicy;
 - on pod deletion sends SIGTERM, then SIGKILL after the grace period, and
@@ -25,6 +35,7 @@ identity the bootstrap RBAC policy allows to bind pods.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -38,7 +49,8 @@ from tests.cluster.log_server import LogServer
 from tests.cluster.pod_status import (TERMINAL_PHASES, ContainerRun, now, now_micro, pod_status,
                                       with_transition_times)
 from tests.cluster.pod_watch import PodWatch
-from tests.cluster.podspec import GPU, ConfigError, command_line, container_env, object_data
+from tests.cluster.podspec import (GPU, ConfigError, command_line, container_env, map_mounted_paths,
+                                   object_data, secret_volumes)
 from tests.cluster.quantity import parse_quantity
 from tests.cluster.rest import ApiError
 from tests.cluster.scheduling import NodeBinder
@@ -340,12 +352,16 @@ class TestKubelet:
     def _start_container(self, pod: dict, run: ContainerRun) -> None:
         container = pod["spec"]["containers"][0]
         try:
+            volumes = secret_volumes(pod, container, self._fetch_data)  # (mounted before env is resolved)
             env = container_env(pod, container, self._fetch_data)
             argv = command_line(container, env)
         except ConfigError as error:
-            run.waiting = ("CreateContainerConfigError", str(error))
+            run.waiting = (error.reason, str(error))
             return
         run.workdir.mkdir(parents=True, exist_ok=True)
+        folders = self._write_volumes(run, volumes)
+        env = {name: map_mounted_paths(value, folders) for name, value in env.items()}
+        argv = [map_mounted_paths(arg, folders) for arg in argv]
         if run.attempted:  # a restart: keep the previous log for --previous
             run.restart_count += 1
             run.previous_log_path = run.log_path
@@ -367,6 +383,23 @@ class TestKubelet:
                                    "message": str(error), "startedAt": run.started_at,
                                    "finishedAt": run.finished_at}
             self._after_exit(pod, run, 128)
+
+    @staticmethod
+    def _write_volumes(run: ContainerRun, volumes: dict[str, dict[str, str]]) -> dict[str, str]:
+        """Each mounted Secret's files, written afresh (a restart sees the Secret as it is now) as read-only
+        files in <pod scratch>/volumes/<mountPath with / as _>; returns {mountPath: that folder}."""
+        folders = {}
+        for mount_path, files in volumes.items():
+            folder = run.workdir / "volumes" / (mount_path.strip("/").replace("/", "_") or "_")
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            for relative, text in files.items():
+                path = folder / relative
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                path.chmod(0o444)
+            folders[mount_path] = str(folder)
+        return folders
 
     def _container_exited(self, pod: dict, run: ContainerRun) -> None:
         code = run.process.returncode

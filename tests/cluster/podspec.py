@@ -1,5 +1,6 @@
 """What a pod asks for, read the way the kubelet and scheduler read it: resource
-requests, scheduling constraints, the container's command line and environment."""
+requests, scheduling constraints, the container's command line and environment,
+and the files of the Secret volumes it mounts."""
 from __future__ import annotations
 
 import base64
@@ -16,6 +17,15 @@ RESOURCES = ("cpu", "memory", GPU, "pods")
 
 class ConfigError(Exception):
     """The container cannot be configured yet (a referenced ConfigMap/Secret/key is missing)."""
+
+    reason = "CreateContainerConfigError"  # the container's waiting reason, as a kubelet reports it
+
+
+class MountError(ConfigError):
+    """A volume cannot be set up yet (its Secret, or a key it names, is missing): as a real kubelet, the
+    pod stays ContainerCreating, not ready, and the message says why (a kubelet's FailedMount event)."""
+
+    reason = "ContainerCreating"
 
 
 def pod_requests(pod: dict) -> dict[str, Fraction]:
@@ -168,3 +178,45 @@ def object_data(kind: str, obj: dict) -> dict[str, str]:
     if kind == "secret":
         return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
     return dict(obj.get("data") or {})
+
+
+def secret_volumes(pod: dict, container: dict, fetch: Fetch) -> dict[str, dict[str, str]]:
+    """The files of each Secret volume the container mounts, {mountPath: {relative path: text}}: every key
+    of the Secret, or only its `items` (key -> path). Other kinds of volume are not set up (the test
+    kubelet runs no images: a process sees the host's file system)."""
+    namespace = pod["metadata"]["namespace"]
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+    mounts: dict[str, dict[str, str]] = {}
+    for mount in container.get("volumeMounts") or []:
+        secret = (volumes.get(mount["name"]) or {}).get("secret")
+        if secret is None:
+            continue
+        if mount.get("subPath") or mount.get("subPathExpr"):
+            raise ConfigError(f"volume {mount['name']!r}: subPath is not supported by the test kubelet")
+        failed = f'MountVolume.SetUp failed for volume "{mount["name"]}" : '
+        data = fetch("secret", namespace, secret["secretName"])
+        if data is None:
+            if not secret.get("optional"):
+                raise MountError(f'{failed}secret "{secret["secretName"]}" not found')
+            data = {}
+        files = dict(data)
+        if secret.get("items"):
+            files = {}
+            for item in secret["items"]:
+                if item["key"] in data:
+                    files[item["path"]] = data[item["key"]]
+                elif not secret.get("optional"):
+                    raise MountError(f"{failed}references non-existent secret key: {item['key']}")
+        mounts[mount["mountPath"].rstrip("/") or "/"] = files
+    return mounts
+
+
+def map_mounted_paths(text: str, folders: dict[str, str]) -> str:
+    """text with a mount path it names replaced by the host folder holding that volume's files: the whole
+    text or what follows an '=' (`--ca=/var/run/x/ca.crt`), when the path is the mount or under it. The
+    longest mount path wins, as the innermost mount hides what is under an outer one."""
+    if not folders:
+        return text
+    paths = sorted(folders, key=len, reverse=True)
+    pattern = re.compile(r"(^|=)(" + "|".join(re.escape(p) for p in paths) + r")(?=/|$)")
+    return pattern.sub(lambda m: m.group(1) + folders[m.group(2)], text)

@@ -3,8 +3,8 @@ from fractions import Fraction
 
 import pytest
 
-from tests.cluster.podspec import (ConfigError, command_line, container_env, expand,
-                                   pod_requests, shortfall, tolerates)
+from tests.cluster.podspec import (ConfigError, MountError, command_line, container_env, expand,
+                                   map_mounted_paths, pod_requests, secret_volumes, shortfall, tolerates)
 from tests.cluster.quantity import parse_quantity
 
 
@@ -60,3 +60,38 @@ def test_taints_need_tolerations():
     assert not tolerates({"spec": {}}, [taint])
     assert tolerates({"spec": {"tolerations": [{"operator": "Exists"}]}}, [taint])
     assert tolerates({"spec": {}}, [{"key": "k", "effect": "PreferNoSchedule"}])
+
+
+def test_secret_volumes_give_the_mounted_secrets_files_and_a_missing_one_says_why():
+    pod = {"metadata": {"name": "p", "namespace": "ns"},
+           "spec": {"volumes": [{"name": "ca", "secret": {"secretName": "redis-ca",
+                                                          "items": [{"key": "ca.crt", "path": "ca.pem"}]}},
+                                {"name": "all", "secret": {"secretName": "creds"}},
+                                {"name": "scratch", "emptyDir": {}},
+                                {"name": "maybe", "secret": {"secretName": "gone", "optional": True}}]}}
+    container = {"name": "c", "volumeMounts": [
+        {"name": "ca", "mountPath": "/var/run/ca/", "readOnly": True}, {"name": "all", "mountPath": "/etc/creds"},
+        {"name": "scratch", "mountPath": "/tmp/x"}, {"name": "maybe", "mountPath": "/opt/maybe"}]}
+    data = {"redis-ca": {"ca.crt": "PEM", "other": "o"}, "creds": {"user": "u", "password": "p"}}
+    fetch = lambda kind, ns, name: data.get(name) if (kind, ns) == ("secret", "ns") else None  # noqa: E731
+    assert secret_volumes(pod, container, fetch) == {
+        "/var/run/ca": {"ca.pem": "PEM"}, "/etc/creds": {"user": "u", "password": "p"}, "/opt/maybe": {}}
+    del data["redis-ca"]
+    with pytest.raises(MountError, match='volume "ca" : secret "redis-ca" not found') as err:
+        secret_volumes(pod, container, fetch)
+    assert err.value.reason == "ContainerCreating"
+    data["redis-ca"] = {"other": "o"}
+    with pytest.raises(MountError, match="non-existent secret key: ca.crt"):
+        secret_volumes(pod, container, fetch)
+    assert secret_volumes(pod, {"name": "c"}, fetch) == {}  # only what the container mounts
+
+
+def test_paths_under_a_mount_are_mapped_to_the_pods_folder_in_values_and_flags():
+    folders = {"/var/run/ca": "/scratch/pod/volumes/var_run_ca", "/var/run": "/scratch/pod/volumes/var_run"}
+    assert map_mounted_paths("/var/run/ca/ca.crt", folders) == "/scratch/pod/volumes/var_run_ca/ca.crt"
+    assert map_mounted_paths("/var/run/ca", folders) == "/scratch/pod/volumes/var_run_ca"
+    assert map_mounted_paths("--ca=/var/run/ca/x", folders) == "--ca=/scratch/pod/volumes/var_run_ca/x"
+    assert map_mounted_paths("/var/run/other", folders) == "/scratch/pod/volumes/var_run/other"
+    for untouched in ("/var/running", "x/var/run/ca/ca.crt", "rediss://h:1/0", ""):
+        assert map_mounted_paths(untouched, folders) == untouched
+    assert map_mounted_paths("/var/run/ca/ca.crt", {}) == "/var/run/ca/ca.crt"

@@ -114,3 +114,37 @@ def test_always_restart_policy_restarts_the_process(k8s_cluster, k8s_namespace, 
     last = pod["status"]["containerStatuses"][0]["lastState"]["terminated"]
     assert last["exitCode"] == 1
     assert "crash" in k8s_cluster.kubectl("logs", "-n", ns, "flaky", "--previous").stdout
+
+
+READ_MOUNTED = """
+import os, sys
+path = os.environ['CA_FILE']
+print(f"ca={open(path).read()} arg={open(sys.argv[1].partition('=')[2]).read()} mode={os.stat(path).st_mode & 0o777:o}")
+"""
+
+
+def test_a_secret_volume_is_mounted_once_its_secret_exists(k8s_cluster, k8s_namespace, test_kubelet):
+    """A mounted Secret's keys are files the process finds at the paths its env and args name under the
+    mountPath; without the Secret the pod waits ContainerCreating, saying which one is missing."""
+    ns, admin = k8s_namespace, k8s_cluster.rest()
+    pod = python_pod("reader", READ_MOUNTED, env=[{"name": "CA_FILE", "value": "/var/run/ca/ca.crt"}])
+    container = pod["spec"]["containers"][0]
+    container["command"].append("--other=/var/run/ca/other")
+    container["volumeMounts"] = [{"name": "ca", "mountPath": "/var/run/ca", "readOnly": True}]
+    pod["spec"]["volumes"] = [{"name": "ca", "secret": {"secretName": "redis-ca"}}]
+    k8s_cluster.kubectl("apply", "-n", ns, "-f", "-", input=manifest(pod))
+
+    def waiting():
+        state = (get_pod(admin, ns, "reader")["status"].get("containerStatuses") or [{}])[0].get("state", {})
+        return state.get("waiting", {}).get("message") and state["waiting"]
+    waiting_state = wait_until(waiting, 30, "the pod to wait for its Secret")
+    assert waiting_state == {"reason": "ContainerCreating",
+                             "message": 'MountVolume.SetUp failed for volume "ca" : secret "redis-ca" not found'}
+    assert get_pod(admin, ns, "reader")["status"]["phase"] == "Pending"
+    assert test_kubelet.running_pods() == []
+
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redis-ca"},
+              "stringData": {"ca.crt": "PEM", "other": "more"}}
+    k8s_cluster.kubectl("apply", "-n", ns, "-f", "-", input=manifest(secret))
+    wait_for_phase(admin, ns, "reader", "Succeeded")
+    assert "ca=PEM arg=more mode=444" in test_kubelet.log_path(ns, "reader").read_text()

@@ -27,6 +27,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.redis.enabled }}redis://{{ include "kubetune.fullname" . }}-redis.{{ .Release.Namespace }}.svc:6379/0{{ else }}{{ required "redis.url is required when redis.enabled is false" .Values.redis.url }}{{ end }}
 {{- end }}
 
+{{- /* The Secret with the CA of an external Redis's TLS certificate ("" for none), checked against the rest. */}}
+{{- define "kubetune.redisCaSecret" -}}
+{{- with .Values.redis.tls.caSecret }}
+{{- if $.Values.redis.enabled }}{{ fail "redis.tls.caSecret is for an external Redis: set redis.enabled=false and redis.url=rediss://..." }}{{ end }}
+{{- if not (hasPrefix "rediss://" $.Values.redis.url) }}{{ fail "redis.tls.caSecret needs a TLS redis.url (rediss://...)" }}{{ end }}
+{{- . }}
+{{- end }}
+{{- end }}
+
 {{- define "kubetune.suggestionUrl" -}}
 http://{{ include "kubetune.fullname" . }}-suggestion.{{ .Release.Namespace }}.svc:{{ .Values.suggestion.port }}
 {{- end }}
