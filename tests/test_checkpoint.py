@@ -14,6 +14,8 @@ from kubetune.trial import checkpoint
 def in_experiment(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBETUNE_CHECKPOINT_DIR", str(tmp_path))
     monkeypatch.setenv("KUBETUNE_EXPERIMENT", "exp")
+    monkeypatch.setattr(checkpoint, "_saved_here", False)  # (each test a trial process of its own)
+    monkeypatch.setattr(checkpoint, "_held_step", None)
 
     def as_trial(number):
         monkeypatch.setenv("KUBETUNE_TRIAL_NAME", checkpoint.donor_name(number))
@@ -148,3 +150,22 @@ def test_a_new_attempt_runs_from_the_start_not_from_the_lost_attempts_checkpoint
     assert [m["step"] for m in checkpoint._read_latest(checkpoint.trial_folder())["recent"]] == [1]
     in_experiment(1)  # another trial, exploiting trial 0, takes its current checkpoint whatever its attempt
     assert checkpoint.copy_from(checkpoint.donor_name(0))["step"] == 1
+
+
+def test_a_resumed_run_starts_from_the_checkpoint_of_the_step_its_trial_was_paused_at(in_experiment, monkeypatch):
+    """A trainer that ignores a pause at step 1 trains and saves 6 steps more before it exits. The
+    checkpoint of step 1 must outlive those saves, and the resumed run (KUBETUNE_RESUME_STEP) must get it,
+    not the latest: its record ends at step 1."""
+    in_experiment(0)
+    checkpoint.save({"step": 1}, step=1)
+    checkpoint.hold(1)  # what report() does with a pause
+    for step in range(2, 8):
+        checkpoint.save({"step": step}, step=step)
+    assert len(list(checkpoint.trial_folder().glob("checkpoint-*.bin"))) == checkpoint.KEEP + 1
+    # The resumed run: a new process.
+    monkeypatch.setattr(checkpoint, "_saved_here", False)
+    monkeypatch.setattr(checkpoint, "_held_step", None)
+    monkeypatch.setenv("KUBETUNE_RESUME_STEP", "1")
+    assert checkpoint.load() == {"step": 1}
+    checkpoint.save({"step": 2}, step=2)
+    assert checkpoint.load() == {"step": 2}, "once it saves, its own latest"

@@ -365,3 +365,30 @@ def test_successive_halving_over_redis_pauses_and_resumes_each_step_once(tmp_pat
         seen = r["intermediate"]
         assert seen == [[s, curve(r["params"]["x"], s)] for s in range(1, len(seen) + 1)], r["name"]
     assert sorted(len(r["intermediate"]) for r in records.values()) == [1] * 6 + [3, 3, 9]
+
+
+def test_a_trainer_that_ignores_a_pause_resumes_from_the_checkpoint_of_the_step_it_was_paused_at(tmp_path):
+    """Synchronous SHA, with a trainer that trains and saves 4 steps past each pause before it exits. Its
+    resumed run must start from the checkpoint saved at the step it was paused at, not from its latest
+    (4 steps on): the record holds every step once, in order, and the model was trained exactly as far."""
+    spec_path = curve_spec(tmp_path, "sha-stubborn", step_seconds=0.02, early_stopping=False)
+    doc = yaml.safe_load(spec_path.read_text())
+    doc["spec"]["earlyStopping"] = {"name": "sha", "settings": {"resource": "step", "min": 1, "max": 9,
+                                                                "reductionFactor": 3}}
+    doc["spec"]["trialTemplate"]["env"].append({"name": "IGNORE_PAUSE", "value": "4"})
+    spec_path.write_text(yaml.safe_dump(doc))
+    state = tmp_path / "state"
+    result = kubetune("run", str(spec_path), "--json", "--state-dir", str(state), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "Succeeded", summary
+    records = journal(state, "sha-stubborn")
+    for r in records.values():  # every step once, in order, across its runs
+        seen = r["intermediate"]
+        assert seen == [[s, curve(r["params"]["x"], s)] for s in range(1, len(seen) + 1)], r["name"]
+    assert sorted(len(r["intermediate"]) for r in records.values()) == [1] * 6 + [3, 3, 9]
+    [winner] = [r for r in records.values() if len(r["intermediate"]) == 9]
+    log = (state / "sha-stubborn" / "trials" / winner["name"] / "output.log").read_text()
+    starts = [line for line in log.splitlines() if line.startswith("starting after")]
+    assert starts == ["starting after step 0, running to step 1", "starting after step 1, running to step 3",
+                      "starting after step 3, running to step 9"], log

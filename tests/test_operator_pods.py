@@ -19,11 +19,11 @@ def experiment_doc(**over) -> dict:
             "metadata": {"name": "exp", "namespace": "team-a", "uid": "e-uid"}, "spec": curve_spec(**over)}
 
 
-def pod_for(doc: dict, bus: dict) -> dict:
+def pod_for(doc: dict, bus: dict, status: dict | None = None) -> dict:
     trial = {"apiVersion": "kubetune.io/v1alpha1", "kind": "Trial",
              "metadata": {"name": "exp-0000", "namespace": "team-a", "uid": "t-uid",
                           "ownerReferences": [{"kind": "Experiment", "name": "exp", "uid": "e-uid"}]},
-             "spec": {"experiment": "exp", "number": 0, "params": {"x": 0.5}}}
+             "spec": {"experiment": "exp", "number": 0, "params": {"x": 0.5}}, "status": status or {}}
     return trial_pod(ExperimentSpec.from_document(doc), trial, bus)
 
 
@@ -79,3 +79,13 @@ def test_a_template_using_the_reserved_names_is_refused_naming_the_field():
     # Without a CA to mount, the names are the user's.
     assert template_clashes(doc["spec"], {"url": BUS["url"]}) == []
     assert template_clashes(copy.deepcopy(doc["spec"]), {}) == []
+
+
+def test_a_resumed_trials_pod_is_told_its_next_rung_and_the_step_its_checkpoint_is_from():
+    events = [{"event": "assign", "budget": 1}, {"event": "pause", "step": 1},
+              {"event": "resume", "budget": 3, "from_step": 1}, {"event": "pause", "step": 3},
+              {"event": "resume", "budget": 9, "from_step": 3}]
+    env = env_of(pod_for(experiment_doc(), {}, {"state": "Pending", "events": events})["spec"]["containers"][0])
+    assert (env["KUBETUNE_BUDGET"], env["KUBETUNE_RESUME_STEP"]) == ("9", "3")
+    first = env_of(pod_for(experiment_doc(), {}, {"state": "Pending", "events": events[:1]})["spec"]["containers"][0])
+    assert first["KUBETUNE_BUDGET"] == "1" and "KUBETUNE_RESUME_STEP" not in first

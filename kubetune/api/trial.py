@@ -59,6 +59,14 @@ class Trial:
         return None
 
     @property
+    def resumed_from(self) -> float | None:
+        """The step this run of a paused trial resumes after (its checkpoint's); None for a first run."""
+        for e in reversed(self.events):
+            if e.get("event") in ("assign", "resume"):
+                return e.get("from_step") if e["event"] == "resume" else None
+        return None
+
+    @property
     def exploit_on_latest(self) -> dict | None:
         """The exploit event decided on the latest report (recorded, not yet followed by a report)."""
         e = self.events[-1] if self.events else None

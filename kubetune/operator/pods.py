@@ -63,9 +63,11 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
     env += [{"name": "KUBETUNE_NAMESPACE", "value": meta["namespace"]},
             {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
             {"name": "PYTHONUNBUFFERED", "value": "1"}]
-    budget = to_record(trial).budget
-    if budget is not None:  # how far this run should go (HyperBand's rung, a resumed trial's next one)
-        env.append({"name": "KUBETUNE_BUDGET", "value": f"{budget:g}"})
+    record = to_record(trial)
+    if record.budget is not None:  # how far this run should go (HyperBand's rung, a resumed trial's next one)
+        env.append({"name": "KUBETUNE_BUDGET", "value": f"{record.budget:g}"})
+    if record.resumed_from is not None:  # the checkpoint to resume from (see checkpoint.load_bytes)
+        env.append({"name": "KUBETUNE_RESUME_STEP", "value": f"{record.resumed_from:g}"})
     env += _bus_env(bus, spec, meta)
     known = {e["name"] for e in env}
     main["env"] = [e for e in main.get("env", []) if e["name"] not in known] + env

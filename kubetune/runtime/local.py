@@ -113,6 +113,8 @@ class LocalRuntime:
             # The interpreter running kubetune, so trials can import the SDK without an activated venv.
             argv[0] = sys.executable
         env = dict(os.environ)
+        for inherited in ("KUBETUNE_BUDGET", "KUBETUNE_RESUME_STEP"):
+            env.pop(inherited, None)  # (kubetune run inside a trial): this trial's own, or none
         env.update({e["name"]: e.get("value", "") for e in self.spec.trial_template.env if "value" in e})
         env.update(trial_env(trial.params, builtins))
         env.update({"KUBETUNE_TRIAL_DIR": str(folder), "PYTHONUNBUFFERED": "1"})
@@ -120,6 +122,8 @@ class LocalRuntime:
             env["KUBETUNE_CHECKPOINT_DIR"] = str(self.checkpoints)
         if trial.budget is not None:
             env["KUBETUNE_BUDGET"] = f"{trial.budget:g}"  # how far this run should go (HyperBand)
+        if trial.resumed_from is not None:  # the checkpoint to resume from (see checkpoint.load_bytes)
+            env["KUBETUNE_RESUME_STEP"] = f"{trial.resumed_from:g}"
         env["KUBETUNE_ATTEMPT"] = str(trial.attempt)
         if self.book is not None:
             env[TOKEN_ENV] = self.book.token  # (inherited by its children: how they are known as the run's)

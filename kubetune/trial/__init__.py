@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from ..api.trial import CONTINUE, Decision
+from . import checkpoint
 
 __all__ = ["Decision", "params", "report", "trial_dir"]
 
@@ -49,7 +50,10 @@ def report(step: float | None = None, **metrics: float) -> Decision:
         shown = " ".join(f"{k}={v}" for k, v in clean.items())
         print(f"step={step} {shown}" if step is not None else shown, flush=True)
         return CONTINUE
-    return channel.send(step, clean)
+    decision = channel.send(step, clean)
+    if decision.pause:
+        checkpoint.hold(step)  # its resumed run starts from that step's checkpoint, whatever comes after
+    return decision
 
 
 def _number(name: str, value) -> float:

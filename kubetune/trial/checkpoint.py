@@ -60,11 +60,37 @@ def save_bytes(data: bytes, step: float | None = None) -> Path:
     meta = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "step": step,
             "attempt": _attempt()}
     recent = [m for m in _read_latest(folder).get("recent", []) if m.get("attempt", 1) == meta["attempt"]]
-    recent = recent[-(KEEP - 1):]
+    # The one saved at the step this trial was paused at stays, however long a trainer that ignores the
+    # pause goes on saving: its resumed run starts from it (KUBETUNE_RESUME_STEP).
+    held = [m for m in recent if _held_step is not None and m.get("step") == _held_step][-1:]
+    recent = [m for i, m in enumerate(recent) if m in held or i >= len(recent) - (KEEP - 1)]  # (in order)
     _atomic_write(folder / LATEST, json.dumps({**meta, "recent": recent + [meta]}).encode())
+    kept = {m["file"] for m in held}
     for old in sorted(folder.glob("checkpoint-*.bin"))[:-KEEP]:
-        old.unlink(missing_ok=True)
+        if old.name not in kept:
+            old.unlink(missing_ok=True)
+    global _saved_here
+    _saved_here = True
     return path
+
+
+# Set by this process: whether it has saved a checkpoint (then its own latest is what it resumes from), and
+# the step the scheduler paused it at (kubetune.trial.report).
+_saved_here = False
+_held_step: float | None = None
+
+
+def hold(step: float | None) -> None:
+    """Keeps the checkpoint saved at `step`, the report this trial was paused at, from being rotated out."""
+    global _held_step
+    _held_step = step
+
+
+def _resume_step() -> float | None:
+    """The step a resumed run of a paused trial goes on from: its checkpoint from that step, not a later one
+    that a trainer which ignored the pause saved. Only until this run saves its own."""
+    raw = os.environ.get("KUBETUNE_RESUME_STEP")
+    return None if _saved_here or not raw else float(raw)
 
 
 def _attempt() -> int:
@@ -91,12 +117,15 @@ def _at_step(latest: dict, step: float | None) -> dict:
 
 def load_bytes(name: str | None = None, step: float | None = None) -> tuple[bytes, dict] | None:
     """The latest checkpoint of this trial (or of trial `name`), verified; None if it has none.
-    With `step`: the newest one saved at or before that step, if it is still kept.
+    With `step`: the newest one saved at or before that step, if it is still kept. A resumed run of a
+    paused trial gets, until it saves its own, the one from the step it was paused at.
 
     This trial's own checkpoint from an earlier attempt is not one: that attempt's reports were dropped
     and the trial runs again from the start, so resuming the lost run's model would leave its record
     without the steps before. (A paused trial resumed is the same attempt, and takes its checkpoint.)"""
     folder = trial_folder(name)
+    if name is None and step is None:
+        step = _resume_step()
     for tries in range(READ_ATTEMPTS):
         latest = _read_latest(folder)
         if not latest or (name is None and latest.get("attempt", 1) < _attempt()):

@@ -2,8 +2,8 @@
 
 It reports `score` every step through the SDK (the Redis bus in a pod) and
 stops (or pauses) when the scheduler says so. STEP_SECONDS slows it down for tests that
-need trials in flight; JITTER adds noise below 1e-9, as a real trainer's
-values differ from run to run.
+need trials in flight; JITTER adds noise below 1e-9, as a real trainer's values differ
+from run to run; IGNORE_PAUSE=k trains (and saves) k steps past a pause before it exits.
 """
 
 import os
@@ -25,13 +25,21 @@ start = int((checkpoint.load() or {}).get("step", 0)) if saving else 0
 # IGNORE_BUDGET: a trainer that knows no budget and trains until the scheduler says stop or pause.
 end = steps if os.environ.get("IGNORE_BUDGET") else min(steps, int(float(os.environ.get("KUBETUNE_BUDGET") or steps)))
 print(f"starting after step {start}, running to step {end}", flush=True)
-for step in range(start + 1, end + 1):
+ignore_pause = int(os.environ.get("IGNORE_PAUSE") or 0)
+overrun = None  # with IGNORE_PAUSE: the step it exits after
+step = start
+while step < (end if overrun is None else overrun):
+    step += 1
     time.sleep(step_seconds)
     level = 1.0 - (p["x"] - 0.3) ** 2
     score = level * (1 - 0.5 ** step) + (random.random() * 1e-9 if os.environ.get("JITTER") else 0.0)
     if saving:
         checkpoint.save({"step": step}, step=step)
     decision = trial.report(step=step, score=score)
-    if decision.stop or decision.pause:
+    if decision.pause and ignore_pause:
+        if overrun is None:
+            overrun = min(steps, step + ignore_pause)
+            print(f"pause at step {step} ignored: on to step {overrun}", flush=True)
+    elif decision.stop or decision.pause:
         print(f"{decision.action} at step {step}: {decision.reason}", flush=True)
         break
