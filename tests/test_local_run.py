@@ -280,6 +280,55 @@ def test_warm_start_takes_the_earlier_experiments_finished_trials(tmp_path):
     assert "spec.warmStart.fromExperiments[0]: no earlier experiment 'nope'" in result.stderr
 
 
+def test_warm_start_from_an_experiment_with_another_objective_is_refused_or_uses_its_recorded_metric(tmp_path):
+    """Loss values fed to a sampler as accuracies turn its prior upside down: an earlier experiment must
+    have optimised the same metric the same way, or have recorded this one's metric, whose values are used."""
+    from kubetune.api.spec import load_spec
+    from kubetune.runtime.runner import load_prior
+
+    state = tmp_path / "state"
+
+    def spec(metric, goal, prints, warm=None):
+        # Prints loss=lr, and acc=1-lr when asked to.
+        code = "import sys; lr = float(sys.argv[1]); print(f'loss={lr}' + (f' acc={1 - lr}' if sys.argv[2] == 'yes' else ''))"
+        doc = {
+            "objective": {"metric": metric, "goal": goal},
+            "parameters": [{"name": "lr", "type": "double", "min": 0.001, "max": 0.1}],
+            "algorithm": {"name": "tpe", "settings": {"seed": 1}},
+            "budget": {"maxTrials": 3, "parallelTrials": 3},
+            "trialTemplate": {"command": ["python", "-c", code, "${lr}", prints]},
+        }
+        if warm:
+            doc["warmStart"] = {"fromExperiments": warm}
+        return doc
+
+    for name, prints in (("loss-only", "no"), ("loss-and-acc", "yes")):
+        path = write_spec(tmp_path / f"{name}.yaml", name, spec("loss", "minimize", prints))
+        assert kubetune("run", str(path), "--state-dir", str(state), cwd=tmp_path).returncode == 0
+
+    other_metric = write_spec(tmp_path / "acc.yaml", "acc", spec("acc", "maximize", "yes", ["loss-and-acc", "loss-only"]))
+    result = kubetune("run", str(other_metric), "--state-dir", str(state), cwd=tmp_path)
+    assert result.returncode == 2
+    assert ("spec.warmStart.fromExperiments[1]: experiment 'loss-only' minimizes loss; this one maximizes acc, "
+            "and none of its succeeded trials reported 'acc'") in result.stderr
+    assert "fromExperiments[0]" not in result.stderr
+    assert not (state / "acc" / "state.json").exists()  # nothing run: a corrected spec starts afresh
+
+    other_goal = write_spec(tmp_path / "max.yaml", "max", spec("loss", "maximize", "no", ["loss-only"]))
+    result = kubetune("run", str(other_goal), "--state-dir", str(state), cwd=tmp_path)
+    assert result.returncode == 2
+    assert ("spec.warmStart.fromExperiments[0]: experiment 'loss-only' minimizes loss; this one maximizes loss"
+            in result.stderr)
+
+    # An earlier experiment that recorded acc beside its objective gives its acc values.
+    recorded = write_spec(tmp_path / "acc2.yaml", "acc2", spec("acc", "maximize", "yes", ["loss-and-acc"]))
+    earlier = journal(state, "loss-and-acc").values()
+    prior = load_prior(load_spec(recorded), state)
+    assert sorted(t.value for t in prior) == sorted(r["metrics"]["acc"] for r in earlier)
+    assert sorted(t.value for t in prior) == pytest.approx(sorted(1 - r["value"] for r in earlier))
+    assert kubetune("run", str(recorded), "--state-dir", str(state), cwd=tmp_path).returncode == 0
+
+
 def synch_pbt_spec() -> dict:
     """Synchronous PBT over pbt_toy.py: members start 0.4 s apart (steps take 10 ms), trial 2 crashes at step 5."""
     return {

@@ -194,6 +194,27 @@ def test_a_warm_start_from_an_experiment_that_does_not_exist_fails_naming_the_fi
     assert get(k8s_cluster, "trials", k8s_namespace)["items"] == []
 
 
+def test_a_warm_start_from_an_experiment_with_another_objective_fails_naming_the_field(k8s_cluster, k8s_namespace,
+                                                                                         stack):
+    """As `kubetune run` does: the earlier experiment's values, minimised losses, would be taken as scores to
+    maximise (the prior upside down); it must have optimised the same metric the same way."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "old", k8s_namespace, **curve_spec(objective={"metric": "score", "goal": "minimize"})))
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "lossy", k8s_namespace, **curve_spec(objective={"metric": "loss", "goal": "minimize"})))
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "warm", k8s_namespace, **curve_spec(warmStart={"fromExperiments": ["old", "lossy"]})))
+    status = wait_phase(k8s_cluster, k8s_namespace, "warm", stack, timeout=30)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert status["phase"] == "Failed" and failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith(
+        "spec.warmStart.fromExperiments[0]: experiment 'old' minimizes score; this one maximizes score")
+    assert ("; spec.warmStart.fromExperiments[1]: experiment 'lossy' minimizes loss; this one maximizes score, "
+            "and none of its succeeded trials reported 'score'") in failed["message"]
+    assert [t["spec"]["experiment"] for t in get(k8s_cluster, "trials", k8s_namespace)["items"]
+            if t["spec"]["experiment"] == "warm"] == []
+
+
 def steps_of(t) -> list[float]:
     return [p[0] for p in t["status"].get("intermediate", [])]
 

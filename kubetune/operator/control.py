@@ -22,7 +22,7 @@ from ..api.trial import Trial, TrialState, best_of, resumes
 from ..api.validation import check_spec, check_structure
 from ..api import schema
 from ..engine import check_end, judge_exit
-from ..study import prior_from
+from ..study import prior_from, warm_start_trials
 from ..engine.metric_lines import parse_metric_line
 from .kube import Kube
 from .pods import trial_pod
@@ -267,21 +267,31 @@ class Controller:
 
     def _prior(self, exp: dict, spec: ExperimentSpec) -> list[Trial]:
         """Warm start: finished trials of the named earlier experiments in this namespace (their own: not
-        those of one deleted earlier under the same name, which the garbage collector has not removed)."""
+        those of one deleted earlier under the same name, which the garbage collector has not removed),
+        valued by this experiment's objective."""
+        return prior_from(spec.space, [t for _, trials, _ in self._warm_start(exp, spec) for t in trials])
+
+    def _warm_start(self, exp: dict, spec: ExperimentSpec) -> list[tuple[str, list[Trial], str]]:
+        """Per warmStart name: its trials (valued by this experiment's objective, see warm_start_trials), and
+        why it cannot be used (as an InvalidSpec message naming the field; "" when it can)."""
         namespace = exp["metadata"]["namespace"]
-        earlier = []
-        for name in spec.warm_start_from:
+        out = []
+        for i, name in enumerate(spec.warm_start_from):
+            where = f"spec.warmStart.fromExperiments[{i}]"
             other = self.kube.get_experiment(namespace, name)
-            if other is not None:  # (deleted since this one started: its trials go with it)
-                earlier += records(owned_by(self.kube.list_trials(namespace, name), other))
-        return prior_from(spec.space, earlier)
+            if other is None:  # (or deleted since this one started: its trials go with it)
+                out.append((name, [], f"{where}: no experiment {name!r} in namespace {namespace}"))
+                continue
+            trials, problem = warm_start_trials(where, name, other["spec"].get("objective") or {},
+                                                exp["spec"]["objective"],
+                                                records(owned_by(self.kube.list_trials(namespace, name), other)))
+            out.append((name, trials, str(problem) if problem else ""))
+        return out
 
     def _missing_warm_start(self, exp: dict, spec: ExperimentSpec) -> str:
-        """The warmStart names that name no experiment in the namespace, as an InvalidSpec message."""
-        namespace = exp["metadata"]["namespace"]
-        return "; ".join(f"spec.warmStart.fromExperiments[{i}]: no experiment {name!r} in namespace {namespace}"
-                         for i, name in enumerate(spec.warm_start_from)
-                         if self.kube.get_experiment(namespace, name) is None)
+        """What makes warmStart unusable, as an InvalidSpec message: a name that names no experiment in the
+        namespace, or one that optimised another objective (and recorded none of this one's metric)."""
+        return "; ".join(why for _, _, why in self._warm_start(exp, spec) if why)
 
     def _trial_timeouts(self, exp: dict, spec: ExperimentSpec, trials: list[Trial], now: float) -> None:
         limit = spec.budget.trial_timeout

@@ -18,7 +18,7 @@ from ..api.trial import Decision, Trial, TrialState
 from ..api.validation import Problem, SpecError
 from ..bus.service import already_applied
 from ..engine import Completion, Engine, Launch, Stop
-from ..study import Study, prior_from
+from ..study import Study, prior_from, warm_start_trials
 from .bridge import RUN_ID_KEY, bus_key, connect_redis
 from .events import Exited, Reported, Started
 from .local import LocalRuntime
@@ -62,16 +62,22 @@ def open_study(spec: ExperimentSpec, store: StateStore, state_root: Path) -> tup
 
 
 def load_prior(spec: ExperimentSpec, state_root: Path) -> list[Trial]:
-    """Finished trials of the experiments named in warmStart, that fit this search space."""
+    """Finished trials of the experiments named in warmStart, that fit this search space, valued by this
+    experiment's objective (see warm_start_trials: an earlier one that optimised another is refused)."""
     earlier_trials: list[Trial] = []
     problems = []
+    objective = spec.document["spec"]["objective"]
     for i, name in enumerate(spec.warm_start_from):
+        where = f"spec.warmStart.fromExperiments[{i}]"
         earlier = StateStore(state_root, name)
         if not earlier.exists:
-            problems.append(Problem(f"spec.warmStart.fromExperiments[{i}]",
-                                    f"no earlier experiment {name!r} under {state_root}"))
+            problems.append(Problem(where, f"no earlier experiment {name!r} under {state_root}"))
             continue
-        earlier_trials += earlier.load_trials()
+        trials, problem = warm_start_trials(where, name, earlier.document()["spec"]["objective"], objective,
+                                            earlier.load_trials())
+        if problem is not None:
+            problems.append(problem)
+        earlier_trials += trials
     if problems:
         raise SpecError(problems)
     return prior_from(spec.space, earlier_trials)
