@@ -373,6 +373,75 @@ def test_synchronous_pbt_waits_for_the_population_and_not_for_a_member_that_died
     check_synch_pbt(journal(tmp_path / "state", "synch"))
 
 
+def test_raising_the_timeout_continues_an_experiment_that_timed_out(tmp_path):
+    """budget.timeout bounds the experiment's whole running time, as maxTrials its trials: raised past the time
+    it ran, an experiment that ended with Timeout goes on for what is left. Raising maxTrials alone does not
+    bring it back. The trial the ending stopped stays Killed."""
+    gate = tmp_path / "go"
+    env = {"COUNT_FILE": str(tmp_path / "finished.txt"), "STEP_SECONDS": "0.05", "HOLD_FROM": "1",
+           "HOLD_FILE": str(gate)}
+    state = tmp_path / "state"
+
+    def run(max_trials: int, timeout: str) -> dict:
+        spec = write_spec(tmp_path / "exp.yaml", "clock", {
+            "objective": {"metric": "loss", "goal": "minimize"},
+            "parameters": [{"name": "x", "type": "double", "min": -3, "max": 3}],
+            "algorithm": {"name": "sobol", "settings": {"seed": 5}},
+            "budget": {"maxTrials": max_trials, "parallelTrials": 1, "timeout": timeout},
+            "trialTemplate": {"command": ["python", str(TRIALS / "counted.py")]},
+        })
+        result = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    first = run(3, "6s")  # trial 0 finishes, trial 1 waits for the gate until the timeout
+    assert first["reason"] == "Timeout" and first["trials"] == 2, first
+    assert first["elapsed_seconds"] >= 6
+    before = journal(state, "clock")
+    assert run(4, "6s")["reason"] == "Timeout"  # out of time all the same
+    assert journal(state, "clock") == before
+    gate.touch()
+    last = run(3, "1h")
+    assert last["reason"] == "MaxTrialsReached" and last["trials"] == 3, last
+    assert last["counts"]["Succeeded"] == 2 and last["counts"]["Killed"] == 1
+    assert last["elapsed_seconds"] >= first["elapsed_seconds"]  # measured from the experiment's start
+    final = journal(state, "clock")
+    assert final[0] == before[0] and final[1] == before[1]  # (trial 1: "experiment ended: Timeout")
+
+
+def test_raising_max_failed_trials_continues_a_failed_experiment_but_no_budget_revives_a_goal_or_exhausted_one(
+        tmp_path):
+    """The same rule for every budget field: an ended experiment goes on when what ended it no longer holds.
+    GoalReached and SearchSpaceExhausted hold whatever the budget."""
+    state = tmp_path / "state"
+
+    def run(name: str, mode: str, **over) -> dict:
+        spec = {"objective": {"metric": "loss", "goal": "minimize"},
+                "parameters": [{"name": "p", "type": "categorical", "values": ["a", "b"]}],
+                "algorithm": {"name": "grid"},
+                "trialTemplate": {"command": ["python", str(TRIALS / "misbehaving.py"), mode]}}
+        spec.update(over)
+        result = kubetune("run", str(write_spec(tmp_path / f"{name}.yaml", name, spec)), "--state-dir", str(state),
+                          "--json", cwd=tmp_path)
+        return json.loads(result.stdout)
+
+    failed = run("flaky", "crash", algorithm={"name": "random"}, budget={"maxTrials": 4, "maxFailedTrials": 1})
+    assert failed["reason"] == "MaxFailedTrialsReached" and failed["trials"] == 2
+    still = run("flaky", "ok", algorithm={"name": "random"}, budget={"maxTrials": 4, "maxFailedTrials": 1})
+    assert still["reason"] == "MaxFailedTrialsReached" and still["trials"] == 2
+    raised = run("flaky", "ok", algorithm={"name": "random"}, budget={"maxTrials": 4, "maxFailedTrials": 2})
+    assert raised["reason"] == "MaxTrialsReached" and raised["counts"]["Succeeded"] == 2, raised
+
+    goal = {"metric": "loss", "goal": "minimize", "target": 1.0}
+    assert run("goal", "ok", objective=goal, budget={"maxTrials": 2})["reason"] == "GoalReached"
+    again = run("goal", "ok", objective=goal, budget={"maxTrials": 5})
+    assert again["reason"] == "GoalReached" and again["trials"] == 1
+
+    assert run("grid", "ok", budget={"maxTrials": 5})["reason"] == "SearchSpaceExhausted"
+    again = run("grid", "ok", budget={"maxTrials": 9})
+    assert again["reason"] == "SearchSpaceExhausted" and again["trials"] == 2
+
+
 def test_a_resumed_run_killed_with_sigkill_is_resumed_again(tmp_path):
     """A finished run whose budget was raised, then killed with -9 mid-run: the next run goes on with it,
     not shows the first run's ending over trials left Running."""
