@@ -335,7 +335,8 @@ def goes_on(spec: ExperimentSpec, trials: list[Trial], best: Trial | None, elaps
     """Whether an experiment that ended for `reason` goes on under `spec`, its budget changed since: when
     what ended it no longer holds (maxTrials, maxFailedTrials or timeout raised past what it spent; elapsed is
     the time it ran, as budget.timeout measures it), with the same rules as check_end. Never after
-    GoalReached or SearchSpaceExhausted: no budget brings those back."""
-    if reason in (GOAL_REACHED, EXHAUSTED):
+    GoalReached or SearchSpaceExhausted (no budget brings those back), nor any other ending (InvalidSpec).
+    (An exhausted algorithm also ends NoTrialSucceeded; `exhausted` keeps that ending.)"""
+    if reason not in (MAX_TRIALS, MAX_FAILED, TIMEOUT, NO_RESULT):
         return False
     return check_end(spec, trials, best, elapsed, exhausted) is None

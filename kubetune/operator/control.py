@@ -21,7 +21,7 @@ from ..api.spec import ExperimentSpec
 from ..api.trial import Trial, TrialState, best_of, resumes
 from ..api.validation import check_spec, check_structure
 from ..api import schema
-from ..engine import check_end, judge_exit
+from ..engine import check_end, goes_on, judge_exit
 from ..study import prior_from, warm_start_trials
 from ..engine.metric_lines import parse_metric_line
 from .kube import Kube
@@ -97,7 +97,7 @@ class Controller:
         now = self.clock()
         self._trial_timeouts(exp, spec, trials, now)
         best = best_trial(spec, trials)
-        elapsed = now - (parse_time(status.get("startTime")) or now)
+        elapsed = run_time(status, now)
         completion = check_end(spec, trials, best, elapsed, bool(status.get("exhausted")))
         if completion is not None and self._cache_lags(exp, len(trials)):
             return False  # trials created moments ago are not in the list yet: not over without them
@@ -304,10 +304,49 @@ class Controller:
 
     def _finish(self, exp: dict, phase: str, reason: str, message: str, summary: dict) -> None:
         meta = exp["metadata"]
-        status = {**summary, "phase": phase, "completionTime": now_iso(), "conditions": [
-            _condition("Running", "False", reason, message),
-            _condition(phase, "True", reason, message)]}
+        # observedGeneration: the spec it ended under; an edit since is judged by continue_if_raised.
+        status = {**summary, "phase": phase, "completionTime": now_iso(), "observedGeneration": meta.get("generation"),
+                  "conditions": [_condition("Running", "False", reason, message),
+                                 _condition(phase, "True", reason, message)]}
         self.kube.patch_experiment_status(meta["namespace"], meta["name"], status)
+
+    def continue_if_raised(self, namespace: str, name: str, resources: list[dict] | None = None) -> bool:
+        """An ended experiment whose spec was edited since it ended goes on when what ended it no longer holds
+        under the new budget (engine.goes_on: maxTrials, maxFailedTrials or timeout raised), as `kubetune run`
+        of an edited spec does; never after GoalReached, SearchSpaceExhausted or InvalidSpec. True when it goes
+        on: its status is Running again, and the time it spent ended does not count toward budget.timeout.
+
+        resources: its Trial resources as the operator's watch cache holds them (listed when not given)."""
+        exp = self.kube.get_experiment(namespace, name)
+        if exp is None or exp["metadata"].get("deletionTimestamp"):
+            return False
+        meta, status = exp["metadata"], exp.get("status") or {}
+        ended = status.get("completionTime")
+        if not ended or status.get("observedGeneration") == meta.get("generation"):
+            return False
+        reason = next((c.get("reason") for c in status.get("conditions") or [] if c.get("type") == status.get("phase")),
+                      None)
+        spec = ExperimentSpec.from_document(exp)
+        if resources is None:
+            resources = self.kube.list_trials(namespace, name)
+        trials = records(owned_by(resources, exp))
+        elapsed = run_time(status, parse_time(ended))
+        if "seed" not in status or not goes_on(spec, trials, best_trial(spec, trials), elapsed, reason,
+                                               bool(status.get("exhausted"))):
+            # Judged for this generation: not again until the next edit.
+            self.kube.patch_experiment_status(namespace, name, {"observedGeneration": meta.get("generation")},
+                                              resource_version=meta["resourceVersion"])
+            return False
+        message = f"its budget was changed and {reason} no longer holds; {len(trials)} trials so far"
+        if not self.kube.patch_experiment_status(namespace, name, {
+                "phase": "Running", "completionTime": None, "observedGeneration": None,
+                "continuedTime": now_iso(), "elapsedBefore": elapsed,
+                "conditions": [_condition("Running", "True", "ExperimentContinued", message)]},
+                resource_version=meta["resourceVersion"]):
+            return False  # changed since: its next event judges it afresh
+        self.event(exp, "Normal", "Continued", message)
+        log.info("experiment %s/%s continues: %s", namespace, name, message)
+        return True
 
     # -- trials and their pods -----------------------------------------------
 
@@ -598,6 +637,13 @@ class _Sent:
     versions: dict[int, str | None]  # trial number -> resourceVersion sent
     at: float = field(default_factory=time.monotonic)  # when the service last answered for it
     suggested: int = 0  # trials up to this number were created (or were there)
+
+
+def run_time(status: Mapping[str, Any], now: float) -> float:
+    """How long the experiment has run by `now`, as budget.timeout measures it: since it started, less the
+    time it spent ended before it was continued (elapsedBefore is what it had run by then)."""
+    since = parse_time(status.get("continuedTime") or status.get("startTime"))
+    return float(status.get("elapsedBefore") or 0.0) + (now - since if since is not None else 0.0)
 
 
 def best_trial(spec: ExperimentSpec, trials: list[Trial]) -> Trial | None:
