@@ -50,18 +50,20 @@ def _not_ended(status, **_) -> bool:
 
 @kopf.daemon(G, V, "experiments", cancellation_timeout=5.0, initial_delay=0, when=_not_ended)
 async def run_experiment(namespace, name, stopped, logger, trials_by_experiment: kopf.Index, **_):
-    """Runs while the experiment has not ended. Once it has, it waits to be stopped by kopf (the filter no
-    longer matching), not returns: kopf never starts again a daemon that returned by itself, and an ended
-    experiment whose budget is raised goes on (continue_if_raised) in a new one."""
+    """Runs while the experiment has not ended. Once it has, it goes on looking until kopf stops it (the
+    filter no longer matching), never returns: kopf never starts again a daemon that returned by itself, and
+    an ended experiment whose budget is raised goes on (continue_if_raised). (Looking, not waiting: kopf may
+    see only the latest of two events close together, and not the end of one continued moments later.)"""
     wakeup = _event(namespace, name)
+    over = False
     while not stopped:
         wakeup.clear()
         trials = list(trials_by_experiment.get((namespace, name), []))
         try:
-            if await asyncio.to_thread(controller.reconcile_experiment, namespace, name, trials):
+            ended = await asyncio.to_thread(controller.reconcile_experiment, namespace, name, trials)
+            if ended and not over:
                 logger.info("experiment %s is over", name)
-                await stopped.wait()
-                return
+            over = ended
         except Exception as e:  # noqa: BLE001 - the next pass may succeed (API or service restarting)
             logger.warning("reconcile failed, retrying: %s", e)
         try:
