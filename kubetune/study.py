@@ -248,6 +248,39 @@ def prior_from(space: SearchSpace, earlier: Iterable[Trial]) -> list[Trial]:
     return prior
 
 
+def warm_start_trials(where: str, name: str, earlier: Mapping[str, Any], objective: Mapping[str, Any],
+                      trials: Iterable[Trial]) -> tuple[list[Trial], Problem | None]:
+    """The trials of earlier experiment `name` (whose spec.objective is `earlier`) with this experiment's
+    objective as their value, for prior_from; or a Problem at `where` when they cannot have it.
+
+    The same metric and goal: the trials as they are. The same metric, the other goal: refused (each
+    trial's value was picked for the other direction, and the mix-up is almost always a mistake). Another
+    metric: each finished trial's latest value of this experiment's metric, if it reported one (trials
+    keep the latest value of every metric they report besides the objective); trials without it are left
+    out, and refused if none has it."""
+    metric, goal = objective["metric"], objective["goal"]
+    was_metric, was_goal = earlier.get("metric"), earlier.get("goal")
+    if was_metric == metric and was_goal == goal:
+        return list(trials), None
+    differs = f"experiment {name!r} {_verb(was_goal)} {was_metric}; this one {_verb(goal)} {metric}"
+    if was_metric == metric:
+        return [], Problem(where, f"{differs} (its trials' values were picked for the other goal); "
+                                  "remove it from warmStart or give both the same goal")
+    recorded = []
+    for t in trials:
+        value = t.metrics.get(metric)
+        if t.state == TrialState.SUCCEEDED and finite(value):
+            recorded.append(Trial(number=t.number, params=dict(t.params), value=float(value), state=t.state))
+    if not recorded:
+        return [], Problem(where, f"{differs}, and none of its succeeded trials reported {metric!r} "
+                                  "(e.g. in objective.additionalMetrics) to use instead; remove it from warmStart")
+    return recorded, None
+
+
+def _verb(goal: Any) -> str:
+    return {"minimize": "minimizes", "maximize": "maximizes"}.get(goal, f"has goal {goal!r} for")
+
+
 def _check_study(parameters, algorithm, goal, early_stopping) -> list[Problem]:
     props = schema.SPEC["properties"]
     problems = check_structure(parameters, props["parameters"], "parameters")

@@ -280,6 +280,55 @@ def test_warm_start_takes_the_earlier_experiments_finished_trials(tmp_path):
     assert "spec.warmStart.fromExperiments[0]: no earlier experiment 'nope'" in result.stderr
 
 
+def test_warm_start_from_an_experiment_with_another_objective_is_refused_or_uses_its_recorded_metric(tmp_path):
+    """Loss values fed to a sampler as accuracies turn its prior upside down: an earlier experiment must
+    have optimised the same metric the same way, or have recorded this one's metric, whose values are used."""
+    from kubetune.api.spec import load_spec
+    from kubetune.runtime.runner import load_prior
+
+    state = tmp_path / "state"
+
+    def spec(metric, goal, prints, warm=None):
+        # Prints loss=lr, and acc=1-lr when asked to.
+        code = "import sys; lr = float(sys.argv[1]); print(f'loss={lr}' + (f' acc={1 - lr}' if sys.argv[2] == 'yes' else ''))"
+        doc = {
+            "objective": {"metric": metric, "goal": goal},
+            "parameters": [{"name": "lr", "type": "double", "min": 0.001, "max": 0.1}],
+            "algorithm": {"name": "tpe", "settings": {"seed": 1}},
+            "budget": {"maxTrials": 3, "parallelTrials": 3},
+            "trialTemplate": {"command": ["python", "-c", code, "${lr}", prints]},
+        }
+        if warm:
+            doc["warmStart"] = {"fromExperiments": warm}
+        return doc
+
+    for name, prints in (("loss-only", "no"), ("loss-and-acc", "yes")):
+        path = write_spec(tmp_path / f"{name}.yaml", name, spec("loss", "minimize", prints))
+        assert kubetune("run", str(path), "--state-dir", str(state), cwd=tmp_path).returncode == 0
+
+    other_metric = write_spec(tmp_path / "acc.yaml", "acc", spec("acc", "maximize", "yes", ["loss-and-acc", "loss-only"]))
+    result = kubetune("run", str(other_metric), "--state-dir", str(state), cwd=tmp_path)
+    assert result.returncode == 2
+    assert ("spec.warmStart.fromExperiments[1]: experiment 'loss-only' minimizes loss; this one maximizes acc, "
+            "and none of its succeeded trials reported 'acc'") in result.stderr
+    assert "fromExperiments[0]" not in result.stderr
+    assert not (state / "acc" / "state.json").exists()  # nothing run: a corrected spec starts afresh
+
+    other_goal = write_spec(tmp_path / "max.yaml", "max", spec("loss", "maximize", "no", ["loss-only"]))
+    result = kubetune("run", str(other_goal), "--state-dir", str(state), cwd=tmp_path)
+    assert result.returncode == 2
+    assert ("spec.warmStart.fromExperiments[0]: experiment 'loss-only' minimizes loss; this one maximizes loss"
+            in result.stderr)
+
+    # An earlier experiment that recorded acc beside its objective gives its acc values.
+    recorded = write_spec(tmp_path / "acc2.yaml", "acc2", spec("acc", "maximize", "yes", ["loss-and-acc"]))
+    earlier = journal(state, "loss-and-acc").values()
+    prior = load_prior(load_spec(recorded), state)
+    assert sorted(t.value for t in prior) == sorted(r["metrics"]["acc"] for r in earlier)
+    assert sorted(t.value for t in prior) == pytest.approx(sorted(1 - r["value"] for r in earlier))
+    assert kubetune("run", str(recorded), "--state-dir", str(state), cwd=tmp_path).returncode == 0
+
+
 def synch_pbt_spec() -> dict:
     """Synchronous PBT over pbt_toy.py: members start 0.4 s apart (steps take 10 ms), trial 2 crashes at step 5."""
     return {
@@ -322,6 +371,75 @@ def test_synchronous_pbt_waits_for_the_population_and_not_for_a_member_that_died
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 60  # ANSWER_TIMEOUT never ran out: nobody waited for the dead one
     check_synch_pbt(journal(tmp_path / "state", "synch"))
+
+
+def test_raising_the_timeout_continues_an_experiment_that_timed_out(tmp_path):
+    """budget.timeout bounds the experiment's whole running time, as maxTrials its trials: raised past the time
+    it ran, an experiment that ended with Timeout goes on for what is left. Raising maxTrials alone does not
+    bring it back. The trial the ending stopped stays Killed."""
+    gate = tmp_path / "go"
+    env = {"COUNT_FILE": str(tmp_path / "finished.txt"), "STEP_SECONDS": "0.05", "HOLD_FROM": "1",
+           "HOLD_FILE": str(gate)}
+    state = tmp_path / "state"
+
+    def run(max_trials: int, timeout: str) -> dict:
+        spec = write_spec(tmp_path / "exp.yaml", "clock", {
+            "objective": {"metric": "loss", "goal": "minimize"},
+            "parameters": [{"name": "x", "type": "double", "min": -3, "max": 3}],
+            "algorithm": {"name": "sobol", "settings": {"seed": 5}},
+            "budget": {"maxTrials": max_trials, "parallelTrials": 1, "timeout": timeout},
+            "trialTemplate": {"command": ["python", str(TRIALS / "counted.py")]},
+        })
+        result = kubetune("run", str(spec), "--state-dir", str(state), "--json", cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    first = run(3, "6s")  # trial 0 finishes, trial 1 waits for the gate until the timeout
+    assert first["reason"] == "Timeout" and first["trials"] == 2, first
+    assert first["elapsed_seconds"] >= 6
+    before = journal(state, "clock")
+    assert run(4, "6s")["reason"] == "Timeout"  # out of time all the same
+    assert journal(state, "clock") == before
+    gate.touch()
+    last = run(3, "1h")
+    assert last["reason"] == "MaxTrialsReached" and last["trials"] == 3, last
+    assert last["counts"]["Succeeded"] == 2 and last["counts"]["Killed"] == 1
+    assert last["elapsed_seconds"] >= first["elapsed_seconds"]  # measured from the experiment's start
+    final = journal(state, "clock")
+    assert final[0] == before[0] and final[1] == before[1]  # (trial 1: "experiment ended: Timeout")
+
+
+def test_raising_max_failed_trials_continues_a_failed_experiment_but_no_budget_revives_a_goal_or_exhausted_one(
+        tmp_path):
+    """The same rule for every budget field: an ended experiment goes on when what ended it no longer holds.
+    GoalReached and SearchSpaceExhausted hold whatever the budget."""
+    state = tmp_path / "state"
+
+    def run(name: str, mode: str, **over) -> dict:
+        spec = {"objective": {"metric": "loss", "goal": "minimize"},
+                "parameters": [{"name": "p", "type": "categorical", "values": ["a", "b"]}],
+                "algorithm": {"name": "grid"},
+                "trialTemplate": {"command": ["python", str(TRIALS / "misbehaving.py"), mode]}}
+        spec.update(over)
+        result = kubetune("run", str(write_spec(tmp_path / f"{name}.yaml", name, spec)), "--state-dir", str(state),
+                          "--json", cwd=tmp_path)
+        return json.loads(result.stdout)
+
+    failed = run("flaky", "crash", algorithm={"name": "random"}, budget={"maxTrials": 4, "maxFailedTrials": 1})
+    assert failed["reason"] == "MaxFailedTrialsReached" and failed["trials"] == 2
+    still = run("flaky", "ok", algorithm={"name": "random"}, budget={"maxTrials": 4, "maxFailedTrials": 1})
+    assert still["reason"] == "MaxFailedTrialsReached" and still["trials"] == 2
+    raised = run("flaky", "ok", algorithm={"name": "random"}, budget={"maxTrials": 4, "maxFailedTrials": 2})
+    assert raised["reason"] == "MaxTrialsReached" and raised["counts"]["Succeeded"] == 2, raised
+
+    goal = {"metric": "loss", "goal": "minimize", "target": 1.0}
+    assert run("goal", "ok", objective=goal, budget={"maxTrials": 2})["reason"] == "GoalReached"
+    again = run("goal", "ok", objective=goal, budget={"maxTrials": 5})
+    assert again["reason"] == "GoalReached" and again["trials"] == 1
+
+    assert run("grid", "ok", budget={"maxTrials": 5})["reason"] == "SearchSpaceExhausted"
+    again = run("grid", "ok", budget={"maxTrials": 9})
+    assert again["reason"] == "SearchSpaceExhausted" and again["trials"] == 2
 
 
 def test_a_resumed_run_killed_with_sigkill_is_resumed_again(tmp_path):

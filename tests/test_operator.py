@@ -12,11 +12,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from kubetune.operator.records import parse_time
 from tests.chart import OPERATOR_SA, SUGGESTION_SA
 from tests.cluster.waiting import wait_until
 
@@ -251,6 +253,111 @@ def test_a_warm_start_from_an_experiment_that_does_not_exist_fails_naming_the_fi
     assert status["phase"] == "Failed" and failed["reason"] == "InvalidSpec"
     assert failed["message"] == f"spec.warmStart.fromExperiments[0]: no experiment 'nope' in namespace {k8s_namespace}"
     assert get(k8s_cluster, "trials", k8s_namespace)["items"] == []
+
+
+def test_a_warm_start_from_an_experiment_with_another_objective_fails_naming_the_field(k8s_cluster, k8s_namespace,
+                                                                                         stack):
+    """As `kubetune run` does: the earlier experiment's values, minimised losses, would be taken as scores to
+    maximise (the prior upside down); it must have optimised the same metric the same way."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "old", k8s_namespace, **curve_spec(objective={"metric": "score", "goal": "minimize"})))
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "lossy", k8s_namespace, **curve_spec(objective={"metric": "loss", "goal": "minimize"})))
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "warm", k8s_namespace, **curve_spec(warmStart={"fromExperiments": ["old", "lossy"]})))
+    status = wait_phase(k8s_cluster, k8s_namespace, "warm", stack, timeout=30)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert status["phase"] == "Failed" and failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith(
+        "spec.warmStart.fromExperiments[0]: experiment 'old' minimizes score; this one maximizes score")
+    assert ("; spec.warmStart.fromExperiments[1]: experiment 'lossy' minimizes loss; this one maximizes score, "
+            "and none of its succeeded trials reported 'score'") in failed["message"]
+    assert [t["spec"]["experiment"] for t in get(k8s_cluster, "trials", k8s_namespace)["items"]
+            if t["spec"]["experiment"] == "warm"] == []
+
+
+def edit(cluster, namespace, name, spec: dict) -> None:
+    cluster.kubectl("patch", "experiment", name, "-n", namespace, "--type", "merge", "-p", json.dumps({"spec": spec}))
+
+
+def judged(cluster, namespace, name, stack) -> dict:
+    """The status once the operator has judged the experiment's latest edit (it stays ended, or goes on)."""
+    def seen():
+        exp = get(cluster, "experiment", namespace, name)
+        status = exp.get("status") or {}
+        return not status.get("completionTime") or status.get("observedGeneration") == exp["metadata"]["generation"]
+    try:
+        wait_until(seen, timeout=30, interval=0.2, what=f"the edit of {name} judged")
+    except Exception:
+        print(stack.logs())
+        raise
+    return get(cluster, "experiment", namespace, name)["status"]
+
+
+def ended_by(status: dict) -> str:
+    return next(c["reason"] for c in status["conditions"] if c["type"] == status["phase"])
+
+
+def test_raising_the_timeout_continues_an_experiment_that_timed_out(k8s_cluster, k8s_namespace, make_kubelet, stack,
+                                                                     tmp_path):
+    """As `kubetune run` of the edited spec does: budget.timeout bounds the time the experiment ran, as maxTrials
+    its trials; raised past it, an experiment that ended with Timeout goes on for what is left. The time it
+    spent ended does not count: here, since it started, more than the new timeout has passed."""
+    make_kubelet(gpus=2)
+    gate = tmp_path / "go"
+    spec = curve_spec(budget={"maxTrials": 3, "parallelTrials": 1, "timeout": "10s"})
+    spec["trialTemplate"]["env"] = [{"name": "HOLD_FROM", "value": "1"}, {"name": "HOLD_FILE", "value": str(gate)}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("clock", k8s_namespace, **spec))
+    first = wait_phase(k8s_cluster, k8s_namespace, "clock", stack, timeout=60)
+    assert (first["phase"], ended_by(first)) == ("Succeeded", "Timeout"), trial_states(k8s_cluster, k8s_namespace)
+    assert (first["succeeded"], first["killed"]) == (1, 1)
+
+    edit(k8s_cluster, k8s_namespace, "clock", {"budget": {"maxTrials": 4}})  # out of time all the same
+    still = judged(k8s_cluster, k8s_namespace, "clock", stack)
+    assert still["completionTime"] == first["completionTime"] and ended_by(still) == "Timeout"
+    started = get(k8s_cluster, "experiment", k8s_namespace, "clock")["metadata"]["creationTimestamp"]
+    while time.time() < parse_time(started) + 27:
+        time.sleep(0.5)
+    gate.touch()
+    edit(k8s_cluster, k8s_namespace, "clock", {"budget": {"timeout": "25s", "parallelTrials": 2}})
+    wait_until(lambda: not get(k8s_cluster, "experiment", k8s_namespace, "clock")["status"].get("completionTime")
+               or get(k8s_cluster, "experiment", k8s_namespace, "clock")["status"].get("continuedTime"),
+               timeout=30, interval=0.2, what="the experiment to go on")
+    last = wait_phase(k8s_cluster, k8s_namespace, "clock", stack, timeout=60)
+    assert (last["phase"], ended_by(last)) == ("Succeeded", "MaxTrialsReached"), (
+        trial_states(k8s_cluster, k8s_namespace), stack.logs())
+    assert (last["trials"], last["succeeded"], last["killed"]) == (4, 3, 1)
+    assert 10 <= last["elapsedBefore"] < 25
+
+
+def test_raising_max_failed_trials_continues_a_failed_experiment_but_not_one_that_reached_its_goal(
+        k8s_cluster, k8s_namespace, make_kubelet, stack):
+    """The same rule for every budget field; GoalReached holds whatever the budget."""
+    make_kubelet(gpus=2)
+    crash = curve_spec(budget={"maxTrials": 3, "parallelTrials": 1, "maxFailedTrials": 1})
+    crash["trialTemplate"] = dict(crash["trialTemplate"], command=["python", "-c", "import sys; sys.exit(3)"])
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("flaky", k8s_namespace, **crash))
+    goal = curve_spec(objective={"metric": "score", "goal": "maximize", "target": 0.1},
+                      budget={"maxTrials": 2, "parallelTrials": 1})
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("goal", k8s_namespace, **goal))
+    failed = wait_phase(k8s_cluster, k8s_namespace, "flaky", stack, timeout=60)
+    assert (failed["phase"], ended_by(failed), failed["failed"]) == ("Failed", "MaxFailedTrialsReached", 2)
+    reached = wait_phase(k8s_cluster, k8s_namespace, "goal", stack, timeout=60)
+    assert (ended_by(reached), reached["trials"]) == ("GoalReached", 1)
+
+    edit(k8s_cluster, k8s_namespace, "goal", {"budget": {"maxTrials": 5}})
+    assert judged(k8s_cluster, k8s_namespace, "goal", stack)["completionTime"] == reached["completionTime"]
+    edit(k8s_cluster, k8s_namespace, "flaky", {"budget": {"maxFailedTrials": 2},
+                                               "trialTemplate": {"command": ["python", str(TRIALS / "curve.py")]}})
+    wait_until(lambda: not get(k8s_cluster, "experiment", k8s_namespace, "flaky")["status"].get("completionTime")
+               or get(k8s_cluster, "experiment", k8s_namespace, "flaky")["status"].get("continuedTime"),
+               timeout=30, interval=0.2, what="the experiment to go on")
+    last = wait_phase(k8s_cluster, k8s_namespace, "flaky", stack, timeout=60)
+    assert (last["phase"], ended_by(last)) == ("Succeeded", "MaxTrialsReached"), trial_states(k8s_cluster, k8s_namespace)
+    assert (last["trials"], last["failed"], last["succeeded"]) == (3, 2, 1)
+    events = k8s_cluster.kubectl("get", "events", "-n", k8s_namespace, "-o", "json").stdout
+    assert "MaxFailedTrialsReached no longer holds" in events
+    assert get(k8s_cluster, "experiment", k8s_namespace, "goal")["status"]["trials"] == 1
 
 
 def steps_of(t) -> list[float]:

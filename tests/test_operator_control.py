@@ -395,3 +395,25 @@ def test_the_newest_trial_deleted_by_hand_is_not_created_again_by_a_restarted_op
     finally:
         server.shutdown()
         service.close()
+
+
+def test_warm_start_from_an_experiment_with_another_metric_takes_the_values_it_recorded_of_this_one(
+        k8s_cluster, k8s_namespace, chart):
+    """An earlier experiment that minimised loss and recorded score beside it: its trials enter the prior with
+    their score, never their loss; those that did not report score are left out."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "lossy", k8s_namespace, **curve_spec(objective={"metric": "loss", "goal": "minimize"})))
+    kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+    lossy = get(k8s_cluster, "experiment", k8s_namespace, "lossy")
+    for n, (x, metrics) in enumerate([(0.1, {"score": 0.9}), (0.2, {}), (0.3, {"score": 0.7, "step": 3})]):
+        kube.create_trial(trial_resource(lossy, n, {"x": x}))
+        kube.patch_trial_status(k8s_namespace, f"lossy-{n:04d}", {"state": "Succeeded", "value": x,
+                                                                   "metrics": metrics})
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "warm", k8s_namespace, **curve_spec(warmStart={"fromExperiments": ["lossy"]})))
+    warm = get(k8s_cluster, "experiment", k8s_namespace, "warm")
+    controller = Controller(kube, "http://127.0.0.1:9")
+    spec = ExperimentSpec.from_document(warm)
+    assert controller._missing_warm_start(warm, spec) == ""
+    prior = controller._prior(warm, spec)
+    assert sorted((t.params["x"], t.value) for t in prior) == [(0.1, 0.9), (0.3, 0.7)]

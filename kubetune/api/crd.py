@@ -75,6 +75,11 @@ EXPERIMENT_STATUS = {
         "created": _COUNT,
         "startTime": {"type": "string", "format": "date-time"},
         "completionTime": {"type": "string", "format": "date-time"},
+        # When it last went on after an end (its budget raised), and the seconds it had run by then: the
+        # time in between does not count toward budget.timeout.
+        "continuedTime": {"type": "string", "format": "date-time"},
+        "elapsedBefore": {"type": "number"},
+        # The generation of the spec it ended under (an edit since may continue it).
         "observedGeneration": _COUNT,
     },
 }

@@ -82,6 +82,11 @@ class Engine:
     def elapsed(self, now: float) -> float:
         return now - self._clock_start
 
+    @property
+    def exhausted(self) -> bool:
+        """Whether the algorithm said it has no new configuration to try."""
+        return self._exhausted
+
     def count(self, *states: TrialState) -> int:
         return sum(1 for t in self.trials if t.state in states)
 
@@ -323,3 +328,15 @@ def check_end(spec: ExperimentSpec, trials: list[Trial], best: Trial | None, ela
         return Completion(NO_RESULT, f"{ended.message}, and no trial succeeded ({tally or 'none finished'})",
                           budget_spent=ended.budget_spent)
     return ended
+
+
+def goes_on(spec: ExperimentSpec, trials: list[Trial], best: Trial | None, elapsed: float, reason: str,
+            exhausted: bool) -> bool:
+    """Whether an experiment that ended for `reason` goes on under `spec`, its budget changed since: when
+    what ended it no longer holds (maxTrials, maxFailedTrials or timeout raised past what it spent; elapsed is
+    the time it ran, as budget.timeout measures it), with the same rules as check_end. Never after
+    GoalReached or SearchSpaceExhausted (no budget brings those back), nor any other ending (InvalidSpec).
+    (An exhausted algorithm also ends NoTrialSucceeded; `exhausted` keeps that ending.)"""
+    if reason not in (MAX_TRIALS, MAX_FAILED, TIMEOUT, NO_RESULT):
+        return False
+    return check_end(spec, trials, best, elapsed, exhausted) is None

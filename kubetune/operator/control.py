@@ -21,8 +21,8 @@ from ..api.spec import ExperimentSpec
 from ..api.trial import Trial, TrialState, best_of, resumes
 from ..api.validation import check_spec, check_structure
 from ..api import schema
-from ..engine import check_end, judge_exit
-from ..study import prior_from
+from ..engine import check_end, goes_on, judge_exit
+from ..study import prior_from, warm_start_trials
 from ..engine.metric_lines import parse_metric_line
 from .kube import Kube
 from .pods import template_clashes, trial_pod
@@ -104,7 +104,7 @@ class Controller:
         now = self.clock()
         self._trial_timeouts(exp, spec, trials, now)
         best = best_trial(spec, trials)
-        elapsed = now - (parse_time(status.get("startTime")) or now)
+        elapsed = run_time(status, now)
         completion = check_end(spec, trials, best, elapsed, bool(status.get("exhausted")))
         if completion is not None and self._cache_lags(exp, len(trials)):
             return False  # trials created moments ago are not in the list yet: not over without them
@@ -296,21 +296,31 @@ class Controller:
 
     def _prior(self, exp: dict, spec: ExperimentSpec) -> list[Trial]:
         """Warm start: finished trials of the named earlier experiments in this namespace (their own: not
-        those of one deleted earlier under the same name, which the garbage collector has not removed)."""
+        those of one deleted earlier under the same name, which the garbage collector has not removed),
+        valued by this experiment's objective."""
+        return prior_from(spec.space, [t for _, trials, _ in self._warm_start(exp, spec) for t in trials])
+
+    def _warm_start(self, exp: dict, spec: ExperimentSpec) -> list[tuple[str, list[Trial], str]]:
+        """Per warmStart name: its trials (valued by this experiment's objective, see warm_start_trials), and
+        why it cannot be used (as an InvalidSpec message naming the field; "" when it can)."""
         namespace = exp["metadata"]["namespace"]
-        earlier = []
-        for name in spec.warm_start_from:
+        out = []
+        for i, name in enumerate(spec.warm_start_from):
+            where = f"spec.warmStart.fromExperiments[{i}]"
             other = self.kube.get_experiment(namespace, name)
-            if other is not None:  # (deleted since this one started: its trials go with it)
-                earlier += records(owned_by(self.kube.list_trials(namespace, name), other))
-        return prior_from(spec.space, earlier)
+            if other is None:  # (or deleted since this one started: its trials go with it)
+                out.append((name, [], f"{where}: no experiment {name!r} in namespace {namespace}"))
+                continue
+            trials, problem = warm_start_trials(where, name, other["spec"].get("objective") or {},
+                                                exp["spec"]["objective"],
+                                                records(owned_by(self.kube.list_trials(namespace, name), other)))
+            out.append((name, trials, str(problem) if problem else ""))
+        return out
 
     def _missing_warm_start(self, exp: dict, spec: ExperimentSpec) -> str:
-        """The warmStart names that name no experiment in the namespace, as an InvalidSpec message."""
-        namespace = exp["metadata"]["namespace"]
-        return "; ".join(f"spec.warmStart.fromExperiments[{i}]: no experiment {name!r} in namespace {namespace}"
-                         for i, name in enumerate(spec.warm_start_from)
-                         if self.kube.get_experiment(namespace, name) is None)
+        """What makes warmStart unusable, as an InvalidSpec message: a name that names no experiment in the
+        namespace, or one that optimised another objective (and recorded none of this one's metric)."""
+        return "; ".join(why for _, _, why in self._warm_start(exp, spec) if why)
 
     def _trial_timeouts(self, exp: dict, spec: ExperimentSpec, trials: list[Trial], now: float) -> None:
         limit = spec.budget.trial_timeout
@@ -323,10 +333,50 @@ class Controller:
 
     def _finish(self, exp: dict, phase: str, reason: str, message: str, summary: dict) -> None:
         meta = exp["metadata"]
-        status = {**summary, "phase": phase, "completionTime": now_iso(), "conditions": [
-            _condition("Running", "False", reason, message),
-            _condition(phase, "True", reason, message)]}
+        # observedGeneration: the spec it ended under; an edit since is judged by continue_if_raised.
+        status = {**summary, "phase": phase, "completionTime": now_iso(), "observedGeneration": meta.get("generation"),
+                  "conditions": [_condition("Running", "False", reason, message),
+                                 _condition(phase, "True", reason, message)]}
         self.kube.patch_experiment_status(meta["namespace"], meta["name"], status)
+
+    def continue_if_raised(self, namespace: str, name: str, resources: list[dict] | None = None) -> bool:
+        """An ended experiment whose spec was edited since it ended goes on when what ended it no longer holds
+        under the new budget (engine.goes_on: maxTrials, maxFailedTrials or timeout raised), as `kubetune run`
+        of an edited spec does; never after GoalReached, SearchSpaceExhausted or InvalidSpec. True when it goes
+        on: its status is Running again, and the time it spent ended does not count toward budget.timeout.
+
+        resources: its Trial resources as the operator's watch cache holds them (listed when not given)."""
+        exp = self.kube.get_experiment(namespace, name)
+        if exp is None or exp["metadata"].get("deletionTimestamp"):
+            return False
+        meta, status = exp["metadata"], exp.get("status") or {}
+        ended = status.get("completionTime")
+        if not ended or status.get("observedGeneration") == meta.get("generation"):
+            return False
+        reason = next((c.get("reason") for c in status.get("conditions") or [] if c.get("type") == status.get("phase")),
+                      None)
+        spec = ExperimentSpec.from_document(exp)
+        if resources is None:
+            resources = self.kube.list_trials(namespace, name)
+        trials = records(owned_by(resources, exp))
+        trials = self._with_deleted(exp, status, trials) or trials  # (deleted ones count, as while it ran)
+        elapsed = run_time(status, parse_time(ended))
+        if "seed" not in status or not goes_on(spec, trials, best_trial(spec, trials), elapsed, reason,
+                                               bool(status.get("exhausted"))):
+            # Judged for this generation: not again until the next edit.
+            self.kube.patch_experiment_status(namespace, name, {"observedGeneration": meta.get("generation")},
+                                              resource_version=meta["resourceVersion"])
+            return False
+        message = f"its budget was changed and {reason} no longer holds; {len(trials)} trials so far"
+        if not self.kube.patch_experiment_status(namespace, name, {
+                "phase": "Running", "completionTime": None, "observedGeneration": None,
+                "continuedTime": now_iso(), "elapsedBefore": elapsed,
+                "conditions": [_condition("Running", "True", "ExperimentContinued", message)]},
+                resource_version=meta["resourceVersion"]):
+            return False  # changed since: its next event judges it afresh
+        self.event(exp, "Normal", "Continued", message)
+        log.info("experiment %s/%s continues: %s", namespace, name, message)
+        return True
 
     # -- trials and their pods -----------------------------------------------
 
@@ -617,6 +667,13 @@ class _Sent:
     versions: dict[int, str | None]  # trial number -> resourceVersion sent
     at: float = field(default_factory=time.monotonic)  # when the service last answered for it
     suggested: int = 0  # trials up to this number were created (or were there)
+
+
+def run_time(status: Mapping[str, Any], now: float) -> float:
+    """How long the experiment has run by `now`, as budget.timeout measures it: since it started, less the
+    time it spent ended before it was continued (elapsedBefore is what it had run by then)."""
+    since = parse_time(status.get("continuedTime") or status.get("startTime"))
+    return float(status.get("elapsedBefore") or 0.0) + (now - since if since is not None else 0.0)
 
 
 def best_trial(spec: ExperimentSpec, trials: list[Trial]) -> Trial | None:

@@ -44,16 +44,26 @@ def trial_by_name(namespace, name, body, **_):
     return {(namespace, name): dict(body)}
 
 
-@kopf.daemon(G, V, "experiments", cancellation_timeout=5.0, initial_delay=0)
+def _not_ended(status, **_) -> bool:
+    return not (status or {}).get("completionTime")
+
+
+@kopf.daemon(G, V, "experiments", cancellation_timeout=5.0, initial_delay=0, when=_not_ended)
 async def run_experiment(namespace, name, stopped, logger, trials_by_experiment: kopf.Index, **_):
+    """Runs while the experiment has not ended. Once it has, it goes on looking until kopf stops it (the
+    filter no longer matching), never returns: kopf never starts again a daemon that returned by itself, and
+    an ended experiment whose budget is raised goes on (continue_if_raised). (Looking, not waiting: kopf may
+    see only the latest of two events close together, and not the end of one continued moments later.)"""
     wakeup = _event(namespace, name)
+    over = False
     while not stopped:
         wakeup.clear()
         trials = list(trials_by_experiment.get((namespace, name), []))
         try:
-            if await asyncio.to_thread(controller.reconcile_experiment, namespace, name, trials):
+            ended = await asyncio.to_thread(controller.reconcile_experiment, namespace, name, trials)
+            if ended and not over:
                 logger.info("experiment %s is over", name)
-                return
+            over = ended
         except Exception as e:  # noqa: BLE001 - the next pass may succeed (API or service restarting)
             logger.warning("reconcile failed, retrying: %s", e)
         try:
@@ -62,6 +72,22 @@ async def run_experiment(namespace, name, stopped, logger, trials_by_experiment:
             pass
         # Let a burst of trial changes land first: a pass costs O(trials), and one pass fills every free slot.
         await asyncio.sleep(0.25)
+
+
+@kopf.on.event(G, V, "experiments")
+async def experiment_changed(event, body, namespace, name, logger, trials_by_experiment: kopf.Index, **_):
+    """An ended experiment edited since it ended (its budget raised) may go on: its status becomes Running
+    again, and the daemon above starts for it. (On raw watch events, as trials: a restarted operator
+    sees every experiment once, and judges an edit it missed.)"""
+    status = body.get("status") or {}
+    if (event.get("type") == "DELETED" or not status.get("completionTime")
+            or status.get("observedGeneration") == body["metadata"].get("generation")):
+        return
+    trials = list(trials_by_experiment.get((namespace, name), []))
+    try:
+        await asyncio.to_thread(controller.continue_if_raised, namespace, name, trials)
+    except Exception as e:  # noqa: BLE001 - its observedGeneration is unchanged: judged again on its next event
+        logger.warning("could not judge the edited experiment %s: %s", name, e)
 
 
 @kopf.on.delete(G, V, "experiments")

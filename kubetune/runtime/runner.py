@@ -18,8 +18,9 @@ from ..api.spec import ExperimentSpec
 from ..api.trial import Decision, Trial, TrialState
 from ..api.validation import Problem, SpecError
 from ..bus.service import already_applied
-from ..engine import Completion, Engine, Launch, Stop
-from ..study import Study, prior_from
+from ..engine import Completion, Engine, Launch, Stop, goes_on
+from ..engine.engine import INTERRUPTED
+from ..study import Study, prior_from, warm_start_trials
 from .bridge import RUN_ID_KEY, bus_key, connect_redis
 from .events import Exited, Reported, Started
 from .local import KILL_AFTER, LocalRuntime
@@ -64,16 +65,22 @@ def open_study(spec: ExperimentSpec, store: StateStore, state_root: Path) -> tup
 
 
 def load_prior(spec: ExperimentSpec, state_root: Path) -> list[Trial]:
-    """Finished trials of the experiments named in warmStart, that fit this search space."""
+    """Finished trials of the experiments named in warmStart, that fit this search space, valued by this
+    experiment's objective (see warm_start_trials: an earlier one that optimised another is refused)."""
     earlier_trials: list[Trial] = []
     problems = []
+    objective = spec.document["spec"]["objective"]
     for i, name in enumerate(spec.warm_start_from):
+        where = f"spec.warmStart.fromExperiments[{i}]"
         earlier = StateStore(state_root, name)
         if not earlier.exists:
-            problems.append(Problem(f"spec.warmStart.fromExperiments[{i}]",
-                                    f"no earlier experiment {name!r} under {state_root}"))
+            problems.append(Problem(where, f"no earlier experiment {name!r} under {state_root}"))
             continue
-        earlier_trials += earlier.load_trials()
+        trials, problem = warm_start_trials(where, name, earlier.document()["spec"]["objective"], objective,
+                                            earlier.load_trials())
+        if problem is not None:
+            problems.append(problem)
+        earlier_trials += trials
     if problems:
         raise SpecError(problems)
     return prior_from(spec.space, earlier_trials)
@@ -152,23 +159,22 @@ def run_experiment(
         store.save_trials(engine.take_changed())
         state["elapsed"] = engine.elapsed(clock())
         state["completion"] = vars(engine.completion) if engine.completion else None
+        state["exhausted"] = engine.exhausted  # (an ending it caused holds whatever the budget)
         store.save_state(state)
         store.close()
     return RunResult(spec, study.trials, engine.completion, state["elapsed"], store.dir)
 
 
 def _can_continue(state: dict, study: Study, spec: ExperimentSpec) -> bool:
-    """A finished run goes on only when its budget was raised (or it was interrupted)."""
-    reason = state["completion"]["reason"]
-    if reason == "Interrupted" or any(t.state.active for t in study.trials):
+    """A finished run goes on when it was interrupted, or when what ended it no longer holds under this
+    spec's budget (maxTrials, maxFailedTrials or timeout raised: engine.goes_on)."""
+    completion = state["completion"]
+    if completion["reason"] == INTERRUPTED or any(t.state.active for t in study.trials):
         # (Active trials: a later run, killed with -9, that a state written before it was saved cleared.)
         return True
-    if reason in ("MaxTrialsReached", "NoTrialSucceeded"):
-        return len(study.trials) < spec.budget.max_trials
-    if reason == "MaxFailedTrialsReached":
-        failed = sum(t.state == TrialState.FAILED for t in study.trials)
-        return failed <= spec.budget.max_failed_trials
-    return False
+    # (A state saved before "exhausted" was: the algorithm's word is in how it ended.)
+    exhausted = state.get("exhausted", "no new configuration" in completion.get("message", ""))
+    return goes_on(spec, study.trials, study.best_trial, state.get("elapsed", 0.0), completion["reason"], exhausted)
 
 
 def _loop(engine, runtime, store, clock, on_progress, stop=None, state=None) -> None:

@@ -14,6 +14,10 @@ from kubetune import trial
 from kubetune.trial import checkpoint
 
 p = trial.params()
+# A gate: trials numbered HOLD_FROM and up wait for HOLD_FILE to exist (a trial in flight for as long as a test needs).
+if "HOLD_FROM" in os.environ and int(os.environ["KUBETUNE_TRIAL"]) >= int(os.environ["HOLD_FROM"]):
+    while not os.path.exists(os.environ["HOLD_FILE"]):
+        time.sleep(0.05)
 steps = int(os.environ.get("STEPS", "9"))
 step_seconds = float(os.environ.get("STEP_SECONDS", "0.05"))
 if os.environ.get("KUBETUNE_ATTEMPT", "1") == "1":  # FIRST_ATTEMPT_STEP_SECONDS: a first pod that outlives its retry
