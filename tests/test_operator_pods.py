@@ -89,3 +89,10 @@ def test_a_resumed_trials_pod_is_told_its_next_rung_and_the_step_its_checkpoint_
     assert (env["KUBETUNE_BUDGET"], env["KUBETUNE_RESUME_STEP"]) == ("9", "3")
     first = env_of(pod_for(experiment_doc(), {}, {"state": "Pending", "events": events[:1]})["spec"]["containers"][0])
     assert first["KUBETUNE_BUDGET"] == "1" and "KUBETUNE_RESUME_STEP" not in first
+
+
+def test_a_failed_trials_last_log_lines_are_its_termination_message_unless_the_template_says_otherwise():
+    assert pod_for(experiment_doc(), {})["spec"]["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    doc = experiment_doc()
+    doc["spec"]["trialTemplate"]["podSpec"] = {"containers": [{"name": "trial", "terminationMessagePolicy": "File"}]}
+    assert pod_for(doc, {})["spec"]["containers"][0]["terminationMessagePolicy"] == "File"

@@ -99,3 +99,51 @@ def test_a_decision_with_fields_this_version_does_not_know_is_still_understood()
                                          "donor_step": 12, "donor_checkpoint": "x"}))
     assert (seq, d) == (7, Decision("exploit", donor=2, params={"lr": 0.1}, donor_step=12))
     assert Decision.from_dict({"action": "stop", "reason": "r", "hint": "x"}) == Decision("stop", "r")
+
+
+def test_reports_that_never_reach_the_bus_say_why_on_stderr_and_in_the_termination_message(
+        tmp_path, monkeypatch, capsys):
+    """A trial that can never reach the bus (a wrong password or CA) trains on and exits 0, and its reports
+    are lost: without a word from the SDK it reads as a trainer that reported nothing. It says so once while
+    training, and at exit how many reports were lost and why, where the trial's reason picks it up."""
+    import socket
+
+    from kubetune.bus import TrialClient, redis_bus
+    from kubetune.trial import _BusChannel
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    termination = tmp_path / "termination-log"
+    termination.write_text("")
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(termination))
+    bus = redis_bus(url=f"redis://127.0.0.1:{port}/0")
+    channel = _BusChannel(TrialClient(bus, "ns/exp", 0, wait_s=0.1, close_retry_s=0.3))
+    for step in range(1, 4):
+        assert channel.send(step, {"score": 0.5}).action == "continue"
+    channel.close()
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kubetune.trial: ")]
+    assert len(said) == 2, said
+    assert said[0].startswith("kubetune.trial: the metric bus is unreachable (ConnectionError: ")
+    assert said[1].startswith("kubetune.trial: 3 reports never reached the metric bus: ConnectionError: ")
+    assert termination.read_text() == said[1] + "\n"
+
+
+def test_a_trial_that_reported_nothing_gets_the_sdks_last_word_as_its_reason(tmp_path):
+    """`kubetune run`: a trial that exits 0 without a value fails, and its reason carries the SDK's line
+    about reports that never reached the bus."""
+    from tests.test_local_run import journal, kubetune, write_spec
+
+    spec = write_spec(tmp_path / "lost.yaml", "lost", {
+        "objective": {"metric": "score", "goal": "maximize"},
+        "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
+        "algorithm": {"name": "random", "settings": {"seed": 1}},
+        "budget": {"maxTrials": 1, "parallelTrials": 1},
+        "trialTemplate": {"command": ["python", "-c", "import sys; print('training'); print("
+                                      "'kubetune.trial: 3 reports never reached the metric bus: ConnectionError: "
+                                      "refused', file=sys.stderr)"]}})
+    kubetune("run", str(spec), "--json", "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+    [trial] = journal(tmp_path / "state", "lost").values()
+    assert trial["state"] == "Failed"
+    assert trial["reason"] == ("no value for objective metric 'score' was reported: kubetune.trial: 3 reports "
+                               "never reached the metric bus: ConnectionError: refused")

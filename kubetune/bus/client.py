@@ -43,10 +43,20 @@ class TrialClient:
         self.decided_seq = 0
         self._handed_seq = 0  # seq of the last exploit handed out: it, and any answer before it, is done
         self.errors = 0
+        self.last_error: Exception | None = None  # why the bus was last unreachable
         self._buffer: list[Report] = []
         self._last_flush = time.monotonic()
         self._stale = True
         self._drop_stale()
+
+    def _failed(self, error: Exception) -> None:
+        self.errors += 1
+        self.last_error = error
+
+    @property
+    def undelivered(self) -> int:
+        """Reports not (yet) on the bus."""
+        return len(self._buffer)
 
     def _drop_stale(self) -> bool:
         """Passes over the trial's waiting decisions before this run sends its first report. What it holds
@@ -57,8 +67,8 @@ class TrialClient:
         if self._stale:
             try:
                 self.bus.skip_decisions(self.experiment, self.address)
-            except Exception:
-                self.errors += 1
+            except Exception as e:
+                self._failed(e)
                 return False
             self._stale = False
         return True
@@ -91,8 +101,8 @@ class TrialClient:
             return
         try:
             got = self.bus.publish_and_take(self.experiment, self._buffer, self.address)
-        except Exception:  # bus down: keep the reports, carry on training
-            self.errors += 1
+        except Exception as e:  # bus down: keep the reports, carry on training
+            self._failed(e)
             return
         self._buffer = []
         self._apply(got)
@@ -115,8 +125,8 @@ class TrialClient:
             return
         try:
             got = self.bus.publish_and_wait(self.experiment, self._buffer, self.address, self.wait_s)
-        except Exception:  # bus down: keep the reports, carry on training
-            self.errors += 1
+        except Exception as e:  # bus down: keep the reports, carry on training
+            self._failed(e)
             return
         sent = self._buffer[-1]
         self._buffer = []
@@ -136,16 +146,16 @@ class TrialClient:
                 repeat_at = now + self.repeat_s
                 try:
                     self.bus.publish(self.experiment, [sent])  # the same report: applied once
-                except Exception:
-                    self.errors += 1
+                except Exception as e:
+                    self._failed(e)
             left = deadline - now
             if left <= 0:
                 return
             try:
                 got = self.bus.take_decisions(self.experiment, self.address,
                                               block_s=min(left, repeat_at - now) if held else left)
-            except Exception:
-                self.errors += 1
+            except Exception as e:
+                self._failed(e)
                 return
             self._apply(got)
 

@@ -52,6 +52,9 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
         main["image"] = raw["image"]
     main.setdefault("image", "kubetune/trial:latest")
     main["command"] = command
+    # A failed trial's reason then shows its last log lines (the exception), not just "Error"; a clean exit
+    # still shows what the trial wrote to its termination log (the SDK: reports that never reached the bus).
+    main.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
     if raw.get("resources"):
         # Quantities as the API writes them (users write `nvidia.com/gpu: 1`).
         main["resources"] = {kind: {k: str(v) for k, v in (amounts or {}).items()}

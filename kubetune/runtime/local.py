@@ -278,7 +278,9 @@ class LocalRuntime:
         if code < 0:
             error = f"killed by {signal.Signals(-code).name}"
         else:
-            error = proc.tail[-1] if proc.tail and code != 0 else ""
+            # The last line, or for a clean exit what the SDK said of reports it could not deliver.
+            error = (proc.tail[-1] if proc.tail else "") if code != 0 else next(
+                (line for line in reversed(proc.tail) if line.startswith("kubetune.trial: ")), "")
         self._events.put(Exited(proc.trial.number, code, error, stopped=proc.term_sent))
 
     def _signals(self, now: float) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from typing import Any
 
@@ -103,8 +104,9 @@ class _BusChannel:
                           or f"{os.environ['KUBETUNE_NAMESPACE']}/{os.environ['KUBETUNE_EXPERIMENT']}")
             client = TrialClient(bus, experiment, int(os.environ["KUBETUNE_TRIAL"]),
                                  attempt=int(os.environ.get("KUBETUNE_ATTEMPT") or 1))
-            atexit.register(client.close)
+            atexit.register(self.close)
         self.client = client
+        self._warned = False
         self.always_wait = os.environ.get("KUBETUNE_REPORT_WAIT") == "1"
         self._clock = time.monotonic
         # The channel is made at the first report, which follows the trial's start (an epoch of training,
@@ -115,7 +117,38 @@ class _BusChannel:
         now = self._clock()
         self.client.wait = self.always_wait or now - self._last >= self.SLOW_S
         self._last = now
-        return self.client.send_report(step, metrics)
+        decision = self.client.send_report(step, metrics)
+        if self.client.errors and not self._warned:
+            self._warned = True
+            _say(f"the metric bus is unreachable ({_error(self.client.last_error)}); "
+                 "reports are kept and sent again, training goes on")
+        return decision
+
+    def close(self) -> None:
+        """At exit: sends what is left (waiting a while for the bus). Reports that never got there leave a
+        line saying why, on stderr and in the container's termination message, which the trial's reason
+        shows: without it, a bus the trial could never reach (a wrong password or CA) reads as a trainer
+        that reported nothing."""
+        self.client.close()
+        if self.client.undelivered:
+            message = (f"{self.client.undelivered} reports never reached the metric bus: "
+                       f"{_error(self.client.last_error)}")
+            _say(message)
+            path = os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log")
+            if os.path.isfile(path):  # (in a container, Kubernetes mounts it and reads it after the exit)
+                try:
+                    with open(path, "a") as f:
+                        f.write(f"kubetune.trial: {message}\n")
+                except OSError:
+                    pass
+
+
+def _say(message: str) -> None:
+    print(f"kubetune.trial: {message}", file=sys.stderr, flush=True)
+
+
+def _error(e: BaseException | None) -> str:
+    return "no answer" if e is None else f"{type(e).__name__}: {e}"
 
 
 class _Channel:
