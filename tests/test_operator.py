@@ -378,9 +378,10 @@ def sha_spec(tmp_path, step_seconds=0.05):
     return spec
 
 
-def assert_successive_halving_ran_as_in_the_paper(cluster, namespace, status):
+def assert_successive_halving_ran_as_in_the_paper(cluster, namespace, status, pods_kept=True):
     """Nine trials paused at epoch 1, the best three resumed from their checkpoints to epoch 3, the best
-    of those to 9: each run in a pod of its own, starting after its checkpoint's step."""
+    of those to 9: each run in a pod of its own (still there unless pods_kept is False), starting after
+    its checkpoint's step."""
     states = trial_states(cluster, namespace)
     assert status["phase"] == "Succeeded", states
     assert (status["succeeded"], status["pruned"], status["paused"], status["trials"]) == (1, 8, 0, 9), states
@@ -390,7 +391,8 @@ def assert_successive_halving_ran_as_in_the_paper(cluster, namespace, status):
     winner = trials[0]
     assert winner["status"]["state"] == "Succeeded" and status["bestTrial"]["name"] == winner["metadata"]["name"]
     name = winner["metadata"]["name"]
-    assert pods_of(cluster, namespace, name) == [name, f"{name}-resume1", f"{name}-resume2"]
+    if pods_kept:
+        assert pods_of(cluster, namespace, name) == [name, f"{name}-resume1", f"{name}-resume2"]
     resumes = [e for e in winner["status"]["events"] if e["event"] == "resume"]
     assert [(e["budget"], e["from_step"]) for e in resumes] == [(3, 1), (9, 3)]
     assert all(t["status"]["reason"].startswith("not promoted") for t in trials[1:]), states
@@ -938,3 +940,88 @@ def test_trials_deleted_by_hand_count_as_killed_and_their_numbers_are_never_used
         assert t["status"]["state"] == "Succeeded"
         assert [s for s, _ in t["status"]["intermediate"]] == list(range(1, 10))
     assert (status["trials"], status["succeeded"], status["killed"], status["created"]) == (5, 3, 2, 5)
+
+
+SLEEP_FOREVER = "import time; time.sleep(3600)"
+
+
+def marking_sidecar(folder: Path) -> str:
+    """A sidecar that never exits, leaving a file named for its pod in folder once it runs."""
+    folder.mkdir(exist_ok=True)
+    return f"import os, time; open(os.path.join({str(folder)!r}, os.environ['HOSTNAME']), 'w'); time.sleep(3600)"
+
+
+def with_sidecar(spec, code=SLEEP_FOREVER, name="shipper", native=False):
+    """spec whose trial template's podSpec has a second container (a log shipper, an injected proxy) running code:
+    a regular one, or a native sidecar (an init container with restartPolicy Always)."""
+    sidecar = {"name": name, "image": "kubetune/trial:test", "command": [sys.executable, "-c", code]}
+    spec["trialTemplate"]["podSpec"] = {"containers": [{"name": "trial"}] + ([] if native else [sidecar])}
+    if native:
+        spec["trialTemplate"]["podSpec"]["initContainers"] = [{**sidecar, "restartPolicy": "Always"}]
+    return spec
+
+
+def experiment_pods(cluster, namespace, name) -> list[str]:
+    return sorted(p["metadata"]["name"] for p in get(cluster, "pods", namespace)["items"]
+                  if p["metadata"]["labels"].get("kubetune.io/experiment") == name)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["container", "native"])
+def test_a_sidecar_that_never_exits_does_not_keep_its_trials_running(k8s_cluster, k8s_namespace, make_kubelet,
+                                                                       stack, tmp_path, native):
+    """Katib's #1638: a sidecar keeps the pod Running after the trial's container has exited. The trial ends
+    with its own container, and its pod is deleted so the sidecar stops and the GPU is free. (A native sidecar
+    is stopped by the kubelet itself once the trial's container is over: its pod ends Succeeded, and stays.)"""
+    kubelet = make_kubelet(gpus=2)
+    spec = with_sidecar(curve_spec(budget={"maxTrials": 4, "parallelTrials": 2}), marking_sidecar(tmp_path / "ran"),
+                        native=native)
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("istio", k8s_namespace, **spec))
+    status = wait_phase(k8s_cluster, k8s_namespace, "istio", stack, timeout=90)
+    states = trial_states(k8s_cluster, k8s_namespace)
+    assert status["phase"] == "Succeeded" and status["succeeded"] == 4, (states, stack.logs())
+    for t in get(k8s_cluster, "trials", k8s_namespace)["items"]:
+        x = t["spec"]["params"]["x"]
+        assert t["status"]["value"] == pytest.approx((1 - (x - 0.3) ** 2) * (1 - 0.5 ** 9)), states
+        assert (tmp_path / "ran" / t["metadata"]["name"]).exists()  # (its sidecar did run)
+    if native:
+        wait_until(lambda: {p["status"].get("phase") for p in get(k8s_cluster, "pods", k8s_namespace)["items"]}
+                   == {"Succeeded"}, timeout=30, what="the trials' pods to succeed")
+    else:
+        wait_until(lambda: not experiment_pods(k8s_cluster, k8s_namespace, "istio"), timeout=30,
+                   what="the trials' pods to be deleted")
+    wait_until(lambda: kubelet.running_pods() == [], timeout=30, what="every process of the pods to end")
+
+
+def test_a_trial_is_judged_by_its_own_container_never_by_a_sidecar(k8s_cluster, k8s_namespace, make_kubelet, stack):
+    """A sidecar that fails at once fails no trial whose container succeeds; a trial container that fails makes
+    its trial Failed while its sidecar runs on."""
+    make_kubelet(gpus=2)
+    shaky = with_sidecar(curve_spec(budget={"maxTrials": 2, "parallelTrials": 1}), "import sys; sys.exit(7)")
+    broken = with_sidecar(curve_spec(budget={"maxTrials": 1, "parallelTrials": 1}))
+    broken["trialTemplate"]["command"] = ["python", "-c", "import sys; print('diverged'); sys.exit(3)"]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("shaky", k8s_namespace, **shaky))
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("broken", k8s_namespace, **broken))
+    wait_phase(k8s_cluster, k8s_namespace, "broken", stack, timeout=90)
+    status = wait_phase(k8s_cluster, k8s_namespace, "shaky", stack, timeout=90)
+    states = trial_states(k8s_cluster, k8s_namespace)
+    assert status["phase"] == "Succeeded" and status["succeeded"] == 2, (states, stack.logs())
+    [failed] = [t for t in get(k8s_cluster, "trials", k8s_namespace)["items"] if t["spec"]["experiment"] == "broken"]
+    assert failed["status"]["state"] == "Failed", states
+    assert failed["status"]["reason"].startswith("exited with code 3"), states
+    wait_until(lambda: not experiment_pods(k8s_cluster, k8s_namespace, "broken"), timeout=30,
+               what="the failed trial's pod to be deleted")
+
+
+def test_paused_trials_with_a_sidecar_resume_from_their_checkpoints(k8s_cluster, k8s_namespace, make_kubelet, stack,
+                                                                    tmp_path):
+    """Successive halving with a sidecar in every pod: a trial that saved its checkpoint and exited is Paused
+    (not Succeeded), its pod deleted, and the winners resume in new pods as without a sidecar."""
+    make_kubelet(gpus=3)
+    spec = with_sidecar(sha_spec(tmp_path), marking_sidecar(tmp_path / "ran"))
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("sha", k8s_namespace, **spec))
+    status = wait_phase(k8s_cluster, k8s_namespace, "sha", stack, timeout=120)
+    assert_successive_halving_ran_as_in_the_paper(k8s_cluster, k8s_namespace, status, pods_kept=False)
+    winner = status["bestTrial"]["name"]
+    assert all((tmp_path / "ran" / pod).exists() for pod in (winner, f"{winner}-resume1", f"{winner}-resume2"))
+    wait_until(lambda: not experiment_pods(k8s_cluster, k8s_namespace, "sha"), timeout=30,
+               what="the trials' pods to be deleted")

@@ -13,7 +13,7 @@ from kubetune.api.spec import ExperimentSpec
 from kubetune.operator.control import Controller
 from kubetune.operator.kube import Kube
 from kubetune.operator.records import trial_resource
-from tests.test_operator import curve_spec, experiment, get
+from tests.test_operator import curve_spec, experiment, get, with_sidecar
 
 
 class _Interleaved(Kube):
@@ -417,3 +417,48 @@ def test_warm_start_from_an_experiment_with_another_metric_takes_the_values_it_r
     assert controller._missing_warm_start(warm, spec) == ""
     prior = controller._prior(warm, spec)
     assert sorted((t.params["x"], t.value) for t in prior) == [(0.1, 0.9), (0.3, 0.7)]
+
+
+def test_a_trial_is_judged_by_its_own_containers_status_and_a_pod_left_with_sidecars_is_deleted(
+        k8s_cluster, k8s_namespace, chart):
+    """A pod's containerStatuses in any order (a webhook may inject a proxy first): the trial ends when its own
+    container does, with its exit code, never a sidecar's. And a pod left running with sidecars after its trial's
+    end was recorded (the operator gone between the two) is deleted when its next event comes."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "mesh", k8s_namespace, **with_sidecar(curve_spec(budget={"maxTrials": 3, "parallelTrials": 3}))))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, url)
+        controller.reconcile_experiment(k8s_namespace, "mesh")  # its three trials
+        pods = {}
+        for n in range(3):
+            controller.ensure_pod(kube.get_trial(k8s_namespace, f"mesh-{n:04d}"))
+            pods[n] = kube.core.api_client.sanitize_for_serialization(kube.get_pod(k8s_namespace, f"mesh-{n:04d}"))
+
+        def seen(pod, phase, **states):
+            return {**pod, "status": {"phase": phase, "containerStatuses": [
+                {"name": name, "state": {"terminated": {"exitCode": state, "reason": "Error" if state else "Completed"}}
+                 if isinstance(state, int) else {"running": {}}} for name, state in states.items()]}}
+
+        controller.on_pod(seen(pods[0], "Running", shipper=7, trial="running"))  # (a sidecar failed early)
+        assert kube.get_trial(k8s_namespace, "mesh-0000")["status"]["state"] == "Running"
+        assert controller.on_pod(seen(pods[0], "Failed", shipper=7, trial=0)) == "mesh"  # (it reported nothing)
+        status = kube.get_trial(k8s_namespace, "mesh-0000")["status"]
+        assert status["reason"] == "no value for objective metric 'score' was reported", status
+        assert kube.get_pod(k8s_namespace, "mesh-0000") is not None  # (over: kept for its logs)
+
+        assert controller.on_pod(seen(pods[2], "Running", trial=3, shipper="running")) == "mesh"
+        status = kube.get_trial(k8s_namespace, "mesh-0002")["status"]
+        assert status["state"] == "Failed" and status["reason"].startswith("exited with code 3"), status
+        assert kube.get_pod(k8s_namespace, "mesh-0002") is None  # (unscheduled here: deleted at once)
+
+        kube.patch_trial_status(k8s_namespace, "mesh-0001", {"state": "Succeeded", "value": 0.5})  # then a crash
+        assert controller.on_pod(seen(pods[1], "Running", trial=0, shipper="running")) is None
+        assert kube.get_pod(k8s_namespace, "mesh-0001") is None
+        assert kube.get_trial(k8s_namespace, "mesh-0001")["status"]["value"] == 0.5
+        # (`kubectl logs` shows the trial's container, and the operator names it so, whatever comes first)
+        assert pods[0]["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "trial"
+    finally:
+        server.shutdown()
+        service.close()

@@ -25,7 +25,7 @@ from ..engine import check_end, goes_on, judge_exit
 from ..study import prior_from, warm_start_trials
 from ..engine.metric_lines import parse_metric_line
 from .kube import Kube
-from .pods import template_clashes, trial_pod
+from .pods import template_clashes, trial_container, trial_container_name, trial_pod
 from .records import (current_pod, now_iso, owned_by, owns, parse_time, pod_name, pod_of_attempt, records,
                       trial_name, trial_resource, to_record)
 
@@ -446,7 +446,11 @@ class Controller:
         """
         meta = pod["metadata"]
         trial_name = (meta.get("labels") or {}).get("kubetune.io/trial")
-        ending = deleted or meta.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+        phase = (pod.get("status") or {}).get("phase")
+        # The trial is over when its own container is, though sidecars (a log shipper, an injected proxy) run on
+        # and keep the pod Running; a sidecar's exit is never the trial's.
+        exited = phase in ("Succeeded", "Failed") or _exit_of(pod)[0] is not None
+        ending = deleted or meta.get("deletionTimestamp") or exited
         if cached is not None and not ending and owns(cached, pod) and current_pod(cached) == meta["name"]:
             trial = dict(cached)  # (one naming another pod may lag a retry that made this one: read it)
         else:
@@ -455,9 +459,14 @@ class Controller:
             return None  # (a pod of an earlier trial of this name: its experiment was deleted and made again)
         status = trial.get("status") or {}
         if status.get("state") in FINAL or status.get("state") == PAUSED or current_pod(trial) != meta["name"]:
-            return None  # over, paused (this pod's end recorded), or the pod of an earlier run
-        phase = (pod.get("status") or {}).get("phase")
+            # Over, paused (this pod's end recorded), or the pod of an earlier run. Its sidecars may still run,
+            # the operator gone between recording the trial's end and deleting the pod: nothing else would.
+            self._stop_sidecars(pod, deleted, exited)
+            return None
         experiment = trial["spec"]["experiment"]
+        # (A pod being deleted whose trial container is over but whose sidecars are not counts as lost too: its
+        # container may have been killed by that deletion, and this operator deletes such pods only once their
+        # trial's end is recorded.)
         lost = (meta.get("deletionTimestamp") and phase not in ("Succeeded", "Failed")) or (
             phase == "Failed" and _disrupted(pod))
         if lost and not status.get("stop"):
@@ -467,13 +476,14 @@ class Controller:
             self._retry(trial, f"pod {meta['name']} was evicted or deleted before it finished")
             self.kube.delete_pod(meta["namespace"], meta["name"], grace=0)
             return experiment
+        if exited:  # (first: a pod first seen Running with its trial's container over has no later event)
+            code, error = _exit_of(pod)
+            self._finish_trial(trial, code, error)
+            self._stop_sidecars(pod, deleted, exited)  # (once the trial's end is recorded: see above)
+            return experiment
         if phase == "Running" and status.get("state") != "Running" and not deleted:
             self.kube.patch_trial_status(meta["namespace"], trial_name,
                                          {"state": "Running", "startTime": now_iso(), "podName": meta["name"]})
-            return experiment
-        if phase in ("Succeeded", "Failed"):
-            code, error = _exit_of(pod)
-            self._finish_trial(trial, code, error)
             return experiment
         if deleted:
             if status.get("stop"):
@@ -482,6 +492,18 @@ class Controller:
                 self._retry(trial, "its pod was deleted before it finished")
             return experiment
         return None
+
+    def _stop_sidecars(self, pod: Mapping[str, Any], deleted: bool, exited: bool) -> None:
+        """Deletes a pod whose trial container is over while other containers (sidecars) keep it Running: it
+        holds its node's GPU until they stop. Only that pod (by uid): its name may be taken again since. Not
+        for native sidecars (initContainers with restartPolicy Always) alone: the kubelet stops those itself,
+        and the pod, Succeeded or Failed, stays for its logs as any trial's."""
+        meta, status = pod["metadata"], pod.get("status") or {}
+        others_run = any("terminated" not in (cs.get("state") or {}) for cs in status.get("containerStatuses") or [])
+        if (exited and others_run and not deleted and not meta.get("deletionTimestamp")
+                and status.get("phase") not in ("Succeeded", "Failed")):
+            log.info("stopping the sidecars of pod %s: its trial container is over", meta["name"])
+            self.kube.delete_pod(meta["namespace"], meta["name"], uid=meta.get("uid"))
 
     def request_stop(self, namespace: str, name: str, state: TrialState, reason: str) -> None:
         """Marks how the trial ends, then stops its pod; the pod's end records it."""
@@ -567,7 +589,7 @@ class Controller:
         if not pod:
             return {}
         intermediate, metrics = [], {}
-        for line in self.kube.pod_log(namespace, pod).splitlines():
+        for line in self.kube.pod_log(namespace, pod, trial_container_name(spec)).splitlines():
             found = parse_metric_line(line, spec.metric_format)
             if spec.objective.metric in found:
                 step = next((found[k] for k in ("step", "epoch", "iteration") if k in found), len(intermediate) + 1)
@@ -705,9 +727,12 @@ def _disrupted(pod: Mapping[str, Any]) -> bool:
 
 
 def _exit_of(pod: Mapping[str, Any]) -> tuple[int | None, str]:
+    """The exit code and last message line of the pod's trial container, once it has terminated: never a
+    sidecar's (a regular one, or a native one in initContainerStatuses)."""
+    name = trial_container(pod)
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         terminated = (cs.get("state") or {}).get("terminated")
-        if terminated:
+        if terminated and cs.get("name") == name:
             message = (terminated.get("message") or terminated.get("reason") or "").strip()
             return terminated.get("exitCode"), message.splitlines()[-1] if message else ""
     return None, (pod.get("status") or {}).get("reason", "")

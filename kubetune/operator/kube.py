@@ -104,11 +104,13 @@ class Kube:
         pod = self.get_pod(namespace, name)
         return None if pod is None else {o.uid for o in pod.metadata.owner_references or []}
 
-    def delete_pod(self, namespace: str, name: str, grace: int | None = None) -> None:
+    def delete_pod(self, namespace: str, name: str, grace: int | None = None, uid: str | None = None) -> None:
+        """uid: only that pod (not one made since under its name)."""
+        body = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)) if uid else None
         try:
-            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace)
+            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace, body=body)
         except ApiException as e:
-            if e.status != 404:
+            if e.status not in ((404, 409) if uid else (404,)):
                 raise
 
     def event(self, obj: dict, kind: str, reason: str, message: str) -> None:
@@ -124,9 +126,10 @@ class Kube:
             "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
         })
 
-    def pod_log(self, namespace: str, name: str) -> str:
+    def pod_log(self, namespace: str, name: str, container: str | None = None) -> str:
+        """container: which one, in a pod of several (the API refuses a log request that names none)."""
         try:
-            return self.core.read_namespaced_pod_log(name, namespace)
+            return self.core.read_namespaced_pod_log(name, namespace, container=container) or ""  # (None: empty)
         except ApiException:
             return ""
 

@@ -4,7 +4,9 @@ The same substitution rules as the local runtime (kubetune.api.template): the
 command gets `${param}` values, the environment gets KUBETUNE_PARAMS and one
 variable per parameter, plus where to report (the Redis bus) and the trial's
 identity. A template's `podSpec` is taken as the base; its first container
-runs the trial.
+runs the trial, and the pod names it in TRIAL_CONTAINER (kubectl's default
+container annotation: `kubectl logs` shows it, and the operator judges the trial
+by it, whatever sidecars the template has or a webhook injects, in any order).
 
 A bus over TLS with a private CA (the operator's --redis-ca-secret) adds to each
 pod a read-only Secret volume CA_VOLUME, mounted in the trial container at
@@ -29,6 +31,7 @@ from .records import EXPERIMENT_LABEL, TRIAL_LABEL, current_pod, to_record
 CA_VOLUME = "kubetune-redis-ca"
 CA_DIR = "/var/run/kubetune/redis-ca"
 CA_ENV = "KUBETUNE_REDIS_CA_FILE"
+TRIAL_CONTAINER = "kubectl.kubernetes.io/default-container"
 
 
 def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, Any]) -> dict:
@@ -47,7 +50,7 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
     pod_spec = copy.deepcopy(raw.get("podSpec") or {})
     containers = pod_spec.setdefault("containers", [{}])
     main = containers[0]
-    main.setdefault("name", "trial")
+    main["name"] = trial_container_name(spec)
     if raw.get("image"):
         main["image"] = raw["image"]
     main.setdefault("image", "kubetune/trial:latest")
@@ -91,7 +94,7 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
             "name": current_pod(trial),
             "namespace": meta["namespace"],
             "labels": {EXPERIMENT_LABEL: spec.name, TRIAL_LABEL: meta["name"]},
-            "annotations": {"kubetune.io/params": json.dumps(params)},
+            "annotations": {"kubetune.io/params": json.dumps(params), TRIAL_CONTAINER: main["name"]},
             "ownerReferences": [{
                 "apiVersion": trial["apiVersion"], "kind": "Trial", "name": meta["name"], "uid": meta["uid"],
                 "controller": True, "blockOwnerDeletion": True,
@@ -99,6 +102,19 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
         },
         "spec": pod_spec,
     }
+
+
+def trial_container_name(spec: ExperimentSpec) -> str:
+    """The name of the trial's container in its pods: the template's first container's, or "trial"."""
+    containers = (spec.trial_template.raw.get("podSpec") or {}).get("containers") or [{}]
+    return containers[0].get("name") or "trial"
+
+
+def trial_container(pod: Mapping[str, Any]) -> str | None:
+    """The name of the pod's container that runs the trial (a pod made before TRIAL_CONTAINER: its first)."""
+    named = ((pod.get("metadata") or {}).get("annotations") or {}).get(TRIAL_CONTAINER)
+    containers = (pod.get("spec") or {}).get("containers") or [{}]
+    return named or containers[0].get("name")
 
 
 def _bus_env(bus: Mapping[str, Any], spec: ExperimentSpec, trial_meta: Mapping[str, Any]) -> list[dict]:

@@ -8,9 +8,13 @@ scheduler) does, knowing its pods from a watch:
 - binds Pending pods that fit (sum of the requests of its non-terminated pods
   within allocatable; nodeSelector and taints respected) through pods/binding,
   and marks the rest Unschedulable, as a full GPU node leaves them;
-- runs the first container's command/args as a local process in a scratch
-  directory with the pod's environment (ConfigMaps and Secrets resolved), its
-  output in a log file that `kubectl logs` reads through the API server;
+- runs each container's command/args as a local process of its own in the pod's
+  scratch directory with the container's environment (ConfigMaps and Secrets
+  resolved), its output in a log file per container that `kubectl logs -c`
+  reads through the API server. Native sidecars (initContainers with
+  restartPolicy Always) run too, started first and stopped (SIGTERM, SIGKILL
+  after the grace period) once every regular container has exited for good;
+  other init containers are ignored;
 - sets up the Secret volumes the container mounts (all other volumes are
   ignored): the Secret's keys (or its `items`) are written as read-only files
   in a folder of the pod's scratch directory. A local process cannot see them at
@@ -21,11 +25,14 @@ scheduler) does, knowing its pods from a watch:
   mapped: test-only, enough for "KUBETUNE_REDIS_CA_FILE=/var/run/.../ca.crt".
   A missing Secret or key leaves the pod ContainerCreating with the reason in
   its message, as a real kubelet does;
-- reports phase, container state, restart count and exit code in pod status,
-  restarting per restartPolicy;
-- on pod deletion sends SIGTERM, then SIGKILL after the grace period, and
-  finishes the deletion; lose() makes the node vanish (heartbeats stop,
-  processes die) for failure tests.
+- reports each container's state, restart count and exit code in pod status,
+  restarting each per restartPolicy, and the phase as a kubelet does: Running
+  while any container runs (or restarts), Succeeded once all have exited 0 for
+  good, Failed once all have exited and any failed (a native sidecar's exit
+  does not count);
+- on pod deletion sends SIGTERM to every container, then SIGKILL after the
+  grace period, and finishes the deletion; lose() makes the node vanish
+  (heartbeats stop, processes die) for failure tests.
 
 Identities: the node part uses a client certificate for system:node:<name> in
 group system:nodes, so the Node authorizer and NodeRestriction admission confine
@@ -46,7 +53,7 @@ from pathlib import Path
 from tests.cluster import processes
 from tests.cluster.control_plane import ControlPlane
 from tests.cluster.log_server import LogServer
-from tests.cluster.pod_status import (TERMINAL_PHASES, ContainerRun, now, now_micro, pod_status,
+from tests.cluster.pod_status import (TERMINAL_PHASES, ContainerRun, PodRun, now, now_micro, pod_status,
                                       with_transition_times)
 from tests.cluster.pod_watch import PodWatch
 from tests.cluster.podspec import (GPU, ConfigError, command_line, container_env, map_mounted_paths,
@@ -83,7 +90,7 @@ class TestKubelet:
         self.extra_env = dict(extra_env or {})
         self.workdir = cluster.workdir / "kubelets" / name
         self.errors: list[str] = []  # unexpected failures of a sync pass, for debugging
-        self._runs: dict[str, ContainerRun] = {}
+        self._runs: dict[str, PodRun] = {}  # by pod uid
         self._busy: set[str] = set()  # uids a pod worker is syncing now
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -156,8 +163,8 @@ class TestKubelet:
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:
-            if run.process is not None:
-                processes.stop(run.process, grace_seconds=grace_seconds)
+            for process in run.processes():
+                processes.stop(process, grace_seconds=grace_seconds)
         if getattr(self, "log_server", None):
             self.log_server.stop()
             self.log_server = None
@@ -170,14 +177,21 @@ class TestKubelet:
 
     # ----- what tests look at ----------------------------------------------------------
 
-    def run_of(self, namespace: str, pod: str) -> ContainerRun | None:
+    def pod_run_of(self, namespace: str, pod: str) -> PodRun | None:
         with self._lock:
             runs = [r for r in self._runs.values() if r.namespace == namespace and r.pod == pod]
         return runs[-1] if runs else None
 
-    def log_path(self, namespace: str, pod: str) -> Path:
+    def run_of(self, namespace: str, pod: str, container: str | None = None) -> ContainerRun | None:
+        """The run of the pod's container of that name (by default its first regular container)."""
+        run = self.pod_run_of(namespace, pod)
+        if run is None:
+            return None
+        return run.container(container) if container else run.regular[0]
+
+    def log_path(self, namespace: str, pod: str, container: str | None = None) -> Path:
         """The current log file of the pod's container (waits until it has started)."""
-        run = wait_until(lambda: self.run_of(namespace, pod), 60,
+        run = wait_until(lambda: self.run_of(namespace, pod, container), 60,
                          f"pod {namespace}/{pod} to start on {self.name}")
         return wait_until(lambda: run.log_path, 60, f"log of {namespace}/{pod}")
 
@@ -297,9 +311,8 @@ class TestKubelet:
         with self._lock:
             gone = [uid for uid in self._runs if uid not in present]
         for uid in gone:  # removed from the API (force-deleted): stop at once
-            run = self._runs[uid]
-            if run.process is not None:
-                processes.stop(run.process, grace_seconds=0)
+            for process in self._runs[uid].processes():
+                processes.stop(process, grace_seconds=0)
             with self._lock:
                 del self._runs[uid]
         if not self._stop.is_set():
@@ -326,21 +339,27 @@ class TestKubelet:
         if self._settled(pod, run):
             return
         if run is None:
-            container = pod["spec"]["containers"][0]
             scratch = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{uid[:8]}"
-            run = ContainerRun(meta["namespace"], meta["name"], uid, container["name"],
-                               container.get("image", ""), scratch)
+            run = PodRun(meta["namespace"], meta["name"], uid, [
+                ContainerRun(meta["namespace"], meta["name"], uid, c["name"], c.get("image", ""), scratch,
+                             sidecar=sidecar)
+                for c, sidecar in _containers(pod["spec"])])
             with self._lock:
                 self._runs[uid] = run
-        if not run.terminal:
-            if not run.attempted or (run.restart_at and time.monotonic() >= run.restart_at):
-                self._start_container(pod, run)
-            elif run.process is not None and not run.running() and run.exit_code is None:
-                self._container_exited(pod, run)
+        regular_done = all(c.terminal for c in run.regular)
+        for container in run.containers:
+            if container.terminal:
+                continue
+            if container.sidecar and regular_done:
+                self._stop_sidecar(pod, container)
+            elif not container.attempted or (container.restart_at and time.monotonic() >= container.restart_at):
+                self._start_container(pod, container)
+            elif container.process is not None and not container.running() and container.exit_code is None:
+                self._container_exited(pod, container)
         self._report(pod, run)
 
     @staticmethod
-    def _settled(pod: dict, run: ContainerRun | None) -> bool:
+    def _settled(pod: dict, run: PodRun | None) -> bool:
         """Nothing to do for this pod until it is deleted: it finished before this kubelet knew it
         (reported by an earlier one), or it finished here and that was reported."""
         if pod["metadata"].get("deletionTimestamp"):
@@ -350,7 +369,7 @@ class TestKubelet:
         return run.terminal and bool(run.reported) and run.reported["phase"] in TERMINAL_PHASES
 
     def _start_container(self, pod: dict, run: ContainerRun) -> None:
-        container = pod["spec"]["containers"][0]
+        container = next(c for c, _ in _containers(pod["spec"]) if c["name"] == run.container)
         try:
             volumes = secret_volumes(pod, container, self._fetch_data)  # (mounted before env is resolved)
             env = container_env(pod, container, self._fetch_data)
@@ -411,7 +430,7 @@ class TestKubelet:
         self._after_exit(pod, run, run.exit_code)
 
     def _after_exit(self, pod: dict, run: ContainerRun, code: int) -> None:
-        policy = pod["spec"].get("restartPolicy", "Always")
+        policy = "Always" if run.sidecar else pod["spec"].get("restartPolicy", "Always")
         if policy == "Always" or (policy == "OnFailure" and code != 0):
             # Back off 1, 2, 4 ... 10 s (a real kubelet: 10 s ... 5 min).
             run.restart_at = time.monotonic() + min(10.0, 2.0 ** run.restart_count)
@@ -420,15 +439,29 @@ class TestKubelet:
         else:
             run.terminal = True
 
-    def _terminate(self, pod: dict, run: ContainerRun | None) -> None:
-        """Graceful deletion: SIGTERM, SIGKILL at the deadline, then finish the delete."""
-        if run is not None and run.running():
-            if run.kill_at is None:
-                grace = pod["metadata"].get("deletionGracePeriodSeconds", 30)
-                run.kill_at = time.monotonic() + grace
-                processes.signal_group(run.process, signal.SIGTERM)
-            elif time.monotonic() >= run.kill_at:
-                processes.signal_group(run.process, signal.SIGKILL)
+    def _stop_sidecar(self, pod: dict, run: ContainerRun) -> None:
+        """A native sidecar once the regular containers are over: SIGTERM, SIGKILL at the deadline."""
+        if run.running():
+            self._signal(run, pod["spec"].get("terminationGracePeriodSeconds", 30))
+            return
+        if run.process is not None and run.exit_code is None:
+            self._container_exited(pod, run)
+        run.terminal, run.waiting = True, None
+
+    @staticmethod
+    def _signal(run: ContainerRun, grace: float) -> None:
+        if run.kill_at is None:
+            run.kill_at = time.monotonic() + grace
+            processes.signal_group(run.process, signal.SIGTERM)
+        elif time.monotonic() >= run.kill_at:
+            processes.signal_group(run.process, signal.SIGKILL)
+
+    def _terminate(self, pod: dict, run: PodRun | None) -> None:
+        """Graceful deletion: SIGTERM to every container, SIGKILL at the deadline, then finish the delete."""
+        live = [c for c in run.containers if c.running()] if run is not None else []
+        if live:
+            for container in live:
+                self._signal(container, pod["metadata"].get("deletionGracePeriodSeconds", 30))
             return
         meta = pod["metadata"]
         try:
@@ -454,7 +487,7 @@ class TestKubelet:
 
     # ----- status -----------------------------------------------------------------------
 
-    def _report(self, pod: dict, run: ContainerRun) -> None:
+    def _report(self, pod: dict, run: PodRun) -> None:
         status = pod_status(run)
         if status == run.reported:
             return
@@ -470,11 +503,19 @@ class TestKubelet:
                 raise
 
     def _find_log(self, namespace: str, pod: str, container: str, previous: bool):
-        run = self.run_of(namespace, pod)
-        if run is None or run.container != container:
+        run = self.pod_run_of(namespace, pod)
+        run = run.container(container) if run is not None else None
+        if run is None:
             return None
         path = run.previous_log_path if previous else run.log_path
         return None if path is None else (path, run.running)
+
+
+def _containers(spec: dict) -> list[tuple[dict, bool]]:
+    """The containers the test kubelet runs, each with whether it is a native sidecar: those first
+    (an init container with restartPolicy Always, as a kubelet starts them), then the regular ones."""
+    sidecars = [c for c in spec.get("initContainers") or [] if c.get("restartPolicy") == "Always"]
+    return [(c, True) for c in sidecars] + [(c, False) for c in spec["containers"]]
 
 
 def _kubernetes_version() -> str:

@@ -1,4 +1,4 @@
-"""A pod's container run by the test kubelet, and the status it reports for it."""
+"""A pod's containers run by the test kubelet, and the status it reports for it."""
 from __future__ import annotations
 
 import subprocess
@@ -19,13 +19,14 @@ def now_micro() -> str:
 
 @dataclass
 class ContainerRun:
-    """The local process behind a pod's (first) container, and what was reported."""
+    """The local process behind one of a pod's containers, and its state."""
     namespace: str
     pod: str
     uid: str
     container: str
     image: str
     workdir: Path
+    sidecar: bool = False  # a native sidecar: an init container with restartPolicy Always
     restart_count: int = 0
     attempted: bool = False  # a start was tried (restarts count from there)
     process: subprocess.Popen | None = None
@@ -37,13 +38,41 @@ class ContainerRun:
     last_terminated: dict | None = None
     waiting: tuple[str, str] | None = None  # (reason, message)
     restart_at: float = 0.0
-    terminal: bool = False
-    kill_at: float | None = None
-    reported: dict | None = None
-    start_time: str = field(default_factory=now)
+    terminal: bool = False  # exited, never to be restarted
+    kill_at: float | None = None  # when told to stop: SIGKILL from then on
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+@dataclass
+class PodRun:
+    """A pod's containers run by the test kubelet (native sidecars first, as a kubelet starts them,
+    then the regular ones, in spec order), and what was last reported for it."""
+    namespace: str
+    pod: str
+    uid: str
+    containers: list[ContainerRun]
+    reported: dict | None = None
+    start_time: str = field(default_factory=now)
+
+    @property
+    def regular(self) -> list[ContainerRun]:
+        return [c for c in self.containers if not c.sidecar]
+
+    @property
+    def terminal(self) -> bool:
+        """Over for good: every container exited and none will restart (native sidecars included)."""
+        return all(c.terminal for c in self.containers)
+
+    def running(self) -> bool:
+        return any(c.running() for c in self.containers)
+
+    def processes(self) -> list[subprocess.Popen]:
+        return [c.process for c in self.containers if c.process is not None]
+
+    def container(self, name: str) -> ContainerRun | None:
+        return next((c for c in self.containers if c.container == name), None)
 
 
 def container_status(run: ContainerRun) -> dict:
@@ -66,23 +95,30 @@ def container_status(run: ContainerRun) -> dict:
     return status
 
 
-def pod_status(run: ContainerRun) -> dict:
-    """The pod's status as a kubelet reports it (transition times are added on change)."""
-    running = run.running()
+def pod_status(run: PodRun) -> dict:
+    """The pod's status as a kubelet reports it (transition times are added on change): Succeeded
+    once every container has exited 0 for good, Failed once every one has exited and one failed
+    (native sidecars' exits do not count), Running while any runs or has run, else Pending."""
+    regular = run.regular
     if run.terminal:
-        phase = "Succeeded" if run.exit_code == 0 else "Failed"
-    elif running or run.restart_count or (run.waiting and run.waiting[0] == "CrashLoopBackOff"):
+        phase = "Succeeded" if all(c.exit_code == 0 for c in regular) else "Failed"
+    elif any(c.running() or c.restart_count or c.exit_code is not None
+             or (c.waiting and c.waiting[0] == "CrashLoopBackOff") for c in run.containers):
         phase = "Running"
     else:
         phase = "Pending"
-    ready = "True" if running else "False"
+    ready = "True" if regular and all(c.running() for c in regular) else "False"
     conditions = [{"type": t, "status": s} for t, s in (
         ("PodReadyToStartContainers", "True"), ("Initialized", "True"),
         ("ContainersReady", ready), ("Ready", ready), ("PodScheduled", "True"))]
-    return {"phase": phase, "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
-            "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-            "startTime": run.start_time, "conditions": conditions,
-            "containerStatuses": [container_status(run)]}
+    status = {"phase": phase, "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
+              "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+              "startTime": run.start_time, "conditions": conditions,
+              "containerStatuses": [container_status(c) for c in regular]}
+    sidecars = [container_status(c) for c in run.containers if c.sidecar]
+    if sidecars:
+        status["initContainerStatuses"] = sidecars
+    return status
 
 
 def with_transition_times(status: dict, previous: dict | None) -> dict:

@@ -1,5 +1,7 @@
 """The test kubelet's pod termination and node heartbeats behave like a kubelet's."""
-from tests.cluster.helpers import get_pod, manifest, python_pod
+import sys
+
+from tests.cluster.helpers import get_pod, manifest, python_pod, wait_for_phase
 from tests.cluster.rest import ApiError
 from tests.cluster.waiting import wait_until
 
@@ -85,3 +87,66 @@ def test_lost_node_goes_not_ready_and_its_trial_is_evicted(k8s_cluster, k8s_name
     node = admin.get(f"/api/v1/nodes/{doomed.name}")
     assert {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"} in [
         {"key": t["key"], "effect": t["effect"]} for t in node["spec"]["taints"]]
+
+
+FOREVER = "import time\nprint('shipping', flush=True)\nwhile True:\n    time.sleep(0.1)"
+
+
+def with_container(pod: dict, name: str, code: str, *, native: bool = False) -> dict:
+    """pod with one more container running code: a regular one, or a native sidecar (an init container
+    with restartPolicy Always)."""
+    container = {**pod["spec"]["containers"][0], "name": name, "command": [sys.executable, "-u", "-c", code]}
+    if native:
+        pod["spec"].setdefault("initContainers", []).append({**container, "restartPolicy": "Always"})
+    else:
+        pod["spec"]["containers"].append(container)
+    return pod
+
+
+def states(pod: dict, key: str = "containerStatuses") -> dict[str, dict]:
+    return {c["name"]: c["state"] for c in pod["status"].get(key) or []}
+
+
+def test_every_container_runs_and_the_pod_runs_on_while_a_sidecar_does(k8s_cluster, k8s_namespace,
+                                                                       test_kubelet):
+    ns, admin = k8s_namespace, k8s_cluster.rest()
+    k8s_cluster.kubectl("apply", "-n", ns, "-f", "-", input=manifest(
+        with_container(python_pod("sidecar", "print('trained')"), "shipper", FOREVER)))
+    pod = wait_until(lambda: "terminated" in states(p := get_pod(admin, ns, "sidecar")).get("main", {}) and p,
+                     30, "the main container to exit")
+    assert pod["status"]["phase"] == "Running"
+    assert states(pod)["main"]["terminated"]["exitCode"] == 0 and "running" in states(pod)["shipper"]
+    assert "trained" in k8s_cluster.kubectl("logs", "-n", ns, "sidecar", "-c", "main").stdout
+    assert "shipping" in k8s_cluster.kubectl("logs", "-n", ns, "sidecar", "-c", "shipper").stdout
+    shipper = test_kubelet.run_of(ns, "sidecar", "shipper").process
+    assert test_kubelet.run_of(ns, "sidecar").container == "main"
+
+    k8s_cluster.kubectl("delete", "-n", ns, "pod/sidecar", "--wait=false")
+    wait_until(lambda: deleted(admin, ns, "sidecar"), 30, "the pod to be deleted")
+    assert shipper.poll() is not None  # stopped with its pod
+    assert test_kubelet.running_pods() == []
+
+
+def test_a_pod_succeeds_once_all_its_containers_exit_0_and_fails_if_any_fails(k8s_cluster, k8s_namespace,
+                                                                              test_kubelet):
+    ns, admin = k8s_namespace, k8s_cluster.rest()
+    late = "import sys, time\ntime.sleep(1)\nsys.exit({})"
+    k8s_cluster.kubectl("apply", "-n", ns, "-f", "-", input=manifest(
+        with_container(python_pod("all-ok", "pass"), "other", late.format(0)),
+        with_container(python_pod("one-failed", "pass"), "other", late.format(3))))
+    ok = wait_for_phase(admin, ns, "all-ok", "Succeeded")
+    assert {n: s["terminated"]["exitCode"] for n, s in states(ok).items()} == {"main": 0, "other": 0}
+    failed = wait_for_phase(admin, ns, "one-failed", "Failed")
+    assert {n: s["terminated"]["exitCode"] for n, s in states(failed).items()} == {"main": 0, "other": 3}
+
+
+def test_native_sidecars_are_stopped_once_the_regular_containers_are_over(k8s_cluster, k8s_namespace,
+                                                                          test_kubelet):
+    ns, admin = k8s_namespace, k8s_cluster.rest()
+    k8s_cluster.kubectl("apply", "-n", ns, "-f", "-", input=manifest(
+        with_container(python_pod("native", "import time\ntime.sleep(1)"), "proxy", FOREVER, native=True)))
+    pod = wait_for_phase(admin, ns, "native", "Succeeded")
+    assert states(pod)["main"]["terminated"]["exitCode"] == 0
+    assert "terminated" in states(pod, "initContainerStatuses")["proxy"]  # (its exit code does not count)
+    assert "shipping" in k8s_cluster.kubectl("logs", "-n", ns, "native", "-c", "proxy").stdout
+    assert test_kubelet.running_pods() == []
