@@ -1025,3 +1025,31 @@ def test_paused_trials_with_a_sidecar_resume_from_their_checkpoints(k8s_cluster,
     assert all((tmp_path / "ran" / pod).exists() for pod in (winner, f"{winner}-resume1", f"{winner}-resume2"))
     wait_until(lambda: not experiment_pods(k8s_cluster, k8s_namespace, "sha"), timeout=30,
                what="the trials' pods to be deleted")
+
+
+LAST_WORDS = """
+import os, sys
+if sys.argv[1] == "crash":
+    print("loading data", flush=True)
+    raise ValueError("the data set is empty")
+with open(os.environ["KUBETUNE_TERMINATION_LOG"], "w") as f:  # what the SDK writes of reports it lost
+    f.write("kubetune.trial: 3 reports never reached the metric bus: ConnectionError: refused\\n")
+"""
+
+
+def test_a_trials_reason_on_the_cluster_is_its_last_log_line_or_what_it_left_in_its_termination_log(
+        k8s_cluster, k8s_namespace, make_kubelet, stack):
+    """A crashed trial's reason read `exited with code 1: Error`; it shows the exception now (the log's end,
+    FallbackToLogsOnError). A trial that exits 0 with no value says why: the SDK's line about reports that
+    never reached the bus, left in the termination log."""
+    make_kubelet(gpus=2)
+    spec = curve_spec(parameters=[{"name": "mode", "type": "categorical", "values": ["crash", "silent"]}],
+                      algorithm={"name": "grid"}, budget={"maxTrials": 2, "parallelTrials": 2, "maxFailedTrials": 2})
+    spec["trialTemplate"]["command"] = ["python", "-c", LAST_WORDS, "${mode}"]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("words", k8s_namespace, **spec))
+    status = wait_phase(k8s_cluster, k8s_namespace, "words", stack)
+    reasons = {t["spec"]["params"]["mode"]: t["status"]["reason"] for t in get(k8s_cluster, "trials", k8s_namespace)["items"]}
+    assert reasons == {
+        "crash": "exited with code 1: ValueError: the data set is empty",
+        "silent": "no value for objective metric 'score' was reported: kubetune.trial: 3 reports never reached "
+                  "the metric bus: ConnectionError: refused"}, stack.logs()

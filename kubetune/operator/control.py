@@ -733,6 +733,9 @@ def _exit_of(pod: Mapping[str, Any]) -> tuple[int | None, str]:
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         terminated = (cs.get("state") or {}).get("terminated")
         if terminated and cs.get("name") == name:
-            message = (terminated.get("message") or terminated.get("reason") or "").strip()
-            return terminated.get("exitCode"), message.splitlines()[-1] if message else ""
+            # Its termination message (the last log lines of a failure; what the SDK said of reports lost); a
+            # failure without one shows the kubelet's reason ("Error", "OOMKilled"), a clean exit nothing.
+            code = terminated.get("exitCode")
+            message = (terminated.get("message") or (terminated.get("reason") if code != 0 else "") or "").strip()
+            return code, message.splitlines()[-1] if message else ""
     return None, (pod.get("status") or {}).get("reason", "")

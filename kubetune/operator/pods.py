@@ -58,6 +58,7 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
     # A failed trial's reason then shows its last log lines (the exception), not just "Error"; a clean exit
     # still shows what the trial wrote to its termination log (the SDK: reports that never reached the bus).
     main.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
+    termination_log = main.get("terminationMessagePath") or "/dev/termination-log"
     if raw.get("resources"):
         # Quantities as the API writes them (users write `nvidia.com/gpu: 1`).
         main["resources"] = {kind: {k: str(v) for k, v in (amounts or {}).items()}
@@ -67,6 +68,7 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
     env = [dict(e) for e in template.env]
     env += [{"name": k, "value": v} for k, v in trial_env(params, builtins).items()]
     env += [{"name": "KUBETUNE_NAMESPACE", "value": meta["namespace"]},
+            {"name": "KUBETUNE_TERMINATION_LOG", "value": termination_log},  # (the SDK's last word goes there)
             {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
             {"name": "PYTHONUNBUFFERED", "value": "1"}]
     record = to_record(trial)

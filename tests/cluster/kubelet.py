@@ -25,6 +25,10 @@ scheduler) does, knowing its pods from a watch:
   mapped: test-only, enough for "KUBETUNE_REDIS_CA_FILE=/var/run/.../ca.crt".
   A missing Secret or key leaves the pod ContainerCreating with the reason in
   its message, as a real kubelet does;
+- gives each container a termination message file (its terminationMessagePath,
+  /dev/termination-log by default, mapped as a mount is) and reports what the
+  container wrote there as its termination message; with FallbackToLogsOnError
+  and a failed exit, the end of its log when the file is empty;
 - reports each container's state, restart count and exit code in pod status,
   restarting each per restartPolicy, and the phase as a kubelet does: Running
   while any container runs (or restarts), Succeeded once all have exited 0 for
@@ -379,6 +383,10 @@ class TestKubelet:
             return
         run.workdir.mkdir(parents=True, exist_ok=True)
         folders = self._write_volumes(run, volumes)
+        # The termination message file, fresh for each start, mapped as a mount is.
+        run.termination_log = run.workdir / f"{run.container}-termination-log"
+        run.termination_log.write_text("")
+        folders[container.get("terminationMessagePath") or "/dev/termination-log"] = str(run.termination_log)
         env = {name: map_mounted_paths(value, folders) for name, value in env.items()}
         argv = [map_mounted_paths(arg, folders) for arg in argv]
         if run.attempted:  # a restart: keep the previous log for --previous
@@ -427,6 +435,10 @@ class TestKubelet:
         run.last_terminated = {"exitCode": run.exit_code,
                                "reason": "Completed" if run.exit_code == 0 else "Error",
                                "startedAt": run.started_at, "finishedAt": run.finished_at}
+        container = next((c for c, _ in _containers(pod["spec"]) if c["name"] == run.container), {})
+        message = _termination_message(run, container.get("terminationMessagePolicy") == "FallbackToLogsOnError")
+        if message:
+            run.last_terminated["message"] = message
         self._after_exit(pod, run, run.exit_code)
 
     def _after_exit(self, pod: dict, run: ContainerRun, code: int) -> None:
@@ -509,6 +521,19 @@ class TestKubelet:
             return None
         path = run.previous_log_path if previous else run.log_path
         return None if path is None else (path, run.running)
+
+
+def _termination_message(run: ContainerRun, fallback_to_logs: bool) -> str:
+    """As a kubelet: the container's termination message file (its last 4096 bytes); empty, with
+    FallbackToLogsOnError and a failed exit, the end of its log (80 lines, 2048 bytes at most)."""
+    try:
+        text = run.termination_log.read_bytes()[-4096:].decode("utf-8", "replace") if run.termination_log else ""
+    except OSError:
+        text = ""
+    if not text and fallback_to_logs and run.exit_code and run.log_path is not None:
+        lines = run.log_path.read_bytes().splitlines(keepends=True)[-80:]
+        text = b"".join(lines)[-2048:].decode("utf-8", "replace")
+    return text
 
 
 def _containers(spec: dict) -> list[tuple[dict, bool]]:

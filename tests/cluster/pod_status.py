@@ -36,6 +36,7 @@ class ContainerRun:
     finished_at: str = ""
     exit_code: int | None = None
     last_terminated: dict | None = None
+    termination_log: Path | None = None  # the file its terminationMessagePath stands for
     waiting: tuple[str, str] | None = None  # (reason, message)
     restart_at: float = 0.0
     terminal: bool = False  # exited, never to be restarted
