@@ -94,8 +94,12 @@ def crds(chart):
 @pytest.fixture
 def stack(k8s_cluster, chart, redis_server, tmp_path):
     """The operator and the suggestion service, each with its ServiceAccount from the chart."""
-    s = Stack(k8s_cluster, redis_server, tmp_path,
-              {"operator": chart(OPERATOR_SA), "suggestion": chart(SUGGESTION_SA)})
+    yield from running(Stack(k8s_cluster, redis_server, tmp_path,
+                             {"operator": chart(OPERATOR_SA), "suggestion": chart(SUGGESTION_SA)}))
+
+
+def running(s: Stack):
+    """A fixture's body: the stack started, then stopped whatever the test did."""
     s.start("suggestion")
     s.start("operator")
     try:
@@ -179,12 +183,7 @@ def tls_stack(k8s_cluster, k8s_namespace, chart, redis_server_factory, tmp_path)
     s = Stack(k8s_cluster, redis, tmp_path, {"operator": chart(OPERATOR_SA), "suggestion": chart(SUGGESTION_SA)},
               env={"operator": {"KUBETUNE_REDIS_CA_SECRET": "in-house-ca"},
                    "suggestion": {"KUBETUNE_REDIS_CA_FILE": str(redis.ca_file)}})
-    s.start("suggestion")
-    s.start("operator")
-    try:
-        yield s
-    finally:
-        s.stop()
+    yield from running(s)
 
 
 def test_trials_report_over_tls_to_a_redis_whose_private_ca_is_a_secret(k8s_cluster, k8s_namespace, make_kubelet,
@@ -1047,7 +1046,7 @@ def test_a_trials_reason_on_the_cluster_is_its_last_log_line_or_what_it_left_in_
                       algorithm={"name": "grid"}, budget={"maxTrials": 2, "parallelTrials": 2, "maxFailedTrials": 2})
     spec["trialTemplate"]["command"] = ["python", "-c", LAST_WORDS, "${mode}"]
     k8s_cluster.kubectl("apply", "-f", "-", input=experiment("words", k8s_namespace, **spec))
-    status = wait_phase(k8s_cluster, k8s_namespace, "words", stack)
+    assert wait_phase(k8s_cluster, k8s_namespace, "words", stack)["phase"] == "Failed"  # (no trial succeeded)
     reasons = {t["spec"]["params"]["mode"]: t["status"]["reason"] for t in get(k8s_cluster, "trials", k8s_namespace)["items"]}
     assert reasons == {
         "crash": "exited with code 1: ValueError: the data set is empty",
