@@ -462,3 +462,34 @@ def test_a_trial_is_judged_by_its_own_containers_status_and_a_pod_left_with_side
     finally:
         server.shutdown()
         service.close()
+
+
+
+def test_an_experiment_deleted_and_applied_again_starts_afresh_under_the_same_operator(
+        k8s_cluster, k8s_namespace, chart):
+    """`kubectl delete -f exp.yaml; kubectl apply -f exp.yaml` while it runs: kopf stops the old one's daemon
+    without a last pass, so the operator still held what it knew of it. The new one's first pass, seeing none
+    of the trials the old one created moments ago, wrote their count as status.created; the next took each
+    of those numbers for a Trial deleted by hand: the new experiment started with the old one's trials as
+    Killed ("the Trial was deleted"), and, its maxTrials spent on them, failed NoTrialSucceeded at once."""
+    spec = curve_spec(budget={"maxTrials": 2, "parallelTrials": 2})
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("again", k8s_namespace, **spec))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, url)  # one operator throughout
+        assert not controller.reconcile_experiment(k8s_namespace, "again")  # trials 0 and 1
+        k8s_cluster.kubectl("delete", "experiment", "again", "-n", k8s_namespace, "--wait=true")
+        k8s_cluster.kubectl("delete", "trials", "--all", "-n", k8s_namespace, "--wait=true")  # (as the GC does)
+        k8s_cluster.kubectl("apply", "-f", "-", input=experiment("again", k8s_namespace, **spec))
+        over = [controller.reconcile_experiment(k8s_namespace, "again") for _ in range(3)]
+        exp = get(k8s_cluster, "experiment", k8s_namespace, "again")
+        status = exp["status"]
+        assert over == [False] * 3 and "completionTime" not in status, status.get("conditions")
+        assert not status.get("killed") and status.get("created") == 2, status
+        trials = [t for t in get(k8s_cluster, "trials", k8s_namespace)["items"]
+                  if t["metadata"]["ownerReferences"][0]["uid"] == exp["metadata"]["uid"]]
+        assert sorted(t["metadata"]["name"] for t in trials) == ["again-0000", "again-0001"]
+    finally:
+        server.shutdown()
+        service.close()

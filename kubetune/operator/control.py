@@ -58,6 +58,7 @@ class Controller:
         self._sent: dict[tuple[str, str], _Sent] = {}
         self._records: dict[tuple[str, str], dict[str, tuple[str, Trial]]] = {}
         self._deleted: dict[tuple[str, str], set[int]] = {}  # numbers of trials deleted by hand, once seen gone
+        self._uids: dict[tuple[str, str], str] = {}  # the experiment the three above are of
 
     # -- experiments ---------------------------------------------------------
 
@@ -68,10 +69,21 @@ class Controller:
         """
         over = self._reconcile(namespace, name, trials)
         if over:
-            self._sent.pop((namespace, name), None)
-            self._records.pop((namespace, name), None)
-            self._deleted.pop((namespace, name), None)
+            self._forget((namespace, name))
         return over
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        for held in (self._sent, self._records, self._deleted, self._uids):
+            held.pop(key, None)
+
+    def _own(self, exp: dict) -> None:
+        """What is held of an experiment of this name is this one's: not that of one deleted and applied again
+        under it, whose last pass (that forgets it) never came (kopf stops a daemon on deletion). Its trial
+        numbers deleted by hand are not this one's, nor is what it created moments ago."""
+        key, uid = (exp["metadata"]["namespace"], exp["metadata"]["name"]), exp["metadata"]["uid"]
+        if self._uids.get(key) != uid:
+            self._forget(key)
+            self._uids[key] = uid
 
     def _reconcile(self, namespace: str, name: str, resources: list[dict] | None) -> bool:
         exp = self.kube.get_experiment(namespace, name)
@@ -80,6 +92,7 @@ class Controller:
         status = exp.get("status") or {}
         if status.get("completionTime"):
             return True
+        self._own(exp)
         problems = (check_structure(exp["spec"], schema.SPEC, "spec") or check_spec(exp["spec"])
                     or template_clashes(exp["spec"], self.bus))
         if problems:
@@ -359,6 +372,7 @@ class Controller:
         if resources is None:
             resources = self.kube.list_trials(namespace, name)
         trials = records(owned_by(resources, exp))
+        self._own(exp)
         trials = self._with_deleted(exp, status, trials) or trials  # (deleted ones count, as while it ran)
         elapsed = run_time(status, parse_time(ended))
         if "seed" not in status or not goes_on(spec, trials, best_trial(spec, trials), elapsed, reason,
