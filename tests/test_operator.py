@@ -1047,7 +1047,7 @@ def test_a_trials_reason_on_the_cluster_is_its_last_log_line_or_what_it_left_in_
                       algorithm={"name": "grid"}, budget={"maxTrials": 2, "parallelTrials": 2, "maxFailedTrials": 2})
     spec["trialTemplate"]["command"] = ["python", "-c", LAST_WORDS, "${mode}"]
     k8s_cluster.kubectl("apply", "-f", "-", input=experiment("words", k8s_namespace, **spec))
-    status = wait_phase(k8s_cluster, k8s_namespace, "words", stack)
+    wait_phase(k8s_cluster, k8s_namespace, "words", stack)
     reasons = {t["spec"]["params"]["mode"]: t["status"]["reason"] for t in get(k8s_cluster, "trials", k8s_namespace)["items"]}
     assert reasons == {
         "crash": "exited with code 1: ValueError: the data set is empty",
