@@ -493,3 +493,32 @@ def test_an_experiment_deleted_and_applied_again_starts_afresh_under_the_same_op
     finally:
         server.shutdown()
         service.close()
+
+
+def test_a_running_experiment_that_set_the_ca_itself_goes_on_when_the_operator_mounts_one(
+        k8s_cluster, k8s_namespace, chart):
+    """Before --redis-ca-secret, the README had users set KUBETUNE_REDIS_CA_FILE in trialTemplate.env. The
+    operator restarted with the flag judged running experiments' templates again on every pass: each one
+    that had followed that advice ended Failed InvalidSpec mid-run, and its running trials were never
+    stopped (their pods ran on, holding their GPUs, for an experiment that was over)."""
+    spec = curve_spec(budget={"maxTrials": 2, "parallelTrials": 1})
+    spec["trialTemplate"]["env"] = [{"name": "KUBETUNE_REDIS_CA_FILE", "value": "/etc/in-house-ca/ca.crt"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("ownca", k8s_namespace, **spec))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        bus = {"url": "rediss://redis.internal:6380/0"}
+        assert not Controller(kube, url, bus).reconcile_experiment(k8s_namespace, "ownca")  # trial 0 runs
+        restarted = Controller(kube, url, {**bus, "caSecret": {"name": "redis-ca", "key": "ca.crt"}})
+        assert not restarted.reconcile_experiment(k8s_namespace, "ownca")
+        status = get(k8s_cluster, "experiment", k8s_namespace, "ownca")["status"]
+        assert "completionTime" not in status, status.get("conditions")
+        # Its pods get the operator's CA, and one variable naming it.
+        from kubetune.operator.pods import trial_pod
+        exp = get(k8s_cluster, "experiment", k8s_namespace, "ownca")
+        pod = trial_pod(ExperimentSpec.from_document(exp), kube.get_trial(k8s_namespace, "ownca-0000"), restarted.bus)
+        cas = [e["value"] for e in pod["spec"]["containers"][0]["env"] if e["name"] == "KUBETUNE_REDIS_CA_FILE"]
+        assert cas == ["/var/run/kubetune/redis-ca/ca.crt"]
+    finally:
+        server.shutdown()
+        service.close()
