@@ -522,3 +522,32 @@ def test_a_running_experiment_that_set_the_ca_itself_goes_on_when_the_operator_m
     finally:
         server.shutdown()
         service.close()
+
+
+def test_an_oom_killed_trials_reason_says_so_not_its_last_log_line(k8s_cluster, k8s_namespace, chart):
+    """Trial containers get terminationMessagePolicy FallbackToLogsOnError: the kubelet fills the message of
+    any failed exit with the log's end, an OOM kill's too. The reason read the last line the trainer printed
+    before the kernel killed it (a progress bar, say), where it said `OOMKilled` before that policy: the one
+    word that tells a user to give the trial more memory."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "oom", k8s_namespace, **curve_spec(budget={"maxTrials": 2, "parallelTrials": 2, "maxFailedTrials": 2})))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, url)
+        controller.reconcile_experiment(k8s_namespace, "oom")  # its two trials
+        for n, (code, reason, message) in enumerate([
+                (137, "OOMKilled", "epoch 3:  45%|####5     | 450/1000\n"),  # as the kubelet writes it
+                (1, "Error", "Traceback (most recent call last):\nValueError: the data set is empty\n")]):
+            name = f"oom-{n:04d}"
+            controller.ensure_pod(kube.get_trial(k8s_namespace, name))
+            pod = kube.core.api_client.sanitize_for_serialization(kube.get_pod(k8s_namespace, name))
+            pod["status"] = {"phase": "Failed", "containerStatuses": [{"name": "trial", "state": {"terminated": {
+                "exitCode": code, "reason": reason, "message": message}}}]}
+            assert controller.on_pod(pod) == "oom"
+        reasons = [kube.get_trial(k8s_namespace, f"oom-{n:04d}")["status"]["reason"] for n in range(2)]
+        assert reasons == ["exited with code 137: OOMKilled",
+                           "exited with code 1: ValueError: the data set is empty"]
+    finally:
+        server.shutdown()
+        service.close()

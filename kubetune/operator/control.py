@@ -754,5 +754,7 @@ def _exit_of(pod: Mapping[str, Any]) -> tuple[int | None, str]:
             # failure without one shows the kubelet's reason ("Error", "OOMKilled"), a clean exit nothing.
             code = terminated.get("exitCode")
             message = (terminated.get("message") or (terminated.get("reason") if code != 0 else "") or "").strip()
+            if terminated.get("reason") == "OOMKilled":
+                message = "OOMKilled"  # (its message is the log's end too: the last line printed, not why it ended)
             return code, message.splitlines()[-1] if message else ""
     return None, (pod.get("status") or {}).get("reason", "")
