@@ -551,3 +551,25 @@ def test_an_oom_killed_trials_reason_says_so_not_its_last_log_line(k8s_cluster, 
     finally:
         server.shutdown()
         service.close()
+
+
+def test_an_experiment_ended_by_an_operator_before_this_one_is_not_continued_for_trials_deleted_since(
+        k8s_cluster, k8s_namespace, chart):
+    """Experiments that an earlier operator ended have no status.observedGeneration (nor status.created): the
+    upgraded operator judged each on first sight as if its spec had been edited. One whose trials had been
+    cleaned up since (kubectl delete trials, to spare etcd) read as under its maxTrials, and went on: it ran
+    its whole budget again, on GPUs, months after it ended."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "old", k8s_namespace, **curve_spec(budget={"maxTrials": 2, "parallelTrials": 2})))
+    kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+    ended = {"seed": 7, "phase": "Succeeded", "startTime": "2026-01-01T00:00:00Z",
+             "completionTime": "2026-01-01T01:00:00Z", "trials": 2, "succeeded": 2, "conditions": [
+                 {"type": "Running", "status": "False", "reason": "MaxTrialsReached", "message": "all 2 trials finished"},
+                 {"type": "Succeeded", "status": "True", "reason": "MaxTrialsReached",
+                  "message": "all 2 trials finished"}]}
+    kube.patch_experiment_status(k8s_namespace, "old", ended)  # as the earlier operator left it; its trials gone
+    controller = Controller(kube, "http://127.0.0.1:9")
+    assert not controller.continue_if_raised(k8s_namespace, "old")
+    exp = get(k8s_cluster, "experiment", k8s_namespace, "old")
+    assert exp["status"]["completionTime"] == ended["completionTime"], exp["status"]
+    assert exp["status"]["observedGeneration"] == exp["metadata"]["generation"]  # (an edit from now on is judged)
