@@ -169,3 +169,19 @@ def test_a_resumed_run_starts_from_the_checkpoint_of_the_step_its_trial_was_paus
     assert checkpoint.load() == {"step": 1}
     checkpoint.save({"step": 2}, step=2)
     assert checkpoint.load() == {"step": 2}, "once it saves, its own latest"
+
+
+def test_a_resumed_run_whose_checkpoints_count_steps_otherwise_than_its_reports_gets_its_latest(
+        in_experiment, monkeypatch):
+    """Reports by epoch (the scheduler's resource), checkpoints by global step, as many trainers name them.
+    Paused at epoch 3, the trainer saves global step 3000 and exits as told. The resumed run got the oldest
+    checkpoint kept (global step 1000: none was saved at or before "step 3"), and trained epochs 2 and 3
+    again, where it got its latest before resumes knew their step."""
+    in_experiment(0)
+    for epoch in (1, 2, 3):
+        checkpoint.save({"global_step": 1000 * epoch}, step=1000 * epoch)
+    checkpoint.hold(3)  # report(3, ...) answered pause
+    monkeypatch.setattr(checkpoint, "_saved_here", False)  # the resumed run: a new process
+    monkeypatch.setattr(checkpoint, "_held_step", None)
+    monkeypatch.setenv("KUBETUNE_RESUME_STEP", "3")
+    assert checkpoint.load() == {"global_step": 3000}

@@ -462,3 +462,114 @@ def test_a_trial_is_judged_by_its_own_containers_status_and_a_pod_left_with_side
     finally:
         server.shutdown()
         service.close()
+
+
+
+def test_an_experiment_deleted_and_applied_again_starts_afresh_under_the_same_operator(
+        k8s_cluster, k8s_namespace, chart):
+    """`kubectl delete -f exp.yaml; kubectl apply -f exp.yaml` while it runs: kopf stops the old one's daemon
+    without a last pass, so the operator still held what it knew of it. The new one's first pass, seeing none
+    of the trials the old one created moments ago, wrote their count as status.created; the next took each
+    of those numbers for a Trial deleted by hand: the new experiment started with the old one's trials as
+    Killed ("the Trial was deleted"), and, its maxTrials spent on them, failed NoTrialSucceeded at once."""
+    spec = curve_spec(budget={"maxTrials": 2, "parallelTrials": 2})
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("again", k8s_namespace, **spec))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, url)  # one operator throughout
+        assert not controller.reconcile_experiment(k8s_namespace, "again")  # trials 0 and 1
+        k8s_cluster.kubectl("delete", "experiment", "again", "-n", k8s_namespace, "--wait=true")
+        k8s_cluster.kubectl("delete", "trials", "--all", "-n", k8s_namespace, "--wait=true")  # (as the GC does)
+        k8s_cluster.kubectl("apply", "-f", "-", input=experiment("again", k8s_namespace, **spec))
+        over = [controller.reconcile_experiment(k8s_namespace, "again") for _ in range(3)]
+        exp = get(k8s_cluster, "experiment", k8s_namespace, "again")
+        status = exp["status"]
+        assert over == [False] * 3 and "completionTime" not in status, status.get("conditions")
+        assert not status.get("killed") and status.get("created") == 2, status
+        trials = [t for t in get(k8s_cluster, "trials", k8s_namespace)["items"]
+                  if t["metadata"]["ownerReferences"][0]["uid"] == exp["metadata"]["uid"]]
+        assert sorted(t["metadata"]["name"] for t in trials) == ["again-0000", "again-0001"]
+    finally:
+        server.shutdown()
+        service.close()
+
+
+def test_a_running_experiment_that_set_the_ca_itself_goes_on_when_the_operator_mounts_one(
+        k8s_cluster, k8s_namespace, chart):
+    """Before --redis-ca-secret, the README had users set KUBETUNE_REDIS_CA_FILE in trialTemplate.env. The
+    operator restarted with the flag judged running experiments' templates again on every pass: each one
+    that had followed that advice ended Failed InvalidSpec mid-run, and its running trials were never
+    stopped (their pods ran on, holding their GPUs, for an experiment that was over)."""
+    spec = curve_spec(budget={"maxTrials": 2, "parallelTrials": 1})
+    spec["trialTemplate"]["env"] = [{"name": "KUBETUNE_REDIS_CA_FILE", "value": "/etc/in-house-ca/ca.crt"}]
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("ownca", k8s_namespace, **spec))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        bus = {"url": "rediss://redis.internal:6380/0"}
+        assert not Controller(kube, url, bus).reconcile_experiment(k8s_namespace, "ownca")  # trial 0 runs
+        restarted = Controller(kube, url, {**bus, "caSecret": {"name": "redis-ca", "key": "ca.crt"}})
+        assert not restarted.reconcile_experiment(k8s_namespace, "ownca")
+        status = get(k8s_cluster, "experiment", k8s_namespace, "ownca")["status"]
+        assert "completionTime" not in status, status.get("conditions")
+        # Its pods get the operator's CA, and one variable naming it.
+        from kubetune.operator.pods import trial_pod
+        exp = get(k8s_cluster, "experiment", k8s_namespace, "ownca")
+        pod = trial_pod(ExperimentSpec.from_document(exp), kube.get_trial(k8s_namespace, "ownca-0000"), restarted.bus)
+        cas = [e["value"] for e in pod["spec"]["containers"][0]["env"] if e["name"] == "KUBETUNE_REDIS_CA_FILE"]
+        assert cas == ["/var/run/kubetune/redis-ca/ca.crt"]
+    finally:
+        server.shutdown()
+        service.close()
+
+
+def test_an_oom_killed_trials_reason_says_so_not_its_last_log_line(k8s_cluster, k8s_namespace, chart):
+    """Trial containers get terminationMessagePolicy FallbackToLogsOnError: the kubelet fills the message of
+    any failed exit with the log's end, an OOM kill's too. The reason read the last line the trainer printed
+    before the kernel killed it (a progress bar, say), where it said `OOMKilled` before that policy: the one
+    word that tells a user to give the trial more memory."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "oom", k8s_namespace, **curve_spec(budget={"maxTrials": 2, "parallelTrials": 2, "maxFailedTrials": 2})))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, url)
+        controller.reconcile_experiment(k8s_namespace, "oom")  # its two trials
+        for n, (code, reason, message) in enumerate([
+                (137, "OOMKilled", "epoch 3:  45%|####5     | 450/1000\n"),  # as the kubelet writes it
+                (1, "Error", "Traceback (most recent call last):\nValueError: the data set is empty\n")]):
+            name = f"oom-{n:04d}"
+            controller.ensure_pod(kube.get_trial(k8s_namespace, name))
+            pod = kube.core.api_client.sanitize_for_serialization(kube.get_pod(k8s_namespace, name))
+            pod["status"] = {"phase": "Failed", "containerStatuses": [{"name": "trial", "state": {"terminated": {
+                "exitCode": code, "reason": reason, "message": message}}}]}
+            assert controller.on_pod(pod) == "oom"
+        reasons = [kube.get_trial(k8s_namespace, f"oom-{n:04d}")["status"]["reason"] for n in range(2)]
+        assert reasons == ["exited with code 137: OOMKilled",
+                           "exited with code 1: ValueError: the data set is empty"]
+    finally:
+        server.shutdown()
+        service.close()
+
+
+def test_an_experiment_ended_by_an_operator_before_this_one_is_not_continued_for_trials_deleted_since(
+        k8s_cluster, k8s_namespace, chart):
+    """Experiments that an earlier operator ended have no status.observedGeneration (nor status.created): the
+    upgraded operator judged each on first sight as if its spec had been edited. One whose trials had been
+    cleaned up since (kubectl delete trials, to spare etcd) read as under its maxTrials, and went on: it ran
+    its whole budget again, on GPUs, months after it ended."""
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment(
+        "old", k8s_namespace, **curve_spec(budget={"maxTrials": 2, "parallelTrials": 2})))
+    kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+    ended = {"seed": 7, "phase": "Succeeded", "startTime": "2026-01-01T00:00:00Z",
+             "completionTime": "2026-01-01T01:00:00Z", "trials": 2, "succeeded": 2, "conditions": [
+                 {"type": "Running", "status": "False", "reason": "MaxTrialsReached", "message": "all 2 trials finished"},
+                 {"type": "Succeeded", "status": "True", "reason": "MaxTrialsReached",
+                  "message": "all 2 trials finished"}]}
+    kube.patch_experiment_status(k8s_namespace, "old", ended)  # as the earlier operator left it; its trials gone
+    controller = Controller(kube, "http://127.0.0.1:9")
+    assert not controller.continue_if_raised(k8s_namespace, "old")
+    exp = get(k8s_cluster, "experiment", k8s_namespace, "old")
+    assert exp["status"]["completionTime"] == ended["completionTime"], exp["status"]
+    assert exp["status"]["observedGeneration"] == exp["metadata"]["generation"]  # (an edit from now on is judged)

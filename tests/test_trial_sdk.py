@@ -147,3 +147,23 @@ def test_a_trial_that_reported_nothing_gets_the_sdks_last_word_as_its_reason(tmp
     assert trial["state"] == "Failed"
     assert trial["reason"] == ("no value for objective metric 'score' was reported: kubetune.trial: 3 reports "
                                "never reached the metric bus: ConnectionError: refused")
+
+
+def test_a_trial_whose_bus_came_back_is_not_said_to_have_lost_its_reports(tmp_path):
+    """`kubetune run`: the bus was unreachable for a while (the SDK said so once, while training), then came
+    back and took every report; the trial exits 0 without a value of the objective (it reported another
+    metric). Its reason carried that passing warning, sending the user after a bus that lost nothing."""
+    from tests.test_local_run import journal, kubetune, write_spec
+
+    spec = write_spec(tmp_path / "flap.yaml", "flap", {
+        "objective": {"metric": "score", "goal": "maximize"},
+        "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
+        "algorithm": {"name": "random", "settings": {"seed": 1}},
+        "budget": {"maxTrials": 1, "parallelTrials": 1},
+        "trialTemplate": {"command": ["python", "-c", "import sys; print("
+                                      "'kubetune.trial: the metric bus is unreachable (ConnectionError: refused); "
+                                      "reports are kept and sent again, training goes on', file=sys.stderr); "
+                                      "print('training')"]}})
+    kubetune("run", str(spec), "--json", "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+    [trial] = journal(tmp_path / "state", "flap").values()
+    assert (trial["state"], trial["reason"]) == ("Failed", "no value for objective metric 'score' was reported")

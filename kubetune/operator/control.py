@@ -58,6 +58,7 @@ class Controller:
         self._sent: dict[tuple[str, str], _Sent] = {}
         self._records: dict[tuple[str, str], dict[str, tuple[str, Trial]]] = {}
         self._deleted: dict[tuple[str, str], set[int]] = {}  # numbers of trials deleted by hand, once seen gone
+        self._uids: dict[tuple[str, str], str] = {}  # the experiment the three above are of
 
     # -- experiments ---------------------------------------------------------
 
@@ -68,10 +69,21 @@ class Controller:
         """
         over = self._reconcile(namespace, name, trials)
         if over:
-            self._sent.pop((namespace, name), None)
-            self._records.pop((namespace, name), None)
-            self._deleted.pop((namespace, name), None)
+            self._forget((namespace, name))
         return over
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        for held in (self._sent, self._records, self._deleted, self._uids):
+            held.pop(key, None)
+
+    def _own(self, exp: dict) -> None:
+        """What is held of an experiment of this name is this one's: not that of one deleted and applied again
+        under it, whose last pass (that forgets it) never came (kopf stops a daemon on deletion). Its trial
+        numbers deleted by hand are not this one's, nor is what it created moments ago."""
+        key, uid = (exp["metadata"]["namespace"], exp["metadata"]["name"]), exp["metadata"]["uid"]
+        if self._uids.get(key) != uid:
+            self._forget(key)
+            self._uids[key] = uid
 
     def _reconcile(self, namespace: str, name: str, resources: list[dict] | None) -> bool:
         exp = self.kube.get_experiment(namespace, name)
@@ -80,8 +92,12 @@ class Controller:
         status = exp.get("status") or {}
         if status.get("completionTime"):
             return True
-        problems = (check_structure(exp["spec"], schema.SPEC, "spec") or check_spec(exp["spec"])
-                    or template_clashes(exp["spec"], self.bus))
+        self._own(exp)
+        problems = check_structure(exp["spec"], schema.SPEC, "spec") or check_spec(exp["spec"])
+        if not problems and "seed" not in status:
+            # Before it starts only: an experiment that set KUBETUNE_REDIS_CA_FILE itself (as the README once
+            # said to) and runs on when the operator is given --redis-ca-secret gets the operator's CA instead.
+            problems = template_clashes(exp["spec"], self.bus)
         if problems:
             message = "; ".join(str(p) for p in problems)
             self._finish(exp, "Failed", "InvalidSpec", message, {})
@@ -359,9 +375,13 @@ class Controller:
         if resources is None:
             resources = self.kube.list_trials(namespace, name)
         trials = records(owned_by(resources, exp))
+        self._own(exp)
         trials = self._with_deleted(exp, status, trials) or trials  # (deleted ones count, as while it ran)
         elapsed = run_time(status, parse_time(ended))
-        if "seed" not in status or not goes_on(spec, trials, best_trial(spec, trials), elapsed, reason,
+        # (No observedGeneration: ended by an operator from before it was kept, which took no edit of an ended
+        # experiment. Recorded as judged, not judged: its trials may have been cleaned up since, and without
+        # status.created nothing shows they existed; an edit from now on is judged.)
+        if "seed" not in status or "observedGeneration" not in status or not goes_on(spec, trials, best_trial(spec, trials), elapsed, reason,
                                                bool(status.get("exhausted"))):
             # Judged for this generation: not again until the next edit.
             self.kube.patch_experiment_status(namespace, name, {"observedGeneration": meta.get("generation")},
@@ -737,5 +757,7 @@ def _exit_of(pod: Mapping[str, Any]) -> tuple[int | None, str]:
             # failure without one shows the kubelet's reason ("Error", "OOMKilled"), a clean exit nothing.
             code = terminated.get("exitCode")
             message = (terminated.get("message") or (terminated.get("reason") if code != 0 else "") or "").strip()
+            if terminated.get("reason") == "OOMKilled":
+                message = "OOMKilled"  # (its message is the log's end too: the last line printed, not why it ended)
             return code, message.splitlines()[-1] if message else ""
     return None, (pod.get("status") or {}).get("reason", "")

@@ -65,7 +65,10 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
                              for kind, amounts in raw["resources"].items()}
     if template.working_dir:
         main["workingDir"] = template.working_dir
-    env = [dict(e) for e in template.env]
+    ca = _ca_secret(bus)
+    # (A template's own KUBETUNE_REDIS_CA_FILE, of an experiment started before the operator mounted one: the
+    # operator's wins, not a second variable of that name.)
+    env = [dict(e) for e in template.env if not (ca and e.get("name") == CA_ENV)]
     env += [{"name": k, "value": v} for k, v in trial_env(params, builtins).items()]
     env += [{"name": "KUBETUNE_NAMESPACE", "value": meta["namespace"]},
             {"name": "KUBETUNE_TERMINATION_LOG", "value": termination_log},  # (the SDK's last word goes there)
@@ -79,7 +82,6 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
     env += _bus_env(bus, spec, meta)
     known = {e["name"] for e in env}
     main["env"] = [e for e in main.get("env", []) if e["name"] not in known] + env
-    ca = _ca_secret(bus)
     if ca:  # (template_clashes has refused a template that uses these names)
         pod_spec.setdefault("volumes", []).append(
             {"name": CA_VOLUME, "secret": {"secretName": ca["name"], "items": [{"key": ca["key"], "path": ca["key"]}]}})

@@ -280,7 +280,9 @@ class LocalRuntime:
         else:
             # The last line, or for a clean exit what the SDK said of reports it could not deliver.
             error = (proc.tail[-1] if proc.tail else "") if code != 0 else next(
-                (line for line in reversed(proc.tail) if line.startswith("kubetune.trial: ")), "")
+                (line for line in reversed(proc.tail)
+                 # (not its passing warning that the bus was unreachable: it may have come back and taken all)
+                 if line.startswith("kubetune.trial: ") and " never reached the metric bus" in line), "")
         self._events.put(Exited(proc.trial.number, code, error, stopped=proc.term_sent))
 
     def _signals(self, now: float) -> None:

@@ -124,13 +124,17 @@ def load_bytes(name: str | None = None, step: float | None = None) -> tuple[byte
     and the trial runs again from the start, so resuming the lost run's model would leave its record
     without the steps before. (A paused trial resumed is the same attempt, and takes its checkpoint.)"""
     folder = trial_folder(name)
-    if name is None and step is None:
-        step = _resume_step()
+    resume = _resume_step() if name is None and step is None else None
     for tries in range(READ_ATTEMPTS):
         latest = _read_latest(folder)
         if not latest or (name is None and latest.get("attempt", 1) < _attempt()):
             return None
-        meta = {k: v for k, v in _at_step(latest, step).items() if k != "recent"}
+        at = step
+        if resume is not None and any(m.get("step") == resume for m in latest.get("recent", [])):
+            # The one saved at the step it was paused at (held). None saved at it: its checkpoints count steps
+            # otherwise than its reports (global steps, epochs), and the latest is the one, as before.
+            at = resume
+        meta = {k: v for k, v in _at_step(latest, at).items() if k != "recent"}
         try:
             data = (folder / meta["file"]).read_bytes()
         except FileNotFoundError:
