@@ -194,7 +194,9 @@ def test_parameters_reach_the_trial_in_command_and_environment(tmp_path):
                                       "--lr=${trialParameters.lr}", "--momentum", "${momentum}", "${trialName}"],
                           "env": [{"name": "EXTRA", "value": "yes"}]},
     })
-    result = kubetune("run", str(spec), "--state-dir", str(tmp_path / "state"), "--json", cwd=tmp_path)
+    # (As inside a pod: its termination log is not the trials'.)
+    result = kubetune("run", str(spec), "--state-dir", str(tmp_path / "state"), "--json", cwd=tmp_path,
+                      env={"KUBETUNE_TERMINATION_LOG": "/dev/termination-log"})
     assert result.returncode == 0, result.stderr
     records = journal(tmp_path / "state", "echo")
     assert len(records) == 6  # adam x 2 lr + sgd x 2 lr x 2 momentum
@@ -211,6 +213,7 @@ def test_parameters_reach_the_trial_in_command_and_environment(tmp_path):
         assert seen["env"]["KUBETUNE_PARAM_LR"] == repr(p["lr"])
         assert seen["env"]["EXTRA"] == "yes"
         assert seen["env"]["KUBETUNE_TRIAL_NAME"] == r["name"]
+        assert seen["env"]["KUBETUNE_TERMINATION_LOG"] == ""
         assert r["value"] == p["lr"]
         dirs.add(seen["env"]["KUBETUNE_TRIAL_DIR"])
     assert len(dirs) == 6

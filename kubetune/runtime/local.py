@@ -115,6 +115,9 @@ class LocalRuntime:
         env = dict(os.environ)
         for inherited in ("KUBETUNE_BUDGET", "KUBETUNE_RESUME_STEP"):
             env.pop(inherited, None)  # (kubetune run inside a trial): this trial's own, or none
+        # Not the pod's termination log, when kubetune runs inside one: the runner reads what the SDK says
+        # from the trial's output.
+        env["KUBETUNE_TERMINATION_LOG"] = ""
         env.update({e["name"]: e.get("value", "") for e in self.spec.trial_template.env if "value" in e})
         env.update(trial_env(trial.params, builtins))
         env.update({"KUBETUNE_TRIAL_DIR": str(folder), "PYTHONUNBUFFERED": "1"})

@@ -134,8 +134,8 @@ class _BusChannel:
             message = (f"{self.client.undelivered} reports never reached the metric bus: "
                        f"{_error(self.client.last_error)}")
             _say(message)
-            path = os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log")
-            if os.path.isfile(path):  # (in a container, Kubernetes mounts it and reads it after the exit)
+            path = os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log")  # ("": none, locally)
+            if path and os.path.isfile(path):  # (in a container, Kubernetes mounts it and reads it after the exit)
                 try:
                     with open(path, "a") as f:
                         f.write(f"kubetune.trial: {message}\n")
