@@ -381,8 +381,9 @@ class Controller:
         # (No observedGeneration: ended by an operator from before it was kept, which took no edit of an ended
         # experiment. Recorded as judged, not judged: its trials may have been cleaned up since, and without
         # status.created nothing shows they existed; an edit from now on is judged.)
-        if "seed" not in status or "observedGeneration" not in status or not goes_on(spec, trials, best_trial(spec, trials), elapsed, reason,
-                                               bool(status.get("exhausted"))):
+        not_to_judge = "seed" not in status or "observedGeneration" not in status  # (never started, or see above)
+        if not_to_judge or not goes_on(spec, trials, best_trial(spec, trials), elapsed, reason,
+                                       bool(status.get("exhausted"))):
             # Judged for this generation: not again until the next edit.
             self.kube.patch_experiment_status(namespace, name, {"observedGeneration": meta.get("generation")},
                                               resource_version=meta["resourceVersion"])
