@@ -132,18 +132,8 @@ def test_reports_that_never_reach_the_bus_say_why_on_stderr_and_in_the_terminati
 def test_a_trial_that_reported_nothing_gets_the_sdks_last_word_as_its_reason(tmp_path):
     """`kubetune run`: a trial that exits 0 without a value fails, and its reason carries the SDK's line
     about reports that never reached the bus."""
-    from tests.test_local_run import journal, kubetune, write_spec
-
-    spec = write_spec(tmp_path / "lost.yaml", "lost", {
-        "objective": {"metric": "score", "goal": "maximize"},
-        "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
-        "algorithm": {"name": "random", "settings": {"seed": 1}},
-        "budget": {"maxTrials": 1, "parallelTrials": 1},
-        "trialTemplate": {"command": ["python", "-c", "import sys; print('training'); print("
-                                      "'kubetune.trial: 3 reports never reached the metric bus: ConnectionError: "
-                                      "refused', file=sys.stderr)"]}})
-    kubetune("run", str(spec), "--json", "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
-    [trial] = journal(tmp_path / "state", "lost").values()
+    trial = _one_trial_run(tmp_path, "lost", "import sys; print('training'); print('kubetune.trial: 3 reports "
+                                             "never reached the metric bus: ConnectionError: refused', file=sys.stderr)")
     assert trial["state"] == "Failed"
     assert trial["reason"] == ("no value for objective metric 'score' was reported: kubetune.trial: 3 reports "
                                "never reached the metric bus: ConnectionError: refused")
@@ -153,17 +143,22 @@ def test_a_trial_whose_bus_came_back_is_not_said_to_have_lost_its_reports(tmp_pa
     """`kubetune run`: the bus was unreachable for a while (the SDK said so once, while training), then came
     back and took every report; the trial exits 0 without a value of the objective (it reported another
     metric). Its reason carried that passing warning, sending the user after a bus that lost nothing."""
+    trial = _one_trial_run(tmp_path, "flap", "import sys; print('kubetune.trial: the metric bus is unreachable "
+                                             "(ConnectionError: refused); reports are kept and sent again, training "
+                                             "goes on', file=sys.stderr); print('training')")
+    assert (trial["state"], trial["reason"]) == ("Failed", "no value for objective metric 'score' was reported")
+
+
+def _one_trial_run(tmp_path, name: str, code: str) -> dict:
+    """`kubetune run` of one trial, `python -c code`, that reports nothing; its record."""
     from tests.test_local_run import journal, kubetune, write_spec
 
-    spec = write_spec(tmp_path / "flap.yaml", "flap", {
+    spec = write_spec(tmp_path / f"{name}.yaml", name, {
         "objective": {"metric": "score", "goal": "maximize"},
         "parameters": [{"name": "x", "type": "double", "min": 0, "max": 1}],
         "algorithm": {"name": "random", "settings": {"seed": 1}},
         "budget": {"maxTrials": 1, "parallelTrials": 1},
-        "trialTemplate": {"command": ["python", "-c", "import sys; print("
-                                      "'kubetune.trial: the metric bus is unreachable (ConnectionError: refused); "
-                                      "reports are kept and sent again, training goes on', file=sys.stderr); "
-                                      "print('training')"]}})
+        "trialTemplate": {"command": ["python", "-c", code]}})
     kubetune("run", str(spec), "--json", "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
-    [trial] = journal(tmp_path / "state", "flap").values()
-    assert (trial["state"], trial["reason"]) == ("Failed", "no value for objective metric 'score' was reported")
+    [trial] = journal(tmp_path / "state", name).values()
+    return trial
