@@ -573,3 +573,29 @@ def test_an_experiment_ended_by_an_operator_before_this_one_is_not_continued_for
     exp = get(k8s_cluster, "experiment", k8s_namespace, "old")
     assert exp["status"]["completionTime"] == ended["completionTime"], exp["status"]
     assert exp["status"]["observedGeneration"] == exp["metadata"]["generation"]  # (an edit from now on is judged)
+
+
+def test_an_edit_that_makes_a_running_experiment_invalid_ends_its_trials_with_it(k8s_cluster, k8s_namespace, chart):
+    """The experiment ended InvalidSpec, and its running trials ran on to the end, holding their GPUs, for
+    results nothing would use."""
+    import json as json_
+
+    k8s_cluster.kubectl("apply", "-f", "-", input=experiment("edited", k8s_namespace, **curve_spec(
+        budget={"maxTrials": 4, "parallelTrials": 2})))
+    service, server, url = _service()
+    try:
+        kube = Kube(kube_config.new_client_from_config(str(k8s_cluster.kubeconfig)))
+        controller = Controller(kube, url)
+        assert not controller.reconcile_experiment(k8s_namespace, "edited")  # trials 0 and 1
+        kube.patch_trial_status(k8s_namespace, "edited-0001", {"state": "Running", "podName": "edited-0001"})
+        k8s_cluster.kubectl("patch", "experiment", "edited", "-n", k8s_namespace, "--type", "merge", "-p",
+                            json_.dumps({"spec": {"algorithm": {"settings": {"sead": 1}}}}))
+        assert controller.reconcile_experiment(k8s_namespace, "edited")
+        status = get(k8s_cluster, "experiment", k8s_namespace, "edited")["status"]
+        assert (status["phase"], status["conditions"][-1]["reason"]) == ("Failed", "InvalidSpec")
+        trials = get(k8s_cluster, "trials", k8s_namespace)["items"]
+        assert [(t["status"]["state"], t["status"]["reason"]) for t in trials] == [
+            ("Killed", "experiment ended: InvalidSpec")] * 2
+    finally:
+        server.shutdown()
+        service.close()

@@ -100,6 +100,10 @@ class Controller:
             problems = template_clashes(exp["spec"], self.bus)
         if problems:
             message = "; ".join(str(p) for p in problems)
+            if "seed" in status:  # an edit made it invalid while it ran: its trials end with it, as at any end
+                for t in records(owned_by(self.kube.list_trials(namespace, name), exp)):
+                    if t.state.active or t.state == TrialState.PAUSED:
+                        self.request_stop(namespace, t.name, TrialState.KILLED, "experiment ended: InvalidSpec")
             self._finish(exp, "Failed", "InvalidSpec", message, {})
             self.event(exp, "Warning", "InvalidSpec", message)
             return True
