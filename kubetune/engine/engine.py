@@ -295,7 +295,8 @@ def judge_exit(metric: str, pick, values: list[float], exit_code: int | None,
         why = f"exited with code {exit_code}" if exit_code is not None else "lost its process"
         return TrialState.FAILED, None, f"{why}{': ' + error if error else ''}"
     if not values:  # (error: what the trial said last of its reports, the SDK's "never reached the bus")
-        return TrialState.FAILED, None, f"no value for objective metric {metric!r} was reported{': ' + error if error else ''}"
+        missing = f"no value for objective metric {metric!r} was reported"
+        return TrialState.FAILED, None, f"{missing}: {error}" if error else missing
     value = pick(values)
     if not finite(value):
         return TrialState.FAILED, None, f"objective metric {metric!r} is {value}"

@@ -474,7 +474,8 @@ class Controller:
         phase = (pod.get("status") or {}).get("phase")
         # The trial is over when its own container is, though sidecars (a log shipper, an injected proxy) run on
         # and keep the pod Running; a sidecar's exit is never the trial's.
-        exited = phase in ("Succeeded", "Failed") or _exit_of(pod)[0] is not None
+        code, error = _exit_of(pod)
+        exited = phase in ("Succeeded", "Failed") or code is not None
         ending = deleted or meta.get("deletionTimestamp") or exited
         if cached is not None and not ending and owns(cached, pod) and current_pod(cached) == meta["name"]:
             trial = dict(cached)  # (one naming another pod may lag a retry that made this one: read it)
@@ -502,7 +503,6 @@ class Controller:
             self.kube.delete_pod(meta["namespace"], meta["name"], grace=0)
             return experiment
         if exited:  # (first: a pod first seen Running with its trial's container over has no later event)
-            code, error = _exit_of(pod)
             self._finish_trial(trial, code, error)
             self._stop_sidecars(pod, deleted, exited)  # (once the trial's end is recorded: see above)
             return experiment

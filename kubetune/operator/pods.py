@@ -82,7 +82,7 @@ def trial_pod(spec: ExperimentSpec, trial: Mapping[str, Any], bus: Mapping[str, 
     env += _bus_env(bus, spec, meta)
     known = {e["name"] for e in env}
     main["env"] = [e for e in main.get("env", []) if e["name"] not in known] + env
-    if ca:  # (template_clashes has refused a template that uses these names)
+    if ca:  # (template_clashes refused, before it started, a template that uses these names)
         pod_spec.setdefault("volumes", []).append(
             {"name": CA_VOLUME, "secret": {"secretName": ca["name"], "items": [{"key": ca["key"], "path": ca["key"]}]}})
         main.setdefault("volumeMounts", []).append({"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": True})

@@ -30,6 +30,7 @@ from ..api.template import render_command, trial_env
 from ..api.trial import Decision, Trial
 from ..engine.metric_lines import parse_metric_line
 from ..schedulers import every_report_waits
+from ..trial import LOST_REPORTS
 from .channel import ReportChannel
 from .events import Event, Exited, Reported, Started, Wake
 from .orphans import TOKEN_ENV, ProcessBook, popen_dying_with_us
@@ -280,12 +281,13 @@ class LocalRuntime:
             reader.join()
         if code < 0:
             error = f"killed by {signal.Signals(-code).name}"
+        elif code != 0:
+            error = proc.tail[-1] if proc.tail else ""
         else:
-            # The last line, or for a clean exit what the SDK said of reports it could not deliver.
-            error = (proc.tail[-1] if proc.tail else "") if code != 0 else next(
-                (line for line in reversed(proc.tail)
-                 # (not its passing warning that the bus was unreachable: it may have come back and taken all)
-                 if line.startswith("kubetune.trial: ") and " never reached the metric bus" in line), "")
+            # What the SDK said of reports it could not deliver (not its passing warning that the bus was
+            # unreachable: it may have come back and taken them all).
+            error = next((line for line in reversed(proc.tail)
+                          if line.startswith("kubetune.trial: ") and LOST_REPORTS in line), "")
         self._events.put(Exited(proc.trial.number, code, error, stopped=proc.term_sent))
 
     def _signals(self, now: float) -> None:

@@ -29,6 +29,9 @@ from . import checkpoint
 
 __all__ = ["Decision", "params", "report", "trial_dir"]
 
+# What the SDK says at exit of reports the bus never got (the runner and the operator take it as the reason).
+LOST_REPORTS = "reports never reached the metric bus"
+
 _connection: "_Channel | None" = None
 
 
@@ -131,8 +134,7 @@ class _BusChannel:
         that reported nothing."""
         self.client.close()
         if self.client.undelivered:
-            message = (f"{self.client.undelivered} reports never reached the metric bus: "
-                       f"{_error(self.client.last_error)}")
+            message = f"{self.client.undelivered} {LOST_REPORTS}: {_error(self.client.last_error)}"
             _say(message)
             path = os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log")  # ("": none, locally)
             if path and os.path.isfile(path):  # (in a container, Kubernetes mounts it and reads it after the exit)
